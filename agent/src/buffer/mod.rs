@@ -1,0 +1,825 @@
+//! The durable buffer: the agent's origin log in redb, the per-device dedup state that
+//! backs the end-to-end ack, window aggregates, and capacity management.
+//!
+//! Tables (one redb file, `<data_dir>/buffer.redb`):
+//! - `blocks`: first origin offset → one encoded batch of readings ([`block`]).
+//! - `devices`: device id → [`seq::DeviceState`] (which seqs are stored, boot epochs).
+//! - `windows`: (device, metric, window, start) → window state, checkpointed together with
+//!   `meta.agg_offset`; blocks past that offset are replayed into the windows at start-up.
+//! - `rollups`: (window start, device, metric) → summary of downsampled raw readings.
+//! - `meta`: counters that must survive restarts (next offset, bytes, totals).
+//!
+//! A batch, the dedup state it changed and (when due) the window checkpoint are written
+//! in one transaction with one fsync: either all of it is durable or none of it is, so an
+//! acknowledged reading is stored exactly once whatever moment the process dies at.
+
+pub mod block;
+pub mod seq;
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use fogline_firmware::wire::Ack;
+use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinition};
+use serde::{Deserialize, Serialize};
+
+use crate::aggregate::{Aggregator, Fold, WindowKey, WindowState};
+use crate::config::{AggregateConfig, BufferConfig};
+use crate::ingest::{DeviceTime, Incoming};
+use block::Record;
+use seq::{DeviceState, Insert};
+
+const BLOCKS: TableDefinition<u64, &[u8]> = TableDefinition::new("blocks");
+const DEVICES: TableDefinition<&str, &[u8]> = TableDefinition::new("devices");
+const WINDOWS: TableDefinition<(&str, &str, u32, i64), &[u8]> = TableDefinition::new("windows");
+const ROLLUPS: TableDefinition<(i64, &str, &str), &[u8]> = TableDefinition::new("rollups");
+const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
+
+/// Bytes counted per stored row on top of its value, for the capacity budget.
+const ROW_OVERHEAD: u64 = 16;
+/// Summaries of downsampled readings may take at most this share of the capacity; beyond
+/// it the oldest summaries are dropped first.
+const ROLLUP_SHARE: f64 = 0.5;
+/// Blocks handled per call of [`Buffer::make_room`], so one call never stalls ingest long.
+const MAKE_ROOM_STEP: usize = 512;
+
+/// Errors of the buffer. Storage errors keep redb's own message.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum BufferError {
+    #[error("cannot create data directory {0}: {1}")]
+    DataDir(PathBuf, std::io::Error),
+    #[error("the buffer {0} is in use by another process (is an agent running on it?)")]
+    Locked(PathBuf),
+    #[error("storage: {0}")]
+    Storage(#[from] redb::Error),
+    #[error("corrupt {what}: {detail}")]
+    Corrupt { what: &'static str, detail: String },
+}
+
+impl BufferError {
+    /// True when the disk is out of space (the write can succeed after making room).
+    pub fn is_disk_full(&self) -> bool {
+        let BufferError::Storage(e) = self else {
+            return false;
+        };
+        let text = e.to_string();
+        text.contains("No space left") || text.contains("os error 28") || text.contains("quota")
+    }
+}
+
+macro_rules! from_redb {
+    ($($t:ty),*) => {$(
+        impl From<$t> for BufferError {
+            fn from(e: $t) -> Self { BufferError::Storage(e.into()) }
+        }
+    )*};
+}
+from_redb!(
+    redb::StorageError,
+    redb::TableError,
+    redb::TransactionError,
+    redb::CommitError,
+    redb::SetDurabilityError
+);
+
+impl From<redb::DatabaseError> for BufferError {
+    fn from(e: redb::DatabaseError) -> Self {
+        BufferError::Storage(e.into())
+    }
+}
+
+/// Counters that live in the `meta` table.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct Meta {
+    /// Offset the next reading of this origin gets.
+    pub next_offset: u64,
+    pub raw_bytes: u64,
+    pub raw_readings: u64,
+    pub rollup_bytes: u64,
+    pub rollup_rows: u64,
+    pub downsampled: u64,
+    pub dropped: u64,
+    /// Windows in the `windows` table include every block below this offset.
+    pub agg_offset: u64,
+}
+
+const META_KEYS: [&str; 8] = [
+    "next_offset",
+    "raw_bytes",
+    "raw_readings",
+    "rollup_bytes",
+    "rollup_rows",
+    "downsampled",
+    "dropped",
+    "agg_offset",
+];
+
+impl Meta {
+    fn fields(&self) -> [u64; 8] {
+        [
+            self.next_offset,
+            self.raw_bytes,
+            self.raw_readings,
+            self.rollup_bytes,
+            self.rollup_rows,
+            self.downsampled,
+            self.dropped,
+            self.agg_offset,
+        ]
+    }
+
+    fn from_fields(f: [u64; 8]) -> Meta {
+        Meta {
+            next_offset: f[0],
+            raw_bytes: f[1],
+            raw_readings: f[2],
+            rollup_bytes: f[3],
+            rollup_rows: f[4],
+            downsampled: f[5],
+            dropped: f[6],
+            agg_offset: f[7],
+        }
+    }
+
+    fn load(table: &impl ReadableTable<&'static str, u64>) -> Result<Meta, BufferError> {
+        let mut f = [0u64; 8];
+        for (slot, key) in f.iter_mut().zip(META_KEYS) {
+            if let Some(v) = table.get(key)? {
+                *slot = v.value();
+            }
+        }
+        Ok(Meta::from_fields(f))
+    }
+
+    fn save(&self, table: &mut redb::Table<'_, &'static str, u64>) -> Result<(), BufferError> {
+        for (key, v) in META_KEYS.iter().zip(self.fields()) {
+            table.insert(*key, v)?;
+        }
+        Ok(())
+    }
+
+    /// Bytes counted against the capacity.
+    pub fn total_bytes(&self) -> u64 {
+        self.raw_bytes + self.rollup_bytes
+    }
+}
+
+/// Summary of downsampled readings for one (window, device, metric).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct Rollup {
+    pub count: u64,
+    pub min: f64,
+    pub max: f64,
+    pub sum: f64,
+    pub last: f64,
+    pub last_ts_ms: i64,
+}
+
+impl Rollup {
+    fn first(r: &Record) -> Rollup {
+        Rollup {
+            count: 1,
+            min: r.value,
+            max: r.value,
+            sum: r.value,
+            last: r.value,
+            last_ts_ms: r.ts_ms,
+        }
+    }
+
+    fn add(&mut self, r: &Record) {
+        self.count += 1;
+        self.min = self.min.min(r.value);
+        self.max = self.max.max(r.value);
+        self.sum += r.value;
+        if r.ts_ms >= self.last_ts_ms {
+            self.last = r.value;
+            self.last_ts_ms = r.ts_ms;
+        }
+    }
+}
+
+/// What a commit did.
+#[derive(Debug, Default)]
+pub struct Committed {
+    /// New watermark per (device, boot) that took part in the batch.
+    pub acks: Vec<(String, Ack)>,
+    pub accepted: u64,
+    pub duplicates: u64,
+    pub gaps_skipped: u64,
+    pub too_late: u64,
+}
+
+/// What [`Buffer::make_room`] did.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Room {
+    pub downsampled: u64,
+    pub dropped: u64,
+}
+
+/// The agent's buffer. Owned by one thread; every write goes through it.
+pub struct Buffer {
+    db: Database,
+    path: PathBuf,
+    cfg: BufferConfig,
+    meta: Meta,
+    devices: HashMap<String, DeviceState>,
+    agg: Aggregator,
+    /// Every committed block below this offset has been folded into `agg`.
+    folded_offset: u64,
+    checkpoint_due: bool,
+    /// A failed checkpoint lost track of which windows changed: write them all next time.
+    checkpoint_all: bool,
+    evicted: Vec<WindowKey>,
+}
+
+fn open_db(path: &Path, cache_bytes: usize) -> Result<Database, BufferError> {
+    Database::builder()
+        .set_cache_size(cache_bytes)
+        .create(path)
+        .map_err(|e| match e {
+            redb::DatabaseError::DatabaseAlreadyOpen => BufferError::Locked(path.to_path_buf()),
+            other => other.into(),
+        })
+}
+
+fn corrupt(what: &'static str, detail: impl ToString) -> BufferError {
+    BufferError::Corrupt {
+        what,
+        detail: detail.to_string(),
+    }
+}
+
+impl Buffer {
+    /// Opens (or creates) the buffer in `cfg.data_dir`, restores the dedup state and the
+    /// windows, and replays blocks the last window checkpoint did not cover.
+    pub fn open(
+        cfg: &BufferConfig,
+        agg_cfg: &AggregateConfig,
+        now_ms: i64,
+    ) -> Result<Buffer, BufferError> {
+        std::fs::create_dir_all(&cfg.data_dir)
+            .map_err(|e| BufferError::DataDir(cfg.data_dir.clone(), e))?;
+        let path = crate::config::buffer_path(&cfg.data_dir);
+        let db = open_db(&path, cfg.cache_bytes)?;
+        let txn = db.begin_write()?;
+        {
+            txn.open_table(BLOCKS)?;
+            txn.open_table(DEVICES)?;
+            txn.open_table(WINDOWS)?;
+            txn.open_table(ROLLUPS)?;
+            txn.open_table(META)?;
+        }
+        txn.commit()?;
+
+        let mut agg = Aggregator::new(&agg_cfg.windows_secs, agg_cfg.lateness_secs);
+        let read = db.begin_read()?;
+        let meta = Meta::load(&read.open_table(META)?)?;
+        let mut devices = HashMap::new();
+        for row in read.open_table(DEVICES)?.iter()? {
+            let (k, v) = row?;
+            let state: DeviceState =
+                postcard::from_bytes(v.value()).map_err(|e| corrupt("device state", e))?;
+            devices.insert(k.value().to_owned(), state);
+        }
+        for row in read.open_table(WINDOWS)?.iter()? {
+            let (k, v) = row?;
+            let (device, metric, len_secs, start_ms) = k.value();
+            let state = WindowState::from_bytes(v.value())
+                .ok_or_else(|| corrupt("window", format!("{device}/{metric}")))?;
+            agg.restore(
+                WindowKey {
+                    device: device.to_owned(),
+                    metric: metric.to_owned(),
+                    len_secs,
+                    start_ms,
+                },
+                state,
+            );
+        }
+        // Blocks committed after the last window checkpoint.
+        let mut replayed = 0u64;
+        for row in read.open_table(BLOCKS)?.range(meta.agg_offset..)? {
+            let (_, v) = row?;
+            for r in block::decode(v.value()).map_err(|e| corrupt("block", e))? {
+                agg.fold(&r.device, &r.metric, r.ts_ms, r.value, now_ms);
+                replayed += 1;
+            }
+        }
+        drop(read);
+        if replayed > 0 {
+            tracing::info!(replayed, "replayed readings into the aggregates");
+        }
+        Ok(Buffer {
+            db,
+            path,
+            cfg: cfg.clone(),
+            folded_offset: meta.next_offset,
+            meta,
+            devices,
+            agg,
+            checkpoint_due: replayed > 0,
+            checkpoint_all: false,
+            evicted: Vec::new(),
+        })
+    }
+
+    pub fn meta(&self) -> Meta {
+        self.meta
+    }
+
+    pub fn devices(&self) -> usize {
+        self.devices.len()
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The next commit also writes the changed windows.
+    pub fn request_checkpoint(&mut self) {
+        self.checkpoint_due = true;
+    }
+
+    /// Current watermark of a device's boot, if known.
+    pub fn watermark(&self, device: &str, boot: u32) -> Option<u32> {
+        self.devices
+            .get(device)
+            .and_then(|d| d.boot(boot))
+            .map(|b| b.seqs.watermark())
+    }
+
+    /// Deduplicates, stamps and durably stores one batch (one fsync), then folds it into
+    /// the aggregates. On error nothing of the batch is stored or remembered, so the
+    /// devices' re-sends will be accepted later.
+    pub fn commit(&mut self, batch: &[Incoming]) -> Result<Committed, BufferError> {
+        let mut out = Committed::default();
+        let mut overlay: HashMap<String, DeviceState> = HashMap::new();
+        let mut acked: Vec<(String, u32)> = Vec::new();
+        let mut records = Vec::with_capacity(batch.len());
+        for r in batch {
+            let state = overlay
+                .entry(r.device.clone())
+                .or_insert_with(|| self.devices.get(&r.device).cloned().unwrap_or_default());
+            let boot = state.boot_mut(r.boot, r.received_ms);
+            if let Some(seq) = r.seq {
+                if !acked.iter().any(|(d, b)| *d == r.device && *b == r.boot) {
+                    acked.push((r.device.clone(), r.boot));
+                }
+                match boot.seqs.insert(seq) {
+                    Insert::Duplicate => {
+                        out.duplicates += 1;
+                        continue;
+                    }
+                    Insert::NewAfterSkipping(n) => out.gaps_skipped += n,
+                    Insert::New => {}
+                }
+            }
+            let ts_ms = match r.time {
+                DeviceTime::Wall(ms) => ms,
+                DeviceTime::SinceBoot(up) => boot.rebase(up, r.received_ms),
+                DeviceTime::Unknown => r.received_ms,
+            };
+            records.push(Record {
+                device: r.device.clone(),
+                metric: r.metric.clone(),
+                boot: r.boot,
+                seq: r.seq,
+                ts_ms,
+                value: r.value,
+            });
+        }
+
+        if !records.is_empty() {
+            let mut meta = self.meta;
+            let txn = self.begin()?;
+            {
+                let encoded = block::encode(&records);
+                let n = records.len() as u64;
+                txn.open_table(BLOCKS)?
+                    .insert(meta.next_offset, encoded.as_slice())?;
+                meta.next_offset += n;
+                meta.raw_readings += n;
+                meta.raw_bytes += encoded.len() as u64 + ROW_OVERHEAD;
+                let mut devices = txn.open_table(DEVICES)?;
+                for (device, state) in &overlay {
+                    let bytes =
+                        postcard::to_allocvec(state).map_err(|e| corrupt("device state", e))?;
+                    devices.insert(device.as_str(), bytes.as_slice())?;
+                }
+            }
+            let persisted = self.write_checkpoint(&txn, &mut meta)?;
+            if let Err(e) = txn.commit() {
+                if persisted {
+                    self.checkpoint_all = true;
+                }
+                return Err(e.into());
+            }
+            self.meta = meta;
+            self.devices.extend(overlay);
+            out.accepted = records.len() as u64;
+            for r in &records {
+                if let Fold::TooLateFor(n) =
+                    self.agg
+                        .fold(&r.device, &r.metric, r.ts_ms, r.value, crate::now_ms())
+                {
+                    out.too_late += n as u64;
+                }
+            }
+            self.folded_offset = self.meta.next_offset;
+        }
+        // Duplicates-only batches change nothing durable: their acks come from the state
+        // that is already on disk.
+        for (device, boot) in acked {
+            if let Some(seq) = self.watermark(&device, boot) {
+                out.acks.push((device, Ack { boot, seq }));
+            }
+        }
+        Ok(out)
+    }
+
+    fn begin(&self) -> Result<redb::WriteTransaction, BufferError> {
+        let mut txn = self.db.begin_write()?;
+        txn.set_durability(Durability::Immediate)?;
+        Ok(txn)
+    }
+
+    /// Writes changed windows into `txn` if a checkpoint is due. Returns whether it did.
+    fn write_checkpoint(
+        &mut self,
+        txn: &redb::WriteTransaction,
+        meta: &mut Meta,
+    ) -> Result<bool, BufferError> {
+        if !self.checkpoint_due && !self.checkpoint_all {
+            return Ok(false);
+        }
+        let changed = if self.checkpoint_all {
+            self.agg.persist_all()
+        } else {
+            self.agg.take_persist()
+        };
+        let mut windows = txn.open_table(WINDOWS)?;
+        for (k, bytes) in &changed {
+            windows.insert(
+                (k.device.as_str(), k.metric.as_str(), k.len_secs, k.start_ms),
+                bytes.as_slice(),
+            )?;
+        }
+        for k in self.evicted.drain(..) {
+            windows.remove((k.device.as_str(), k.metric.as_str(), k.len_secs, k.start_ms))?;
+        }
+        meta.agg_offset = self.folded_offset;
+        self.checkpoint_due = false;
+        self.checkpoint_all = false;
+        Ok(true)
+    }
+
+    /// Writes the window checkpoint in a transaction of its own (used at shutdown).
+    pub fn checkpoint(&mut self) -> Result<(), BufferError> {
+        self.checkpoint_due = true;
+        let mut meta = self.meta;
+        let txn = self.begin()?;
+        self.write_checkpoint(&txn, &mut meta)?;
+        {
+            Meta::save(&meta, &mut txn.open_table(META)?)?;
+        }
+        if let Err(e) = txn.commit() {
+            self.checkpoint_all = true;
+            return Err(e.into());
+        }
+        self.meta = meta;
+        Ok(())
+    }
+
+    /// Aggregates changed since the last call, as (topic, JSON); also forgets windows past
+    /// their lateness.
+    pub fn take_aggregates(&mut self, quantiles: &[f64]) -> Vec<(String, String)> {
+        let out = self.agg.take_publish(quantiles);
+        let expired = self.agg.evict(crate::now_ms());
+        self.evicted.extend(expired);
+        out
+    }
+
+    /// When the buffer is above `downsample_at` of its capacity, folds the oldest raw
+    /// readings into per-window summaries and, when those take too much room, drops the
+    /// oldest summaries, then the oldest raw readings, until it is below `downsample_to`.
+    /// Does a bounded amount of work per call.
+    pub fn make_room(&mut self) -> Result<Room, BufferError> {
+        let max = self.cfg.max_bytes as f64;
+        if (self.meta.total_bytes() as f64) <= max * self.cfg.downsample_at {
+            return Ok(Room::default());
+        }
+        self.make_room_until((max * self.cfg.downsample_to) as u64, false)
+    }
+
+    /// Frees space after the disk filled up: drops (does not downsample, which would
+    /// write) the oldest tenth of the raw readings.
+    pub fn free_disk(&mut self) -> Result<Room, BufferError> {
+        // After an I/O error redb refuses further writes until it is reopened.
+        drop(std::mem::replace(&mut self.db, open_db_placeholder()?));
+        self.db = open_db(&self.path, self.cfg.cache_bytes)?;
+        let target = self.meta.total_bytes() - self.meta.total_bytes() / 10;
+        self.make_room_until(target, true)
+    }
+
+    fn make_room_until(&mut self, target: u64, drop_only: bool) -> Result<Room, BufferError> {
+        let window_ms = i64::from(self.cfg.downsample_window_secs) * 1000;
+        let rollup_cap = (self.cfg.max_bytes as f64 * ROLLUP_SHARE) as u64;
+        let mut meta = self.meta;
+        let mut room = Room::default();
+        let txn = self.begin()?;
+        self.checkpoint_due = true;
+        self.write_checkpoint(&txn, &mut meta)?;
+        {
+            let mut blocks = txn.open_table(BLOCKS)?;
+            let mut rollups = txn.open_table(ROLLUPS)?;
+            let mut steps = 0;
+            while meta.total_bytes() > target && steps < MAKE_ROOM_STEP {
+                steps += 1;
+                let downsample = !drop_only && meta.raw_readings > 0 && meta.rollup_bytes < rollup_cap;
+                if downsample || (meta.rollup_rows == 0 && meta.raw_readings > 0) {
+                    let Some((_, v)) = blocks.pop_first()? else {
+                        break;
+                    };
+                    let bytes = v.value().len() as u64 + ROW_OVERHEAD;
+                    let records = block::decode(v.value()).map_err(|e| corrupt("block", e))?;
+                    drop(v);
+                    let n = records.len() as u64;
+                    meta.raw_bytes = meta.raw_bytes.saturating_sub(bytes);
+                    meta.raw_readings = meta.raw_readings.saturating_sub(n);
+                    if downsample {
+                        fold_rollups(&mut rollups, &records, window_ms, &mut meta)?;
+                        meta.downsampled += n;
+                        room.downsampled += n;
+                    } else {
+                        meta.dropped += n;
+                        room.dropped += n;
+                    }
+                } else if meta.rollup_rows > 0 {
+                    let Some((k, v)) = rollups.pop_first()? else {
+                        break;
+                    };
+                    let (_, device, metric) = k.value();
+                    let bytes = row_bytes(device, metric, v.value());
+                    let r: Rollup =
+                        postcard::from_bytes(v.value()).map_err(|e| corrupt("rollup", e))?;
+                    meta.rollup_bytes = meta.rollup_bytes.saturating_sub(bytes);
+                    meta.rollup_rows = meta.rollup_rows.saturating_sub(1);
+                    meta.dropped += r.count;
+                    room.dropped += r.count;
+                } else {
+                    break;
+                }
+            }
+            Meta::save(&meta, &mut txn.open_table(META)?)?;
+        }
+        txn.commit()?;
+        self.meta = meta;
+        Ok(room)
+    }
+
+    /// Every raw reading from `from` on, in offset order, with its offset.
+    pub fn for_each_record(
+        &self,
+        from: u64,
+        mut f: impl FnMut(u64, Record) -> Result<(), BufferError>,
+    ) -> Result<(), BufferError> {
+        for_each_record(&self.db, from, &mut f)
+    }
+
+    /// Checks every table decodes and the counters agree with the contents.
+    pub fn check(&mut self) -> Result<Vec<String>, BufferError> {
+        check_db(&mut self.db)
+    }
+
+    /// Every rollup row, oldest window first.
+    pub fn rollups(&self) -> Result<Vec<(i64, String, String, Rollup)>, BufferError> {
+        let read = self.db.begin_read()?;
+        let mut out = Vec::new();
+        for row in read.open_table(ROLLUPS)?.iter()? {
+            let (k, v) = row?;
+            let (start, device, metric) = k.value();
+            let r: Rollup = postcard::from_bytes(v.value()).map_err(|e| corrupt("rollup", e))?;
+            out.push((start, device.to_owned(), metric.to_owned(), r));
+        }
+        Ok(out)
+    }
+
+    pub fn open_windows(&self) -> usize {
+        self.agg.open_windows()
+    }
+}
+
+/// Checks every table decodes and the counters agree with the contents; returns the
+/// problems found (none: consistent).
+fn check_db(db: &mut Database) -> Result<Vec<String>, BufferError> {
+    let mut problems = Vec::new();
+    if !db.check_integrity()? {
+        problems.push("redb integrity check repaired the file".to_owned());
+    }
+    let read = db.begin_read()?;
+    let (mut bytes, mut readings, mut expect_next) = (0u64, 0u64, None::<u64>);
+    let mut last_end = 0u64;
+    for row in read.open_table(BLOCKS)?.iter()? {
+        let (k, v) = row?;
+        let key = k.value();
+        match block::decode(v.value()) {
+            Ok(records) => {
+                if key < last_end {
+                    problems.push(format!("block at offset {key} overlaps the previous one"));
+                }
+                last_end = key + records.len() as u64;
+                expect_next = Some(last_end);
+                readings += records.len() as u64;
+                bytes += v.value().len() as u64 + ROW_OVERHEAD;
+            }
+            Err(e) => problems.push(format!("block at offset {key}: {e}")),
+        }
+    }
+    let meta = Meta::load(&read.open_table(META)?)?;
+    if readings != meta.raw_readings {
+        problems.push(format!(
+            "meta says {} raw readings, blocks hold {readings}",
+            meta.raw_readings
+        ));
+    }
+    if bytes != meta.raw_bytes {
+        problems.push(format!("meta says {} raw bytes, blocks hold {bytes}", meta.raw_bytes));
+    }
+    if let Some(next) = expect_next {
+        if next > meta.next_offset {
+            problems.push(format!(
+                "next offset {} is below the end of the last block {next}",
+                meta.next_offset
+            ));
+        }
+    }
+    for row in read.open_table(DEVICES)?.iter()? {
+        let (k, v) = row?;
+        if postcard::from_bytes::<DeviceState>(v.value()).is_err() {
+            problems.push(format!("device state of {} does not decode", k.value()));
+        }
+    }
+    let (mut rollup_rows, mut rollup_bytes) = (0u64, 0u64);
+    for row in read.open_table(ROLLUPS)?.iter()? {
+        let (k, v) = row?;
+        let (start, device, metric) = k.value();
+        if postcard::from_bytes::<Rollup>(v.value()).is_err() {
+            problems.push(format!("rollup {device}/{metric}@{start} does not decode"));
+        }
+        rollup_rows += 1;
+        rollup_bytes += row_bytes(device, metric, v.value());
+    }
+    if rollup_rows != meta.rollup_rows || rollup_bytes != meta.rollup_bytes {
+        problems.push(format!(
+            "meta says {} rollups in {} bytes, table holds {rollup_rows} in {rollup_bytes}",
+            meta.rollup_rows, meta.rollup_bytes
+        ));
+    }
+    for row in read.open_table(WINDOWS)?.iter()? {
+        let (k, v) = row?;
+        if WindowState::from_bytes(v.value()).is_none() {
+            let (d, m, len, start) = k.value();
+            problems.push(format!("window {d}/{m}/{len}s@{start} does not decode"));
+        }
+    }
+    Ok(problems)
+}
+
+
+/// A tiny in-memory database used only while the real one is being reopened.
+fn open_db_placeholder() -> Result<Database, BufferError> {
+    Ok(Database::builder().create_with_backend(redb::backends::InMemoryBackend::new())?)
+}
+
+fn row_bytes(device: &str, metric: &str, value: &[u8]) -> u64 {
+    (device.len() + metric.len() + value.len()) as u64 + ROW_OVERHEAD
+}
+
+fn fold_rollups(
+    rollups: &mut redb::Table<'_, (i64, &'static str, &'static str), &'static [u8]>,
+    records: &[Record],
+    window_ms: i64,
+    meta: &mut Meta,
+) -> Result<(), BufferError> {
+    let mut merged: HashMap<(i64, &str, &str), Rollup> = HashMap::new();
+    for r in records {
+        let start = r.ts_ms.div_euclid(window_ms) * window_ms;
+        merged
+            .entry((start, r.device.as_str(), r.metric.as_str()))
+            .and_modify(|s| s.add(r))
+            .or_insert_with(|| Rollup::first(r));
+    }
+    for ((start, device, metric), mut summary) in merged {
+        let old = rollups
+            .get((start, device, metric))?
+            .map(|v| v.value().to_vec());
+        if let Some(old) = &old {
+            let prev: Rollup = postcard::from_bytes(old).map_err(|e| corrupt("rollup", e))?;
+            meta.rollup_bytes = meta
+                .rollup_bytes
+                .saturating_sub(row_bytes(device, metric, old));
+            summary = Rollup {
+                count: prev.count + summary.count,
+                min: prev.min.min(summary.min),
+                max: prev.max.max(summary.max),
+                sum: prev.sum + summary.sum,
+                last: if summary.last_ts_ms >= prev.last_ts_ms {
+                    summary.last
+                } else {
+                    prev.last
+                },
+                last_ts_ms: prev.last_ts_ms.max(summary.last_ts_ms),
+            };
+        } else {
+            meta.rollup_rows += 1;
+        }
+        let bytes = postcard::to_allocvec(&summary).map_err(|e| corrupt("rollup", e))?;
+        meta.rollup_bytes += row_bytes(device, metric, &bytes);
+        rollups.insert((start, device, metric), bytes.as_slice())?;
+    }
+    Ok(())
+}
+
+fn for_each_record(
+    db: &impl ReadableDatabase,
+    from: u64,
+    f: &mut dyn FnMut(u64, Record) -> Result<(), BufferError>,
+) -> Result<(), BufferError> {
+    let read = db.begin_read()?;
+    let table = read.open_table(BLOCKS)?;
+    // The block holding `from` may start below it.
+    let start = match table.range(..=from)?.next_back() {
+        Some(row) => row?.0.value(),
+        None => from,
+    };
+    for row in table.range(start..)? {
+        let (k, v) = row?;
+        let first = k.value();
+        let records = block::decode(v.value()).map_err(|e| corrupt("block", e))?;
+        for (i, r) in records.into_iter().enumerate() {
+            let offset = first + i as u64;
+            if offset >= from {
+                f(offset, r)?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Read-only access to a stopped agent's data directory, for the `buffer` commands.
+pub struct Inspect {
+    db: Database,
+    path: PathBuf,
+}
+
+impl Inspect {
+    pub fn open(data_dir: &Path) -> Result<Inspect, BufferError> {
+        let path = crate::config::buffer_path(data_dir);
+        if !path.exists() {
+            return Err(corrupt(
+                "data directory",
+                format!("{} holds no buffer.redb", data_dir.display()),
+            ));
+        }
+        let db = open_db(&path, 16 << 20)?;
+        Ok(Inspect { db, path })
+    }
+
+    pub fn meta(&self) -> Result<Meta, BufferError> {
+        let read = self.db.begin_read()?;
+        Meta::load(&read.open_table(META)?)
+    }
+
+    pub fn devices(&self) -> Result<u64, BufferError> {
+        use redb::ReadableTableMetadata;
+        let read = self.db.begin_read()?;
+        Ok(read.open_table(DEVICES)?.len()?)
+    }
+
+    pub fn file_bytes(&self) -> u64 {
+        std::fs::metadata(&self.path).map_or(0, |m| m.len())
+    }
+
+    pub fn first_offset(&self) -> Result<Option<u64>, BufferError> {
+        let read = self.db.begin_read()?;
+        let first = read.open_table(BLOCKS)?.first()?.map(|(k, _)| k.value());
+        Ok(first)
+    }
+
+    pub fn for_each_record(
+        &self,
+        mut f: impl FnMut(u64, Record) -> Result<(), BufferError>,
+    ) -> Result<(), BufferError> {
+        for_each_record(&self.db, 0, &mut f)
+    }
+
+    /// Runs [`Buffer::check`]'s consistency checks.
+    pub fn check(&mut self) -> Result<Vec<String>, BufferError> {
+        check_db(&mut self.db)
+    }
+}
+
+#[cfg(test)]
+mod tests;

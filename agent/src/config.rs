@@ -1,0 +1,325 @@
+//! The agent's configuration: built-in defaults (`default.toml`, printed by
+//! `fogline-agent config defaults`), then the user's file, then `FOGLINE_…` environment
+//! variables, then command-line flags. Unknown keys are errors, so a typo is reported
+//! instead of silently ignored.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use figment::providers::{Env, Format, Toml};
+use figment::Figment;
+use serde::{Deserialize, Serialize};
+
+/// The commented default configuration, exactly as shipped.
+pub const DEFAULTS: &str = include_str!("default.toml");
+
+/// Why a configuration could not be used.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConfigError {
+    #[error("config file {0} does not exist")]
+    Missing(PathBuf),
+    #[error("{0}")]
+    Parse(Box<figment::Error>),
+    #[error("invalid config: {0}")]
+    Invalid(String),
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    pub node: NodeConfig,
+    pub mqtt: MqttConfig,
+    pub http: HttpConfig,
+    pub ingest: IngestConfig,
+    pub buffer: BufferConfig,
+    pub aggregate: AggregateConfig,
+    pub log: LogConfig,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NodeConfig {
+    pub id: String,
+    pub site: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MqttConfig {
+    pub listen: SocketAddr,
+    /// Empty: no MQTT 5 listener.
+    pub listen_v5: String,
+    pub max_connections: usize,
+    pub max_packet_bytes: usize,
+    pub max_inflight: usize,
+    pub connect_timeout_ms: u16,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HttpConfig {
+    pub listen: SocketAddr,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IngestConfig {
+    pub max_payload_bytes: usize,
+    pub queue_readings: usize,
+    pub reject_log_interval_ms: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BufferConfig {
+    pub data_dir: PathBuf,
+    pub max_bytes: u64,
+    pub downsample_at: f64,
+    pub downsample_to: f64,
+    pub downsample_window_secs: u32,
+    pub batch_max_readings: usize,
+    pub batch_max_delay_ms: u64,
+    pub cache_bytes: usize,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AggregateConfig {
+    pub windows_secs: Vec<u32>,
+    pub lateness_secs: u32,
+    pub publish_interval_ms: u64,
+    pub quantiles: Vec<f64>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogConfig {
+    pub format: LogFormat,
+    pub level: String,
+}
+
+/// Values given on the command line; they override every other layer.
+#[derive(Debug, Default, Clone)]
+pub struct Overrides {
+    pub data_dir: Option<PathBuf>,
+    pub mqtt_listen: Option<SocketAddr>,
+    pub mqtt_listen_v5: Option<String>,
+    pub http_listen: Option<SocketAddr>,
+    pub node_id: Option<String>,
+    pub site: Option<String>,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        // The embedded defaults are checked by a unit test, so this cannot fail at run time.
+        #[allow(clippy::expect_used)]
+        Figment::from(Toml::string(DEFAULTS))
+            .extract()
+            .expect("built-in default.toml is valid")
+    }
+}
+
+impl Config {
+    /// Loads the layers in order and validates the result.
+    pub fn load(file: Option<&Path>, overrides: &Overrides) -> Result<Config, ConfigError> {
+        Self::load_with_env(file, overrides, Env::prefixed("FOGLINE_").split("__"))
+    }
+
+    fn load_with_env(
+        file: Option<&Path>,
+        overrides: &Overrides,
+        env: Env,
+    ) -> Result<Config, ConfigError> {
+        let mut figment = Figment::from(Toml::string(DEFAULTS));
+        if let Some(path) = file {
+            if !path.exists() {
+                return Err(ConfigError::Missing(path.to_path_buf()));
+            }
+            figment = figment.merge(Toml::file(path));
+        }
+        let mut config: Config = figment
+            .merge(env)
+            .extract()
+            .map_err(|e| ConfigError::Parse(Box::new(e)))?;
+        config.apply(overrides);
+        config.validate()?;
+        Ok(config)
+    }
+
+    fn apply(&mut self, o: &Overrides) {
+        if let Some(v) = &o.data_dir {
+            self.buffer.data_dir = v.clone();
+        }
+        if let Some(v) = o.mqtt_listen {
+            self.mqtt.listen = v;
+        }
+        if let Some(v) = &o.mqtt_listen_v5 {
+            self.mqtt.listen_v5 = v.clone();
+        }
+        if let Some(v) = o.http_listen {
+            self.http.listen = v;
+        }
+        if let Some(v) = &o.node_id {
+            self.node.id = v.clone();
+        }
+        if let Some(v) = &o.site {
+            self.node.site = v.clone();
+        }
+    }
+
+    /// The MQTT 5 listen address, if that listener is on.
+    pub fn listen_v5(&self) -> Result<Option<SocketAddr>, ConfigError> {
+        let raw = self.mqtt.listen_v5.trim();
+        if raw.is_empty() {
+            return Ok(None);
+        }
+        raw.parse().map(Some).map_err(|_| {
+            ConfigError::Invalid(format!(
+                "mqtt.listen_v5 = {raw:?} is not an ADDR:PORT (use \"\" to turn it off)"
+            ))
+        })
+    }
+
+    /// Checks everything that deserialization cannot.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let bad = |msg: String| Err(ConfigError::Invalid(msg));
+        for (key, id) in [("node.id", &self.node.id), ("node.site", &self.node.site)] {
+            if !fogline_firmware::wire::valid_id(id) {
+                return bad(format!(
+                    "{key} = {id:?}: use 1-32 characters of [A-Za-z0-9_.-]"
+                ));
+            }
+        }
+        self.listen_v5()?;
+        if self.mqtt.max_connections == 0 {
+            return bad("mqtt.max_connections must be at least 1".into());
+        }
+        if self.ingest.max_payload_bytes == 0
+            || self.ingest.max_payload_bytes > self.mqtt.max_packet_bytes
+        {
+            return bad(format!(
+                "ingest.max_payload_bytes = {} must be between 1 and mqtt.max_packet_bytes ({})",
+                self.ingest.max_payload_bytes, self.mqtt.max_packet_bytes
+            ));
+        }
+        if self.ingest.queue_readings == 0 {
+            return bad("ingest.queue_readings must be at least 1".into());
+        }
+        let b = &self.buffer;
+        if b.max_bytes < 16 * 1024 {
+            return bad(format!(
+                "buffer.max_bytes = {} is too small (at least 16384)",
+                b.max_bytes
+            ));
+        }
+        if !(b.downsample_to > 0.0 && b.downsample_to < b.downsample_at && b.downsample_at <= 1.0)
+        {
+            return bad(format!(
+                "need 0 < buffer.downsample_to ({}) < buffer.downsample_at ({}) <= 1",
+                b.downsample_to, b.downsample_at
+            ));
+        }
+        if b.downsample_window_secs == 0 {
+            return bad("buffer.downsample_window_secs must be at least 1".into());
+        }
+        if b.batch_max_readings == 0 {
+            return bad("buffer.batch_max_readings must be at least 1".into());
+        }
+        let a = &self.aggregate;
+        if a.windows_secs.is_empty() || a.windows_secs.contains(&0) {
+            return bad("aggregate.windows_secs needs at least one window, none of 0 s".into());
+        }
+        if let Some(q) = a.quantiles.iter().find(|q| !(0.0..=1.0).contains(*q)) {
+            return bad(format!("aggregate.quantiles: {q} is not between 0 and 1"));
+        }
+        if a.publish_interval_ms == 0 {
+            return bad("aggregate.publish_interval_ms must be at least 1".into());
+        }
+        if self.log.level.parse::<tracing_subscriber::EnvFilter>().is_err() {
+            return bad(format!(
+                "log.level = {:?} is not a tracing filter",
+                self.log.level
+            ));
+        }
+        Ok(())
+    }
+
+    /// The redb file inside the data directory.
+    pub fn buffer_path(&self) -> PathBuf {
+        buffer_path(&self.buffer.data_dir)
+    }
+}
+
+/// The redb file inside a data directory.
+pub fn buffer_path(data_dir: &Path) -> PathBuf {
+    data_dir.join("buffer.redb")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn no_env() -> Env {
+        Env::prefixed("FOGLINE_TEST_NOTHING_SHOULD_MATCH_")
+    }
+
+    #[test]
+    fn built_in_defaults_parse_and_validate() {
+        let c = Config::load_with_env(None, &Overrides::default(), no_env()).expect("defaults");
+        assert_eq!(c, Config::default());
+        assert_eq!(c.mqtt.listen.port(), 1883);
+        assert_eq!(c.aggregate.windows_secs, vec![10, 60, 3600]);
+    }
+
+    #[test]
+    fn file_env_and_flags_layer_in_order() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = dir.path().join("agent.toml");
+        std::fs::write(
+            &file,
+            "[node]\nid = \"from-file\"\nsite = \"s\"\n[buffer]\nmax_bytes = 100000\n",
+        )
+        .expect("write");
+        figment::Jail::expect_with(|jail| {
+            jail.set_env("FOGLINE_BUFFER__MAX_BYTES", "200000");
+            jail.set_env("FOGLINE_NODE__SITE", "from-env");
+            let flags = Overrides {
+                site: Some("from-flag".into()),
+                ..Overrides::default()
+            };
+            let c = Config::load(Some(&file), &flags).map_err(|e| e.to_string())?;
+            assert_eq!(c.node.id, "from-file");
+            assert_eq!(c.buffer.max_bytes, 200000);
+            assert_eq!(c.node.site, "from-flag");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn unknown_keys_and_bad_values_are_clear_errors() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = dir.path().join("agent.toml");
+        std::fs::write(&file, "[buffer]\nmax_byte = 5\n").expect("write");
+        let err = Config::load_with_env(Some(&file), &Overrides::default(), no_env())
+            .expect_err("typo must be refused");
+        assert!(err.to_string().contains("max_byte"), "{err}");
+
+        std::fs::write(&file, "[node]\nid = \"bad id\"\n").expect("write");
+        let err = Config::load_with_env(Some(&file), &Overrides::default(), no_env())
+            .expect_err("bad id must be refused");
+        assert!(err.to_string().contains("node.id"), "{err}");
+
+        let missing = dir.path().join("nope.toml");
+        let err = Config::load_with_env(Some(&missing), &Overrides::default(), no_env())
+            .expect_err("missing file");
+        assert!(matches!(err, ConfigError::Missing(_)));
+    }
+}

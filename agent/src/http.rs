@@ -1,0 +1,87 @@
+//! The local HTTP surface: `/healthz`, `/metrics` (Prometheus text), `/status` (JSON).
+
+use std::future::Future;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use axum::extract::State;
+use axum::http::header;
+use axum::response::IntoResponse;
+use axum::routing::get;
+use axum::{Json, Router};
+use tokio::net::TcpListener;
+
+use crate::metrics::Metrics;
+use crate::pipeline::BufferStatus;
+
+pub struct AppState {
+    pub node_id: String,
+    pub site: String,
+    pub metrics: Arc<Metrics>,
+    pub buffer: Arc<Mutex<BufferStatus>>,
+    pub started: Instant,
+}
+
+pub fn router(state: Arc<AppState>) -> Router {
+    Router::new()
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/metrics", get(metrics))
+        .route("/status", get(status))
+        .with_state(state)
+}
+
+async fn metrics(State(s): State<Arc<AppState>>) -> impl IntoResponse {
+    (
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        s.metrics.render(),
+    )
+}
+
+async fn status(State(s): State<Arc<AppState>>) -> Json<serde_json::Value> {
+    let b = s.buffer.lock().map(|b| *b).unwrap_or_default();
+    let m = &s.metrics;
+    Json(serde_json::json!({
+        "node_id": s.node_id,
+        "site": s.site,
+        // A lone agent is its own site's leader until the site cluster lands.
+        "role": "leader",
+        "term": 0,
+        "leader": s.node_id,
+        "peers": [],
+        "uptime_secs": s.started.elapsed().as_secs(),
+        "devices": b.devices,
+        "buffer": {
+            "bytes": b.meta.total_bytes(),
+            "capacity_bytes": b.capacity_bytes,
+            "raw_bytes": b.meta.raw_bytes,
+            "rollup_bytes": b.meta.rollup_bytes,
+            "readings": b.meta.raw_readings,
+            "rollups": b.meta.rollup_rows,
+            "next_offset": b.meta.next_offset,
+            "downsampled": b.meta.downsampled,
+            "dropped": b.meta.dropped,
+            "open_windows": b.open_windows,
+        },
+        "ingest": {
+            "received": m.received.get(),
+            "accepted": m.accepted.get(),
+            "duplicates": m.duplicates.get(),
+            "rejected": m.rejected_total(),
+        },
+        "backlog": {},
+    }))
+}
+
+/// Serves until `shutdown` completes.
+pub async fn serve(
+    listener: TcpListener,
+    state: Arc<AppState>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    axum::serve(listener, router(state))
+        .with_graceful_shutdown(shutdown)
+        .await
+}

@@ -1,0 +1,111 @@
+//! fogline-agent: the edge agent of a fogline site.
+//!
+//! Data path: sensors publish to the embedded broker ([`broker`]); the ingest thread
+//! validates each publish ([`ingest`]) and queues it; the writer thread ([`pipeline`])
+//! commits batches to the durable [`buffer`] (redb, one fsync per batch), publishes each
+//! device's durable watermark on `fogline/ack/<device>`, and folds committed readings into
+//! tumbling-window [`aggregate`]s published on `agg/<device>/<metric>/<len>s`.
+//! Operations: [`config`] (layered TOML), [`http`] (`/healthz`, `/metrics`, `/status`),
+//! [`metrics`].
+
+pub mod aggregate;
+pub mod broker;
+pub mod buffer;
+pub mod config;
+pub mod http;
+pub mod ingest;
+pub mod metrics;
+pub mod pipeline;
+
+use std::future::Future;
+use std::sync::{Arc, Mutex};
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::Context;
+
+pub use config::Config;
+
+/// The agent's wall clock in Unix milliseconds.
+pub fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+}
+
+/// Runs the agent until `shutdown` completes, then stops ingest, commits what is queued,
+/// checkpoints the aggregates and returns.
+pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+    let metrics = Arc::new(metrics::Metrics::new());
+    let status = Arc::new(Mutex::new(pipeline::BufferStatus::default()));
+
+    let open_cfg = config.clone();
+    let buffer = tokio::task::spawn_blocking(move || {
+        buffer::Buffer::open(&open_cfg.buffer, &open_cfg.aggregate, now_ms())
+    })
+    .await
+    .context("buffer open task")?
+    .with_context(|| format!("opening the buffer in {}", config.buffer.data_dir.display()))?;
+    let meta = buffer.meta();
+    tracing::info!(
+        path = %buffer.path().display(),
+        readings = meta.raw_readings,
+        next_offset = meta.next_offset,
+        devices = buffer.devices(),
+        "buffer open"
+    );
+
+    let http_listener = tokio::net::TcpListener::bind(config.http.listen)
+        .await
+        .with_context(|| format!("cannot listen for HTTP on {}", config.http.listen))?;
+
+    let (queue_tx, queue_rx) = std::sync::mpsc::sync_channel(config.ingest.queue_readings);
+    let (mut running, publisher) = tokio::task::block_in_place(|| {
+        broker::start(&config, queue_tx, metrics.clone())
+    })
+    .context("starting the MQTT broker")?;
+    tracing::info!(
+        mqtt = %config.mqtt.listen,
+        mqtt_v5 = %config.mqtt.listen_v5,
+        http = %config.http.listen,
+        node = %config.node.id,
+        site = %config.node.site,
+        "fogline-agent ready"
+    );
+
+    let pipe = pipeline::Pipeline::new(buffer, publisher, &config, metrics.clone(), status.clone());
+    let writer = std::thread::Builder::new()
+        .name("buffer-writer".into())
+        .spawn(move || pipe.run(queue_rx))
+        .context("starting the writer thread")?;
+
+    let state = Arc::new(http::AppState {
+        node_id: config.node.id.clone(),
+        site: config.node.site.clone(),
+        metrics,
+        buffer: status,
+        started: Instant::now(),
+    });
+    let (stop_http, http_stopped) = tokio::sync::oneshot::channel::<()>();
+    let http = tokio::spawn(http::serve(http_listener, state, async {
+        let _ = http_stopped.await;
+    }));
+
+    shutdown.await;
+    tracing::info!("shutting down: committing what is queued");
+    let _ = stop_http.send(());
+    tokio::task::spawn_blocking(move || {
+        running.stop_ingest();
+        if writer.join().is_err() {
+            tracing::error!("the writer thread panicked");
+        }
+    })
+    .await
+    .context("shutdown task")?;
+    match http.await {
+        Ok(Err(e)) => tracing::warn!("HTTP server: {e}"),
+        Err(e) => tracing::warn!("HTTP task: {e}"),
+        Ok(Ok(())) => {}
+    }
+    tracing::info!("stopped");
+    Ok(())
+}

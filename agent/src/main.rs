@@ -1,0 +1,273 @@
+//! `fogline-agent`: run the agent, print its default config, inspect a data directory.
+
+use std::io::Write;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand, ValueEnum};
+use fogline_agent::buffer::Inspect;
+use fogline_agent::config::{self, Config, LogFormat, Overrides};
+
+#[derive(Parser)]
+#[command(name = "fogline-agent", version, about = "fogline edge agent: an embedded MQTT broker \
+    for sensors, a durable buffer that never loses an acknowledged reading, and live aggregates")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the agent (no config file needed: built-in defaults apply).
+    Run(RunArgs),
+    /// Show or check configuration.
+    #[command(subcommand)]
+    Config(ConfigCommand),
+    /// Inspect the buffer of a stopped agent.
+    #[command(subcommand)]
+    Buffer(BufferCommand),
+}
+
+#[derive(clap::Args)]
+struct RunArgs {
+    /// TOML config file; keys it leaves out keep their defaults.
+    #[arg(long, short)]
+    config: Option<PathBuf>,
+    /// Directory for the buffer (buffer.data_dir).
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    /// MQTT 3.1.1 listen address for sensors (mqtt.listen).
+    #[arg(long)]
+    mqtt_listen: Option<SocketAddr>,
+    /// MQTT 5 listen address (mqtt.listen_v5); "" turns it off.
+    #[arg(long)]
+    mqtt_listen_v5: Option<String>,
+    /// HTTP address for /healthz, /metrics and /status (http.listen).
+    #[arg(long)]
+    http_listen: Option<SocketAddr>,
+    /// This agent's id (node.id).
+    #[arg(long)]
+    node_id: Option<String>,
+    /// The site this agent belongs to (node.site).
+    #[arg(long)]
+    site: Option<String>,
+}
+
+#[derive(Subcommand)]
+enum ConfigCommand {
+    /// Print the complete default config, with comments.
+    Defaults,
+    /// Load a config (file, environment), validate it and print the result as JSON.
+    Check {
+        /// TOML config file.
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+    },
+}
+
+#[derive(Copy, Clone, ValueEnum)]
+enum ExportFormat {
+    /// One JSON object per line.
+    Jsonl,
+    /// CSV with a header line.
+    Csv,
+}
+
+#[derive(Subcommand)]
+enum BufferCommand {
+    /// Counts, sizes and offsets, as one JSON object.
+    Stats {
+        #[arg(long)]
+        data_dir: PathBuf,
+    },
+    /// Print every buffered raw reading, oldest first.
+    Export {
+        #[arg(long)]
+        data_dir: PathBuf,
+        #[arg(long, value_enum, default_value = "jsonl")]
+        format: ExportFormat,
+    },
+    /// Check that every table decodes and the counters agree; exit 1 if not.
+    Check {
+        #[arg(long)]
+        data_dir: PathBuf,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Run(args) => run(args),
+        Command::Config(ConfigCommand::Defaults) => {
+            print!("{}", config::DEFAULTS);
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Config(ConfigCommand::Check { config }) => {
+            Config::load(config.as_deref(), &Overrides::default())
+                .map_err(anyhow::Error::from)
+                .and_then(|c| Ok(serde_json::to_string_pretty(&c)?))
+                .map(|json| {
+                    println!("{json}");
+                    ExitCode::SUCCESS
+                })
+        }
+        Command::Buffer(cmd) => buffer(cmd),
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("fogline-agent: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_logging(config: &Config) {
+    let filter = std::env::var("RUST_LOG")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| {
+            tracing_subscriber::EnvFilter::new(&config.log.level)
+        });
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match config.log.format {
+        LogFormat::Json => builder.json().init(),
+        LogFormat::Text => builder.init(),
+    }
+}
+
+fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
+    let overrides = Overrides {
+        data_dir: args.data_dir,
+        mqtt_listen: args.mqtt_listen,
+        mqtt_listen_v5: args.mqtt_listen_v5,
+        http_listen: args.http_listen,
+        node_id: args.node_id,
+        site: args.site,
+    };
+    let config = Config::load(args.config.as_deref(), &overrides)?;
+    init_logging(&config);
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .thread_name("fogline-rt")
+        .build()
+        .context("starting the async runtime")?;
+    runtime.block_on(fogline_agent::run(config, shutdown_signal()))?;
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = ctrl_c => {}
+                    _ = term.recv() => {}
+                }
+            }
+            Err(e) => {
+                tracing::warn!("cannot watch SIGTERM: {e}");
+                let _ = ctrl_c.await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = ctrl_c.await;
+    }
+}
+
+fn buffer(cmd: BufferCommand) -> anyhow::Result<ExitCode> {
+    match cmd {
+        BufferCommand::Stats { data_dir } => {
+            let inspect = Inspect::open(&data_dir)?;
+            let meta = inspect.meta()?;
+            let stats = serde_json::json!({
+                "path": config::buffer_path(&data_dir),
+                "file_bytes": inspect.file_bytes(),
+                "bytes": meta.total_bytes(),
+                "raw_bytes": meta.raw_bytes,
+                "readings": meta.raw_readings,
+                "rollups": meta.rollup_rows,
+                "rollup_bytes": meta.rollup_bytes,
+                "first_offset": inspect.first_offset()?,
+                "next_offset": meta.next_offset,
+                "devices": inspect.devices()?,
+                "downsampled": meta.downsampled,
+                "dropped": meta.dropped,
+                "bytes_per_reading": if meta.raw_readings > 0 {
+                    serde_json::json!(meta.raw_bytes as f64 / meta.raw_readings as f64)
+                } else {
+                    serde_json::Value::Null
+                },
+            });
+            println!("{}", serde_json::to_string_pretty(&stats)?);
+            Ok(ExitCode::SUCCESS)
+        }
+        BufferCommand::Export { data_dir, format } => {
+            let inspect = Inspect::open(&data_dir)?;
+            let stdout = std::io::stdout();
+            let mut out = std::io::BufWriter::new(stdout.lock());
+            if matches!(format, ExportFormat::Csv) {
+                writeln!(out, "offset,device,metric,boot,seq,value,ts")?;
+            }
+            let mut write_err = None;
+            inspect.for_each_record(|offset, r| {
+                let line = match format {
+                    ExportFormat::Jsonl => serde_json::json!({
+                        "offset": offset,
+                        "device": r.device,
+                        "metric": r.metric,
+                        "boot": r.boot,
+                        "seq": r.seq,
+                        "value": r.value,
+                        "ts": r.ts_ms,
+                    })
+                    .to_string(),
+                    ExportFormat::Csv => format!(
+                        "{offset},{},{},{},{},{},{}",
+                        r.device,
+                        r.metric,
+                        r.boot,
+                        r.seq.map(|s| s.to_string()).unwrap_or_default(),
+                        r.value,
+                        r.ts_ms
+                    ),
+                };
+                if let Err(e) = writeln!(out, "{line}") {
+                    write_err.get_or_insert(e);
+                }
+                Ok(())
+            })?;
+            if let Some(e) = write_err {
+                // A closed pipe (`| head`) is not an error worth a message.
+                if e.kind() != std::io::ErrorKind::BrokenPipe {
+                    return Err(e.into());
+                }
+            }
+            out.flush().ok();
+            Ok(ExitCode::SUCCESS)
+        }
+        BufferCommand::Check { data_dir } => {
+            let mut inspect = Inspect::open(&data_dir)?;
+            let problems = inspect.check()?;
+            if problems.is_empty() {
+                println!("ok");
+                Ok(ExitCode::SUCCESS)
+            } else {
+                for p in &problems {
+                    println!("problem: {p}");
+                }
+                Ok(ExitCode::FAILURE)
+            }
+        }
+    }
+}

@@ -1,0 +1,176 @@
+//! Counters and gauges, exported on `/metrics` in the Prometheus text format.
+//! Every refusal and every reading that is dropped or downsampled is counted here.
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+
+use crate::ingest::Reject;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct Reason {
+    pub reason: &'static str,
+}
+
+pub struct Metrics {
+    registry: Registry,
+    pub received: Counter,
+    pub accepted: Counter,
+    pub duplicates: Counter,
+    pub rejected: Family<Reason, Counter>,
+    pub seq_gaps_skipped: Counter,
+    pub commits: Counter,
+    pub commit_failures: Counter,
+    pub buffer_bytes: Gauge,
+    pub buffer_capacity: Gauge,
+    pub buffer_readings: Gauge,
+    pub downsampled: Counter,
+    pub dropped: Family<Reason, Counter>,
+    pub acks_published: Counter,
+    pub aggregates_published: Counter,
+    pub aggregates_too_late: Counter,
+    pub devices: Gauge,
+    pub queue_full: Counter,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("fogline");
+        let m = Metrics {
+            received: Counter::default(),
+            accepted: Counter::default(),
+            duplicates: Counter::default(),
+            rejected: Family::default(),
+            seq_gaps_skipped: Counter::default(),
+            commits: Counter::default(),
+            commit_failures: Counter::default(),
+            buffer_bytes: Gauge::default(),
+            buffer_capacity: Gauge::default(),
+            buffer_readings: Gauge::default(),
+            downsampled: Counter::default(),
+            dropped: Family::default(),
+            acks_published: Counter::default(),
+            aggregates_published: Counter::default(),
+            aggregates_too_late: Counter::default(),
+            devices: Gauge::default(),
+            queue_full: Counter::default(),
+            registry: Registry::default(),
+        };
+        for r in Reject::ALL {
+            let _ = m.rejected.get_or_create(&Reason { reason: r.as_str() });
+        }
+        for reason in ["capacity", "disk_full"] {
+            let _ = m.dropped.get_or_create(&Reason { reason });
+        }
+        let r = &mut registry;
+        r.register("ingest_received", "Publishes seen on sensors/#", m.received.clone());
+        r.register(
+            "ingest_accepted",
+            "Readings committed to the buffer (duplicates excluded)",
+            m.accepted.clone(),
+        );
+        r.register(
+            "ingest_duplicates",
+            "Re-sent readings that were already stored and were not stored again",
+            m.duplicates.clone(),
+        );
+        r.register("ingest_rejected", "Publishes refused, by reason", m.rejected.clone());
+        r.register(
+            "ingest_seq_gaps_skipped",
+            "Sequence numbers never received and given up so the watermark could move on",
+            m.seq_gaps_skipped.clone(),
+        );
+        r.register(
+            "ingest_queue_full",
+            "Times the ingest queue was full and the broker had to wait",
+            m.queue_full.clone(),
+        );
+        r.register("buffer_commits", "Durable commits (one fsync each)", m.commits.clone());
+        r.register(
+            "buffer_commit_failures",
+            "Commits that failed; their readings were not acknowledged",
+            m.commit_failures.clone(),
+        );
+        r.register("buffer_bytes", "Bytes of readings held", m.buffer_bytes.clone());
+        r.register(
+            "buffer_capacity_bytes",
+            "Configured buffer capacity",
+            m.buffer_capacity.clone(),
+        );
+        r.register("buffer_readings", "Raw readings held", m.buffer_readings.clone());
+        r.register(
+            "buffer_downsampled",
+            "Raw readings folded into summaries to make room",
+            m.downsampled.clone(),
+        );
+        r.register("buffer_dropped", "Readings dropped, by reason", m.dropped.clone());
+        r.register("acks_published", "Ack watermarks published", m.acks_published.clone());
+        r.register(
+            "aggregates_published",
+            "Window aggregates published",
+            m.aggregates_published.clone(),
+        );
+        r.register(
+            "aggregates_too_late",
+            "Reading-window pairs skipped because the window had closed for good",
+            m.aggregates_too_late.clone(),
+        );
+        r.register("devices", "Devices known to the buffer", m.devices.clone());
+        Metrics { registry, ..m }
+    }
+
+    pub fn reject(&self, reason: Reject) {
+        self.rejected
+            .get_or_create(&Reason {
+                reason: reason.as_str(),
+            })
+            .inc();
+    }
+
+    pub fn drop_readings(&self, reason: &'static str, n: u64) {
+        self.dropped.get_or_create(&Reason { reason }).inc_by(n);
+    }
+
+    pub fn rejected_total(&self) -> u64 {
+        Reject::ALL
+            .iter()
+            .map(|r| {
+                self.rejected
+                    .get_or_create(&Reason { reason: r.as_str() })
+                    .get()
+            })
+            .sum()
+    }
+
+    /// The Prometheus text exposition.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        // Writing into a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_reject_reason_is_exported_from_the_start() {
+        let m = Metrics::new();
+        m.reject(Reject::Oversized);
+        let text = m.render();
+        assert!(text.contains("fogline_ingest_rejected_total{reason=\"oversized\"} 1"), "{text}");
+        assert!(text.contains("fogline_ingest_rejected_total{reason=\"non_finite\"} 0"), "{text}");
+        assert!(text.contains("fogline_buffer_dropped_total{reason=\"capacity\"} 0"), "{text}");
+        assert!(text.contains("fogline_buffer_commits_total 0"), "{text}");
+    }
+}

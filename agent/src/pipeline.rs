@@ -1,0 +1,225 @@
+//! The writer thread: takes validated readings off the ingest queue, commits them in
+//! batches (group commit: one fsync per batch, bounded by size and delay), publishes the
+//! end-to-end acks after each commit, publishes changed aggregates, and keeps the buffer
+//! within its capacity. When the queue closes it commits what is left, writes the window
+//! checkpoint and publishes the last aggregates, so a clean stop loses nothing.
+
+use std::sync::mpsc::{Receiver, RecvTimeoutError};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use crate::broker::Publisher;
+use crate::buffer::{Buffer, BufferError, Meta};
+use crate::config::Config;
+use crate::ingest::Incoming;
+use crate::metrics::Metrics;
+
+/// How often the changed windows are written to disk (with the next commit).
+const CHECKPOINT_EVERY: Duration = Duration::from_secs(1);
+
+/// What `/status` shows about the buffer, refreshed after every commit.
+#[derive(Debug, Clone, Copy, Default, serde::Serialize)]
+pub struct BufferStatus {
+    pub meta: Meta,
+    pub devices: usize,
+    pub open_windows: usize,
+    pub capacity_bytes: u64,
+}
+
+pub struct Pipeline {
+    buffer: Buffer,
+    publisher: Publisher,
+    metrics: Arc<Metrics>,
+    status: Arc<Mutex<BufferStatus>>,
+    batch_max: usize,
+    batch_delay: Duration,
+    publish_every: Duration,
+    quantiles: Vec<f64>,
+    last_error_log: Option<Instant>,
+}
+
+impl Pipeline {
+    pub fn new(
+        buffer: Buffer,
+        publisher: Publisher,
+        config: &Config,
+        metrics: Arc<Metrics>,
+        status: Arc<Mutex<BufferStatus>>,
+    ) -> Pipeline {
+        let p = Pipeline {
+            buffer,
+            publisher,
+            metrics,
+            status,
+            batch_max: config.buffer.batch_max_readings,
+            batch_delay: Duration::from_millis(config.buffer.batch_max_delay_ms),
+            publish_every: Duration::from_millis(config.aggregate.publish_interval_ms),
+            quantiles: config.aggregate.quantiles.clone(),
+            last_error_log: None,
+        };
+        p.metrics
+            .buffer_capacity
+            .set(i64::try_from(config.buffer.max_bytes).unwrap_or(i64::MAX));
+        p.refresh_status();
+        p
+    }
+
+    /// Runs until `queue` closes and everything taken from it is committed.
+    pub fn run(mut self, queue: Receiver<Incoming>) {
+        let mut last_publish = Instant::now();
+        let mut last_checkpoint = Instant::now();
+        // Publish what was restored or replayed at start-up.
+        self.publish_aggregates();
+        loop {
+            let first = match queue.recv_timeout(self.publish_every.min(CHECKPOINT_EVERY)) {
+                Ok(r) => Some(r),
+                Err(RecvTimeoutError::Timeout) => None,
+                Err(RecvTimeoutError::Disconnected) => break,
+            };
+            if let Some(first) = first {
+                let batch = self.collect(first, &queue);
+                self.commit(batch);
+            }
+            if last_checkpoint.elapsed() >= CHECKPOINT_EVERY {
+                self.buffer.request_checkpoint();
+                last_checkpoint = Instant::now();
+            }
+            if last_publish.elapsed() >= self.publish_every {
+                self.publish_aggregates();
+                last_publish = Instant::now();
+            }
+        }
+        if let Err(e) = self.buffer.checkpoint() {
+            tracing::error!("final window checkpoint failed: {e}");
+        }
+        self.publish_aggregates();
+        self.refresh_status();
+        tracing::info!(
+            next_offset = self.buffer.meta().next_offset,
+            "buffer closed cleanly"
+        );
+    }
+
+    /// Gathers a batch: everything already queued, then more until the batch is full or
+    /// the delay since the first reading has passed.
+    fn collect(&self, first: Incoming, queue: &Receiver<Incoming>) -> Vec<Incoming> {
+        let deadline = Instant::now() + self.batch_delay;
+        let mut batch = Vec::with_capacity(self.batch_max.min(4096));
+        batch.push(first);
+        while batch.len() < self.batch_max {
+            match queue.try_recv() {
+                Ok(r) => batch.push(r),
+                Err(_) => {
+                    let now = Instant::now();
+                    if now >= deadline {
+                        break;
+                    }
+                    match queue.recv_timeout(deadline - now) {
+                        Ok(r) => batch.push(r),
+                        Err(_) => break,
+                    }
+                }
+            }
+        }
+        batch
+    }
+
+    fn commit(&mut self, batch: Vec<Incoming>) {
+        let n = batch.len() as u64;
+        let result = match self.buffer.commit(&batch) {
+            Err(e) if e.is_disk_full() => {
+                self.log_error(&e, n);
+                match self.buffer.free_disk() {
+                    Ok(room) => self.metrics.drop_readings("disk_full", room.dropped),
+                    Err(e) => tracing::error!("could not free disk space: {e}"),
+                }
+                self.buffer.commit(&batch)
+            }
+            other => other,
+        };
+        match result {
+            Ok(done) => {
+                if done.accepted > 0 {
+                    self.metrics.commits.inc();
+                }
+                self.metrics.accepted.inc_by(done.accepted);
+                self.metrics.duplicates.inc_by(done.duplicates);
+                self.metrics.seq_gaps_skipped.inc_by(done.gaps_skipped);
+                self.metrics.aggregates_too_late.inc_by(done.too_late);
+                for (device, ack) in done.acks {
+                    let payload = serde_json::json!({"boot": ack.boot, "seq": ack.seq});
+                    match self
+                        .publisher
+                        .retained(format!("fogline/ack/{device}"), payload.to_string())
+                    {
+                        Ok(()) => {
+                            self.metrics.acks_published.inc();
+                        }
+                        Err(e) => tracing::warn!("could not publish the ack of {device}: {e}"),
+                    };
+                }
+            }
+            Err(e) => {
+                self.metrics.commit_failures.inc();
+                self.log_error(&e, n);
+            }
+        }
+        match self.buffer.make_room() {
+            Ok(room) => {
+                self.metrics.downsampled.inc_by(room.downsampled);
+                self.metrics.drop_readings("capacity", room.dropped);
+                if room.dropped > 0 {
+                    tracing::warn!(
+                        dropped = room.dropped,
+                        "buffer full: dropped the oldest readings"
+                    );
+                }
+            }
+            Err(e) => self.log_error(&e, 0),
+        }
+        self.refresh_status();
+    }
+
+    fn log_error(&mut self, e: &BufferError, readings: u64) {
+        let now = Instant::now();
+        if self
+            .last_error_log
+            .is_some_and(|at| now.duration_since(at) < Duration::from_secs(5))
+        {
+            return;
+        }
+        self.last_error_log = Some(now);
+        tracing::error!(
+            readings,
+            "buffer write failed; the batch is not acknowledged and devices will re-send: {e}"
+        );
+    }
+
+    fn publish_aggregates(&mut self) {
+        for (topic, json) in self.buffer.take_aggregates(&self.quantiles) {
+            match self.publisher.retained(topic, json) {
+                Ok(()) => {
+                    self.metrics.aggregates_published.inc();
+                }
+                Err(e) => tracing::warn!("could not publish an aggregate: {e}"),
+            }
+        }
+    }
+
+    fn refresh_status(&self) {
+        let meta = self.buffer.meta();
+        let m = &self.metrics;
+        m.buffer_bytes
+            .set(i64::try_from(meta.total_bytes()).unwrap_or(i64::MAX));
+        m.buffer_readings
+            .set(i64::try_from(meta.raw_readings).unwrap_or(i64::MAX));
+        m.devices
+            .set(i64::try_from(self.buffer.devices()).unwrap_or(i64::MAX));
+        if let Ok(mut s) = self.status.lock() {
+            s.meta = meta;
+            s.devices = self.buffer.devices();
+            s.open_windows = self.buffer.open_windows();
+            s.capacity_bytes = u64::try_from(m.buffer_capacity.get()).unwrap_or(0);
+        }
+    }
+}

@@ -1,0 +1,150 @@
+//! Harness for fogline's end-to-end tests and the ingest benchmark.
+//!
+//! Everything here drives the real binaries as separate processes, the way an operator
+//! would: [`Agent`] starts `fogline-agent` on free local ports with its own data
+//! directory, [`Fleet`] simulates sensors over MQTT (QoS 1, sequenced readings, re-send
+//! after reconnect, end-to-end acks), [`mosquitto`] wraps the Debian `mosquitto-clients`
+//! tools, and [`http_get`] / [`metric`] read the agent's HTTP endpoints.
+//!
+//! The agent binary is found through `FOGLINE_AGENT_BIN`, else next to the running
+//! executable in the cargo target directory; build it first with
+//! `cargo build --workspace --bins`.
+
+mod agent;
+mod fleet;
+mod http;
+pub mod mosquitto;
+mod proc;
+
+pub use agent::{agent_bin, find_bin, Agent, AgentOptions, ExportedReading};
+pub use fleet::{Device, DeviceSnapshot, DeviceSpec, Fleet, PayloadFn, RawPublisher};
+pub use http::{http_get, metric};
+pub use proc::{run_bounded, BoundedOutput};
+
+use std::net::{Ipv4Addr, SocketAddr, TcpListener};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use fogline_firmware::wire::{self, Reading, Timestamp, MAX_FRAME_LEN};
+
+/// A port on 127.0.0.1 that was free a moment ago (the OS picked it).
+pub fn free_port() -> anyhow::Result<u16> {
+    let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))?;
+    Ok(listener.local_addr()?.port())
+}
+
+/// `127.0.0.1:<port>`.
+pub fn local(port: u16) -> SocketAddr {
+    SocketAddr::from((Ipv4Addr::LOCALHOST, port))
+}
+
+/// Current wall-clock time in Unix milliseconds.
+pub fn now_ms() -> i64 {
+    let since = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or(Duration::ZERO);
+    i64::try_from(since.as_millis()).unwrap_or(i64::MAX)
+}
+
+/// The random seed for a test: `FOGLINE_TEST_SEED` if set, else a fresh one.
+/// It is printed so that a failing run can be repeated.
+pub fn test_seed(test: &str) -> u64 {
+    let seed = std::env::var("FOGLINE_TEST_SEED")
+        .ok()
+        .and_then(|s| s.trim().parse::<u64>().ok())
+        .unwrap_or_else(|| fastrand::u64(..));
+    eprintln!("[{test}] seed {seed} (repeat with FOGLINE_TEST_SEED={seed})");
+    seed
+}
+
+/// A JSON reading payload as sensors without the postcard codec send it.
+pub fn json_payload(value: f64, seq: Option<u32>, boot: Option<u32>, ts: Option<i64>) -> Vec<u8> {
+    let mut obj = serde_json::Map::new();
+    obj.insert("value".into(), serde_json::json!(value));
+    if let Some(seq) = seq {
+        obj.insert("seq".into(), serde_json::json!(seq));
+    }
+    if let Some(boot) = boot {
+        obj.insert("boot".into(), serde_json::json!(boot));
+    }
+    if let Some(ts) = ts {
+        obj.insert("ts".into(), serde_json::json!(ts));
+    }
+    serde_json::Value::Object(obj).to_string().into_bytes()
+}
+
+/// A firmware postcard frame, made with the one shared codec.
+pub fn postcard_frame(
+    device: &str,
+    metric: &str,
+    seq: u32,
+    boot: u32,
+    time: Timestamp,
+    value: f64,
+) -> anyhow::Result<Vec<u8>> {
+    let reading = Reading {
+        device,
+        metric,
+        seq,
+        boot,
+        time,
+        value,
+    };
+    let mut buf = [0u8; MAX_FRAME_LEN];
+    let frame = wire::encode(&reading, &mut buf)
+        .map_err(|e| anyhow::anyhow!("encoding a postcard frame: {e}"))?;
+    Ok(frame.to_vec())
+}
+
+/// Polls `probe` every `every` until it returns `Some` or `timeout` passes.
+pub fn poll_until<T>(
+    timeout: Duration,
+    every: Duration,
+    mut probe: impl FnMut() -> Option<T>,
+) -> Option<T> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = probe() {
+            return Some(v);
+        }
+        if Instant::now() >= deadline {
+            return None;
+        }
+        std::thread::sleep(every);
+    }
+}
+
+/// Checks an export for duplicate `(device, boot, seq)` keys and for missing sequence
+/// numbers: for each `(device, boot, upto)` in `expect`, every seq in `1..=upto` must be
+/// present exactly once. Returns a human-readable list of problems (empty when fine).
+pub fn check_sequences(readings: &[ExportedReading], expect: &[(String, u32, u32)]) -> Vec<String> {
+    use std::collections::HashMap;
+    let mut seen: HashMap<(&str, u32, u32), u32> = HashMap::new();
+    for r in readings {
+        if let Some(seq) = r.seq {
+            *seen.entry((r.device.as_str(), r.boot, seq)).or_insert(0) += 1;
+        }
+    }
+    let mut problems = Vec::new();
+    let mut dups: Vec<_> = seen.iter().filter(|(_, &n)| n > 1).collect();
+    dups.sort();
+    for ((device, boot, seq), n) in dups.iter().take(20) {
+        problems.push(format!("{device} boot {boot} seq {seq} stored {n} times"));
+    }
+    if dups.len() > 20 {
+        problems.push(format!("... {} duplicated keys in all", dups.len()));
+    }
+    for (device, boot, upto) in expect {
+        let missing: Vec<u32> = (1..=*upto)
+            .filter(|seq| !seen.contains_key(&(device.as_str(), *boot, *seq)))
+            .collect();
+        if !missing.is_empty() {
+            let shown: Vec<String> = missing.iter().take(10).map(u32::to_string).collect();
+            problems.push(format!(
+                "{device} boot {boot}: {} of seq 1..={upto} missing (first: {})",
+                missing.len(),
+                shown.join(", ")
+            ));
+        }
+    }
+    problems
+}

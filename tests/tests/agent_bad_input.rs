@@ -1,0 +1,165 @@
+//! Promise: malformed, oversized, non-finite, mis-addressed or badly-named input is
+//! refused with a counted reason in `/metrics`, the agent stays healthy, and a
+//! well-behaved sensor publishing at the same time loses nothing.
+
+use std::time::Duration;
+
+use anyhow::Context;
+use fogline_firmware::wire::Timestamp;
+use fogline_tests::{
+    check_sequences, metric, now_ms, poll_until, postcard_frame, Agent, AgentOptions, DeviceSpec,
+    Fleet,
+};
+
+const REJECTED: &str = "fogline_ingest_rejected_total";
+
+#[test]
+fn bad_input_is_counted_and_good_input_is_kept() -> anyhow::Result<()> {
+    let mut agent = Agent::start(AgentOptions {
+        name: Some("bad-input-agent".into()),
+        ..AgentOptions::default()
+    })?;
+    let mut fleet = Fleet::new(agent.mqtt_addr())?;
+    let mut good = DeviceSpec::json("good", "temp", 42);
+    good.interval = Some(Duration::from_millis(5));
+    good.window = 2000;
+    good.max_seq = 20_000;
+    let good = fleet.add(good)?;
+    fleet.wait_connected(Duration::from_secs(10))?;
+    std::thread::sleep(Duration::from_millis(300));
+
+    let raw = fleet.raw_publisher("vandal")?;
+    let now = u64::try_from(now_ms()).context("clock before 1970")?;
+    let valid_frame = postcard_frame("bad-src", "temp", 1, 1, Timestamp::WallMs(now), 1.0)?;
+    let mut nan_frame = valid_frame.clone();
+    // The value is the frame's last field: 8 little-endian bytes of an f64.
+    let len = nan_frame.len();
+    nan_frame[len - 8..].copy_from_slice(&f64::NAN.to_le_bytes());
+    let mismatched = postcard_frame("other-dev", "temp", 1, 1, Timestamp::WallMs(now), 1.0)?;
+    let oversized = format!(r#"{{"value":1,"pad":"{}"}}"#, "x".repeat(2000)).into_bytes();
+    let long_id = "x".repeat(33);
+
+    type Case = (&'static str, String, Vec<u8>);
+    let cases: Vec<Case> = vec![
+        (
+            "malformed_payload",
+            "sensors/bad-src/temp".into(),
+            br#"{"value":"#.to_vec(),
+        ),
+        (
+            "malformed_payload",
+            "sensors/bad-src/temp".into(),
+            vec![1, 5, 0xff, 0xfe, 0xfd, 0xfc, 0xfb, 0x80, 0x80, 0x80],
+        ),
+        (
+            "unsupported_version",
+            "sensors/bad-src/temp".into(),
+            vec![2, 1, 2, 3, 4],
+        ),
+        ("oversized", "sensors/bad-src/temp".into(), oversized),
+        ("non_finite", "sensors/bad-src/temp".into(), b"NaN".to_vec()),
+        ("non_finite", "sensors/bad-src/temp".into(), b"inf".to_vec()),
+        (
+            "non_finite",
+            "sensors/bad-src/temp".into(),
+            b"-inf".to_vec(),
+        ),
+        ("non_finite", "sensors/bad-src/temp".into(), nan_frame),
+        ("topic_mismatch", "sensors/bad-src/temp".into(), mismatched),
+        (
+            "malformed_topic",
+            "sensors/only-device".into(),
+            b"1".to_vec(),
+        ),
+        ("invalid_id", "sensors/bad id/x".into(), b"1".to_vec()),
+        (
+            "invalid_id",
+            format!("sensors/{long_id}/temp"),
+            b"1".to_vec(),
+        ),
+    ];
+    const REPEAT: u64 = 3;
+    let mut expected: Vec<(&str, u64)> = Vec::new();
+    for _ in 0..REPEAT {
+        for (reason, topic, payload) in &cases {
+            raw.publish(topic, payload.clone())?;
+            match expected.iter_mut().find(|(r, _)| r == reason) {
+                Some((_, n)) => *n += 1,
+                None => expected.push((reason, 1)),
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+    let bad_total: u64 = expected.iter().map(|(_, n)| n).sum();
+    raw.wait_pubacks(bad_total, Duration::from_secs(10))?;
+
+    // Every reason's counter reaches what was sent.
+    let mut last_metrics = String::new();
+    let counted = poll_until(Duration::from_secs(10), Duration::from_millis(100), || {
+        last_metrics = agent.metrics().ok()?;
+        expected
+            .iter()
+            .all(|(reason, n)| metric(&last_metrics, REJECTED, &[("reason", reason)]) >= *n as f64)
+            .then_some(())
+    });
+    let report: Vec<String> = expected
+        .iter()
+        .map(|(reason, n)| {
+            format!(
+                "{reason}: sent {n}, counted {}",
+                metric(&last_metrics, REJECTED, &[("reason", reason)])
+            )
+        })
+        .collect();
+    eprintln!("rejections:\n  {}", report.join("\n  "));
+    assert!(
+        counted.is_some(),
+        "rejection counters short of what was sent:\n  {}",
+        report.join("\n  ")
+    );
+
+    // Still healthy, and the good sensor was never cut off.
+    assert_eq!(agent.get("/healthz")?.trim(), "ok");
+    std::thread::sleep(Duration::from_millis(500));
+    fleet.stop_publishing();
+    fleet.wait_all_acked(Duration::from_secs(20))?;
+    let snap = good.snapshot();
+    assert_eq!(
+        snap.connects, 1,
+        "the good sensor was disconnected: {snap:?}"
+    );
+    assert!(snap.sent > 100, "the good sensor kept publishing: {snap:?}");
+    let text = agent.metrics()?;
+    let accepted = metric(&text, "fogline_ingest_accepted_total", &[]);
+    let received = metric(&text, "fogline_ingest_received_total", &[]);
+    let rejected = metric(&text, REJECTED, &[]);
+    eprintln!(
+        "good sent {} acked {}; received {received} accepted {accepted} rejected {rejected}",
+        snap.sent, snap.acked
+    );
+    assert!(
+        accepted >= f64::from(snap.sent),
+        "accepted {accepted} < sent {}",
+        snap.sent
+    );
+    assert!(rejected >= bad_total as f64);
+    assert!(
+        received >= accepted + rejected,
+        "received {received} < accepted {accepted} + rejected {rejected}"
+    );
+    drop(raw);
+    fleet.shutdown();
+
+    agent.stop(Duration::from_secs(10))?;
+    agent.check()?;
+    let readings = agent.export()?;
+    let strangers: Vec<_> = readings.iter().filter(|r| r.device != "good").collect();
+    assert!(
+        strangers.is_empty(),
+        "rejected input was stored: {strangers:?}"
+    );
+    let problems = check_sequences(&readings, &[("good".into(), 42, snap.sent)]);
+    assert!(problems.is_empty(), "{}", problems.join("\n"));
+    assert_eq!(readings.len(), snap.sent as usize);
+    Ok(())
+}
