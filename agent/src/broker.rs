@@ -100,7 +100,7 @@ fn router_config(config: &Config) -> RouterConfig {
     RouterConfig {
         max_connections: config.mqtt.max_connections + 4,
         max_outgoing_packet_count: 200,
-        max_segment_size: 8 << 10,
+        max_segment_size: 2 << 10,
         max_segment_count: 2,
         custom_segment: Some(custom),
         initialized_filters: None,
@@ -200,6 +200,13 @@ pub fn start(
     wait_listening(config.mqtt.listen, false)?;
     if let Some(addr) = v5 {
         wait_listening(addr, true)?;
+    }
+    for &addr in &listeners {
+        match crate::nodelay::on_listeners(addr) {
+            Ok(n) if n > 0 => {}
+            Ok(_) => tracing::warn!(%addr, "could not find the broker's listener to turn Nagle off; acks may be delayed by ~40 ms"),
+            Err(e) => tracing::warn!(%addr, "could not turn Nagle off on the broker's listener ({e}); acks may be delayed by ~40 ms"),
+        }
     }
     let stop = Arc::new(AtomicBool::new(false));
     let max_payload = config.ingest.max_payload_bytes;

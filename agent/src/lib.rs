@@ -15,6 +15,7 @@ pub mod config;
 pub mod http;
 pub mod ingest;
 pub mod metrics;
+pub mod nodelay;
 pub mod pipeline;
 
 use std::future::Future;

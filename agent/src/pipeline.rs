@@ -77,8 +77,17 @@ impl Pipeline {
                 Err(RecvTimeoutError::Disconnected) => break,
             };
             if let Some(first) = first {
+                let t0 = Instant::now();
                 let batch = self.collect(first, &queue);
+                let t1 = Instant::now();
+                let n = batch.len();
                 self.commit(batch);
+                tracing::trace!(
+                    readings = n,
+                    collect_us = (t1 - t0).as_micros() as u64,
+                    commit_us = t1.elapsed().as_micros() as u64,
+                    "batch"
+                );
             }
             if last_checkpoint.elapsed() >= CHECKPOINT_EVERY {
                 self.buffer.request_checkpoint();

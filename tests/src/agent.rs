@@ -436,10 +436,18 @@ impl Agent {
     pub fn check(&self) -> anyhow::Result<()> {
         let out = self.buffer_cmd(&["check"])?;
         if !out.status.success() || out.stdout.trim() != "ok" {
+            let lines: Vec<&str> = out.stdout.lines().collect();
+            let shown = if lines.len() > 12 {
+                let mut shown = lines[..8].join("\n");
+                shown.push_str(&format!("\n... ({} lines in all) ...\n", lines.len()));
+                shown.push_str(&lines[lines.len() - 4..].join("\n"));
+                shown
+            } else {
+                lines.join("\n")
+            };
             bail!(
-                "buffer check failed ({}): stdout {:?}, stderr {:?}",
+                "buffer check failed ({}):\n{shown}\nstderr: {}",
                 out.status,
-                out.stdout.trim(),
                 out.stderr.trim()
             );
         }

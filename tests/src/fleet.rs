@@ -30,7 +30,8 @@ pub struct DeviceSpec {
     pub interval: Option<Duration>,
     /// Topic and payload of each reading.
     pub payload: PayloadFn,
-    /// Keep publish-to-ack latencies (see [`Fleet::set_measuring`]).
+    /// Keep publish-to-ack latencies (see [`Fleet::set_measuring`]); off for long runs,
+    /// as every latency is kept in memory.
     pub record_latency: bool,
 }
 
@@ -73,6 +74,8 @@ pub struct DeviceSnapshot {
     pub lowest_regressed_ack: Option<u32>,
     /// Connections made (the first one included).
     pub connects: u32,
+    /// Connection attempts that failed and connections that broke.
+    pub connection_errors: u32,
     /// Readings sent again after a reconnect.
     pub resent: u64,
     /// True while connected.
@@ -94,6 +97,7 @@ struct Shared {
     notify: Notify,
     stop_new: AtomicBool,
     measuring: Arc<AtomicBool>,
+    paused: Arc<AtomicBool>,
 }
 
 impl Shared {
@@ -126,6 +130,7 @@ pub struct Fleet {
     broker: SocketAddr,
     devices: Vec<Device>,
     measuring: Arc<AtomicBool>,
+    paused: Arc<AtomicBool>,
 }
 
 impl Fleet {
@@ -142,6 +147,7 @@ impl Fleet {
             broker,
             devices: Vec::new(),
             measuring: Arc::new(AtomicBool::new(true)),
+            paused: Arc::new(AtomicBool::new(false)),
         })
     }
 
@@ -160,6 +166,7 @@ impl Fleet {
             notify: Notify::new(),
             stop_new: AtomicBool::new(false),
             measuring: self.measuring.clone(),
+            paused: self.paused.clone(),
         });
         let client_id = format!("sim-{}-{:08x}", spec.device, fastrand::u32(..));
         let mut opts =
@@ -224,9 +231,17 @@ impl Fleet {
         self.devices.iter().map(Device::snapshot).collect()
     }
 
-    /// Only latencies of readings first sent while measuring is on are kept.
+    /// Publish-to-ack latencies are kept only for acks that arrive while measuring is on.
     pub fn set_measuring(&self, on: bool) {
         self.measuring.store(on, Ordering::SeqCst);
+    }
+
+    /// While paused, devices connect but make no new readings (e.g. until all are connected).
+    pub fn set_paused(&self, paused: bool) {
+        self.paused.store(paused, Ordering::SeqCst);
+        for d in &self.devices {
+            d.shared.notify.notify_one();
+        }
     }
 
     /// Devices stop making new readings (they still re-send unacked ones after a reconnect).
@@ -401,8 +416,10 @@ async fn poll_loop(
                             break;
                         }
                         st.send_times.pop_front();
-                        let us = now.duration_since(at).as_micros();
-                        st.latencies_us.push(u32::try_from(us).unwrap_or(u32::MAX));
+                        if shared.measuring.load(Ordering::Relaxed) {
+                            let us = now.duration_since(at).as_micros();
+                            st.latencies_us.push(u32::try_from(us).unwrap_or(u32::MAX));
+                        }
                     }
                 }
                 drop(st);
@@ -413,6 +430,7 @@ async fn poll_loop(
                 {
                     let mut st = shared.lock();
                     st.snap.connected = false;
+                    st.snap.connection_errors += 1;
                     st.snap.last_error = Some(e.to_string());
                 }
                 shared.notify.notify_one();
@@ -474,7 +492,8 @@ async fn publish_loop(
             shared.lock().snap.resent += resent;
             continue;
         }
-        let stopped = shared.stop_new.load(Ordering::SeqCst);
+        let stopped =
+            shared.stop_new.load(Ordering::SeqCst) || shared.paused.load(Ordering::SeqCst);
         if stopped || sent >= spec.max_seq || sent.saturating_sub(acked) >= spec.window {
             wait(&shared, Duration::from_millis(100)).await;
             continue;
@@ -484,14 +503,15 @@ async fn publish_loop(
             if next_at > now {
                 tokio::time::sleep_until(next_at).await;
             }
-            next_at = next_at.max(now - interval) + interval;
+            // After a stall, do not burst to catch up: at most one reading is "owed".
+            next_at = next_at.max(now.checked_sub(interval).unwrap_or(now)) + interval;
         }
         let seq = sent + 1;
         let (topic, payload) = (spec.payload)(&spec.device, spec.boot, seq);
         {
             let mut st = shared.lock();
             st.snap.sent = seq;
-            if spec.record_latency && shared.measuring.load(Ordering::Relaxed) {
+            if spec.record_latency {
                 st.send_times.push_back((seq, Instant::now()));
             }
         }

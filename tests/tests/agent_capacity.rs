@@ -15,8 +15,10 @@ const MAX_BYTES: u64 = 100_000;
 const DEVICES: u32 = 20;
 const METRICS: [&str; 3] = ["temp", "hum", "press"];
 /// Simulated time between two readings of one device (so each series gets a reading
-/// every 15 s: four per 60 s downsampling window).
-const STEP_MS: i64 = 5_000;
+/// every 3 s: twenty per 60 s downsampling window).
+const STEP_MS: i64 = 1_000;
+/// Small commits, so that one commit is small against the capacity.
+const BATCH_MAX_READINGS: u32 = 256;
 /// Allowed overshoot over the capacity while room is being made.
 const SLACK: f64 = 1.05;
 
@@ -107,11 +109,12 @@ fn a_full_buffer_downsamples_then_drops_the_oldest_and_keeps_ingesting() -> anyh
             ..AgentOptions::default()
         }
         .env("FOGLINE_BUFFER__MAX_BYTES", MAX_BYTES)
-        .env("FOGLINE_BUFFER__DOWNSAMPLE_WINDOW_SECS", 60),
+        .env("FOGLINE_BUFFER__DOWNSAMPLE_WINDOW_SECS", 60)
+        .env("FOGLINE_BUFFER__BATCH_MAX_READINGS", BATCH_MAX_READINGS),
     )?;
     let mut fleet = Fleet::new(agent.mqtt_addr())?;
     // Readings carry explicit timestamps, oldest first, spread over hours of device time.
-    let base_ts = now_ms() - 4 * 3_600_000;
+    let base_ts = now_ms() - 3 * 3_600_000;
     for d in 0..DEVICES {
         let mut spec = DeviceSpec::json(format!("cap-{d:02}"), "temp", 7);
         spec.window = 500;

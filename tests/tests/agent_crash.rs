@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use fogline_tests::{check_sequences, test_seed, Agent, AgentOptions, DeviceSpec, Fleet};
 
 const DEVICES: u32 = 4;
-const MAX_PER_DEVICE: u32 = 20_000;
+const MAX_PER_DEVICE: u32 = 30_000;
 const KILLS: u32 = 5;
 
 #[test]
@@ -31,7 +31,7 @@ fn sigkill_loses_no_acked_reading_and_stores_none_twice() -> anyhow::Result<()> 
     fleet.wait_connected(Duration::from_secs(10))?;
 
     for kill in 1..=KILLS {
-        std::thread::sleep(Duration::from_millis(rng.u64(300..2500)));
+        std::thread::sleep(Duration::from_millis(rng.u64(200..1200)));
         let (sent, acked) = fleet.totals();
         agent.kill9()?;
         eprintln!(
@@ -66,7 +66,11 @@ fn sigkill_loses_no_acked_reading_and_stores_none_twice() -> anyhow::Result<()> 
             s.lowest_regressed_ack
         );
     }
-    agent.check()?;
+    // Report what the export shows even when the consistency check fails.
+    let checked = agent.check();
+    if let Err(e) = &checked {
+        eprintln!("{e:#}");
+    }
     let readings = agent.export()?;
     let total_sent: u64 = snaps.iter().map(|s| u64::from(s.sent)).sum();
     eprintln!(
@@ -86,6 +90,7 @@ fn sigkill_loses_no_acked_reading_and_stores_none_twice() -> anyhow::Result<()> 
         "acked readings lost or duplicated after {KILLS} SIGKILLs (seed {seed}):\n  {}",
         lost_acked.join("\n  ")
     );
+    checked?;
     // With re-sends, everything sent is there once, and every device got its final ack.
     all_acked?;
     let sent: Vec<(String, u32, u32)> = snaps

@@ -275,7 +275,13 @@ impl Buffer {
 
         let mut agg = Aggregator::new(&agg_cfg.windows_secs, agg_cfg.lateness_secs);
         let read = db.begin_read()?;
-        let meta = Meta::load(&read.open_table(META)?)?;
+        let mut meta = Meta::load(&read.open_table(META)?)?;
+        if let Some(row) = read.open_table(BLOCKS)?.last()? {
+            // The meta row is written in the same transaction as every block; this only
+            // guards against reusing an offset if that ever stopped being true.
+            let end = row.0.value() + block::count(row.1.value()).map_err(|e| corrupt("block", e))? as u64;
+            meta.next_offset = meta.next_offset.max(end);
+        }
         let mut devices = HashMap::new();
         for row in read.open_table(DEVICES)?.iter()? {
             let (k, v) = row?;
@@ -410,6 +416,7 @@ impl Buffer {
                 }
             }
             let persisted = self.write_checkpoint(&txn, &mut meta)?;
+            Meta::save(&meta, &mut txn.open_table(META)?)?;
             if let Err(e) = txn.commit() {
                 if persisted {
                     self.checkpoint_all = true;

@@ -50,7 +50,7 @@ struct Args {
     #[arg(long, default_value_t = 2)]
     warmup: u64,
     /// Readings each device may have sent but not yet seen acked end-to-end.
-    #[arg(long, default_value_t = 64)]
+    #[arg(long, default_value_t = 32)]
     window: u32,
     /// Payload encoding.
     #[arg(long, value_enum, default_value_t = Payload::Json)]
@@ -162,6 +162,8 @@ fn run(args: &Args, bin: &std::path::Path, devices: u32) -> anyhow::Result<Row> 
     let mut agent = Agent::start(opts)?;
     let mut fleet = Fleet::new(agent.mqtt_addr())?;
     fleet.set_measuring(false);
+    fleet.set_paused(true);
+    let connect_start = Instant::now();
     let payload = args.payload;
     for d in 0..devices {
         let mut spec = DeviceSpec::json(format!("bench-{d:04}"), "temp", 1);
@@ -186,13 +188,21 @@ fn run(args: &Args, bin: &std::path::Path, devices: u32) -> anyhow::Result<Row> 
             });
         }
         fleet.add(spec)?;
+        if (d + 1) % 100 == 0 {
+            fleet.wait_connected(Duration::from_secs(60))?;
+        }
     }
-    let connect_start = Instant::now();
+    // Devices connect in steps of 100, as a fleet coming online would, then all start
+    // publishing together.
     fleet.wait_connected(Duration::from_secs(60))?;
+    let snaps = fleet.snapshots();
+    let failed_connects: u32 = snaps.iter().map(|s| s.connection_errors).sum();
     eprintln!(
-        "{devices} devices connected in {:?}",
+        "{devices} devices connected in {:?} ({failed_connects} connection errors)",
         connect_start.elapsed()
     );
+    report_errors(&snaps);
+    fleet.set_paused(false);
     std::thread::sleep(Duration::from_secs(args.warmup));
 
     let commits = |agent: &Agent| -> anyhow::Result<f64> {
@@ -228,11 +238,12 @@ fn run(args: &Args, bin: &std::path::Path, devices: u32) -> anyhow::Result<Row> 
         .flat_map(|d| d.take_latencies_us())
         .collect();
     latencies.sort_unstable();
-    let reconnects: u64 = fleet
-        .snapshots()
+    let snaps = fleet.snapshots();
+    let reconnects: u64 = snaps
         .iter()
         .map(|s| u64::from(s.connects.saturating_sub(1)))
         .sum();
+    report_errors(&snaps);
     fleet.stop_publishing();
     fleet.shutdown();
     agent.stop(Duration::from_secs(20))?;
@@ -271,6 +282,20 @@ fn run(args: &Args, bin: &std::path::Path, devices: u32) -> anyhow::Result<Row> 
         },
         reconnects,
     })
+}
+
+/// Prints each distinct last connection error and how many devices had it.
+fn report_errors(snaps: &[fogline_tests::DeviceSnapshot]) {
+    let mut errors: Vec<(String, usize)> = Vec::new();
+    for e in snaps.iter().filter_map(|s| s.last_error.clone()) {
+        match errors.iter_mut().find(|(k, _)| *k == e) {
+            Some((_, n)) => *n += 1,
+            None => errors.push((e, 1)),
+        }
+    }
+    for (e, n) in errors {
+        eprintln!("  {n} devices last saw connection error: {e}");
+    }
 }
 
 fn print_row_text(r: &Row, header: bool) {
