@@ -187,7 +187,14 @@ impl Aggregator {
 
     /// Folds one committed reading into each of its windows. `now_ms` is the agent's
     /// clock; a window is closed for good once `now_ms > end + lateness`.
-    pub fn fold(&mut self, device: &str, metric: &str, ts_ms: i64, value: f64, now_ms: i64) -> Fold {
+    pub fn fold(
+        &mut self,
+        device: &str,
+        metric: &str,
+        ts_ms: i64,
+        value: f64,
+        now_ms: i64,
+    ) -> Fold {
         self.newest_ms = self.newest_ms.max(now_ms);
         let mut late = 0;
         for i in 0..self.windows_secs.len() {
@@ -199,11 +206,16 @@ impl Aggregator {
                 len_secs,
                 start_ms: ts_ms.div_euclid(len_ms) * len_ms,
             };
-            if key.end_ms().saturating_add(self.lateness_ms) < now_ms && !self.open.contains_key(&key) {
+            if key.end_ms().saturating_add(self.lateness_ms) < now_ms
+                && !self.open.contains_key(&key)
+            {
                 late += 1;
                 continue;
             }
-            self.open.entry(key.clone()).or_default().record(ts_ms, value);
+            self.open
+                .entry(key.clone())
+                .or_default()
+                .record(ts_ms, value);
             self.to_publish.insert(key.clone());
             self.to_persist.insert(key);
         }
@@ -219,7 +231,11 @@ impl Aggregator {
         let mut keys: Vec<WindowKey> = self.to_publish.drain().collect();
         keys.sort();
         keys.into_iter()
-            .filter_map(|k| self.open.get(&k).map(|w| (k.topic(), to_json(&k, w, quantiles))))
+            .filter_map(|k| {
+                self.open
+                    .get(&k)
+                    .map(|w| (k.topic(), to_json(&k, w, quantiles)))
+            })
             .collect()
     }
 
@@ -247,7 +263,9 @@ impl Aggregator {
         let expired: Vec<WindowKey> = self
             .open
             .keys()
-            .filter(|k| k.end_ms().saturating_add(lateness) < now_ms && !self.to_publish.contains(*k))
+            .filter(|k| {
+                k.end_ms().saturating_add(lateness) < now_ms && !self.to_publish.contains(*k)
+            })
             .cloned()
             .collect();
         for k in &expired {
@@ -317,7 +335,10 @@ mod tests {
     #[test]
     fn readings_past_the_lateness_are_not_folded() {
         let mut a = Aggregator::new(&[10, 60], 60);
-        assert_eq!(a.fold("d", "t", NOW - 3_600_000, 1.0, NOW), Fold::TooLateFor(2));
+        assert_eq!(
+            a.fold("d", "t", NOW - 3_600_000, 1.0, NOW),
+            Fold::TooLateFor(2)
+        );
         assert_eq!(a.open_windows(), 0);
     }
 
@@ -338,7 +359,10 @@ mod tests {
             w.record(0, v);
         }
         let back = WindowState::from_bytes(&w.to_bytes()).expect("decodes");
-        assert_eq!((back.count, back.min, back.max, back.sum), (3, -4.0, 10.5, 9.75));
+        assert_eq!(
+            (back.count, back.min, back.max, back.sum),
+            (3, -4.0, 10.5, 9.75)
+        );
         assert_eq!(back.quantile(0.5), w.quantile(0.5));
     }
 

@@ -15,7 +15,7 @@ use rumqttd::local::{LinkError, LinkRx, LinkTx};
 use rumqttd::protocol::{Packet, Publish};
 use rumqttd::{ConnectionSettings, Notification, RouterConfig, ServerSettings};
 
-use crate::config::Config;
+use crate::config::{Config, MqttConfig};
 use crate::ingest::{self, Incoming, Reject};
 use crate::metrics::Metrics;
 
@@ -51,33 +51,16 @@ impl Publisher {
     }
 }
 
-/// A running broker and the ingest thread that feeds the pipeline.
-pub struct Running {
-    ingest: Option<std::thread::JoinHandle<()>>,
-    stop: Arc<AtomicBool>,
-}
-
-impl Running {
-    /// Stops taking readings from the broker; the pipeline's queue closes when this
-    /// returns, so the pipeline drains and finishes.
-    pub fn stop_ingest(&mut self) {
-        self.stop.store(true, Ordering::SeqCst);
-        if let Some(handle) = self.ingest.take() {
-            let _ = handle.join();
-        }
-    }
-}
-
-fn settings(name: &str, listen: SocketAddr, config: &Config) -> ServerSettings {
+fn settings(name: &str, listen: SocketAddr, mqtt: &MqttConfig) -> ServerSettings {
     ServerSettings {
         name: name.to_owned(),
         listen,
         tls: None,
         next_connection_delay_ms: 0,
         connections: ConnectionSettings {
-            connection_timeout_ms: config.mqtt.connect_timeout_ms,
-            max_payload_size: config.mqtt.max_packet_bytes,
-            max_inflight_count: config.mqtt.max_inflight,
+            connection_timeout_ms: mqtt.connect_timeout_ms,
+            max_payload_size: mqtt.max_packet_bytes,
+            max_inflight_count: mqtt.max_inflight,
             auth: None,
             external_auth: None,
             dynamic_filters: true,
@@ -87,18 +70,18 @@ fn settings(name: &str, listen: SocketAddr, config: &Config) -> ServerSettings {
 
 /// rumqttd keeps an in-memory log per subscription filter. Its sample sizes (100 MB × 10)
 /// are absurd for a Pi: every filter gets a small log, and the filters that carry bulk
-/// traffic (the agent's own ingest, dashboards) a larger one.
-fn router_config(config: &Config) -> RouterConfig {
+/// traffic (`bulk_filters`: our own ingest, dashboards) a larger one.
+fn router_config(mqtt: &MqttConfig, bulk_filters: &[&str]) -> RouterConfig {
     let big = rumqttd::SegmentConfig {
         max_segment_size: 1 << 20,
         max_segment_count: 4,
     };
-    let custom: HashMap<String, rumqttd::SegmentConfig> = [ingest::SENSOR_FILTER, "agg/#"]
-        .into_iter()
-        .map(|f| (f.to_owned(), big.clone()))
+    let custom: HashMap<String, rumqttd::SegmentConfig> = bulk_filters
+        .iter()
+        .map(|f| ((*f).to_owned(), big.clone()))
         .collect();
     RouterConfig {
-        max_connections: config.mqtt.max_connections + 4,
+        max_connections: mqtt.max_connections + 8,
         max_outgoing_packet_count: 200,
         max_segment_size: 2 << 10,
         max_segment_count: 2,
@@ -138,7 +121,18 @@ fn probe(target: SocketAddr, v5: bool) -> std::io::Result<()> {
     let mut stream = TcpStream::connect_timeout(&target, Duration::from_millis(200))?;
     stream.set_read_timeout(Some(Duration::from_secs(1)))?;
     // CONNECT: protocol name, level, clean start, keepalive 10 s, [no properties], client id.
-    let mut body = vec![0, 4, b'M', b'Q', b'T', b'T', if v5 { 5 } else { 4 }, 0x02, 0, 10];
+    let mut body = vec![
+        0,
+        4,
+        b'M',
+        b'Q',
+        b'T',
+        b'T',
+        if v5 { 5 } else { 4 },
+        0x02,
+        0,
+        10,
+    ];
     if v5 {
         body.push(0);
     }
@@ -159,36 +153,40 @@ fn probe(target: SocketAddr, v5: bool) -> std::io::Result<()> {
     Ok(())
 }
 
-/// Starts the broker and the ingest thread that parses every publish on `sensors/#` and
-/// queues valid readings on `queue`. Returns once every listener accepts connections.
-pub fn start(
-    config: &Config,
-    queue: SyncSender<Incoming>,
-    metrics: Arc<Metrics>,
-) -> Result<(Running, Publisher), BrokerError> {
-    let v5 = config
-        .listen_v5()
+/// Starts rumqttd on its own thread with the listeners of `mqtt` and returns one local
+/// link per name in `links`, once every listener answers MQTT.
+pub fn embed(
+    mqtt: &MqttConfig,
+    bulk_filters: &[&str],
+    links: &[&str],
+) -> Result<Vec<(LinkTx, LinkRx)>, BrokerError> {
+    let v5 = mqtt
+        .listen_v5_addr()
         .map_err(|e| BrokerError::Config(e.to_string()))?;
-    let listeners: Vec<SocketAddr> = std::iter::once(config.mqtt.listen).chain(v5).collect();
+    let listeners: Vec<SocketAddr> = std::iter::once(mqtt.listen).chain(v5).collect();
     // rumqttd only logs a failed bind, so find out first.
     for &addr in &listeners {
         TcpListener::bind(addr).map_err(|source| BrokerError::Bind { addr, source })?;
     }
     let mut broker_config = rumqttd::Config {
-        router: router_config(config),
+        router: router_config(mqtt, bulk_filters),
         v4: Some(HashMap::from([(
             "v4".to_owned(),
-            settings("v4", config.mqtt.listen, config),
+            settings("v4", mqtt.listen, mqtt),
         )])),
         ..Default::default()
     };
     if let Some(addr) = v5 {
-        broker_config.v5 = Some(HashMap::from([("v5".to_owned(), settings("v5", addr, config))]));
+        broker_config.v5 = Some(HashMap::from([(
+            "v5".to_owned(),
+            settings("v5", addr, mqtt),
+        )]));
     }
     let mut broker = rumqttd::Broker::new(broker_config);
-    let (mut ingest_tx, ingest_rx) = broker.link("fogline-ingest")?;
-    let (publish_tx, _publish_rx) = broker.link("fogline-publish")?;
-    ingest_tx.subscribe(ingest::SENSOR_FILTER)?;
+    let links = links
+        .iter()
+        .map(|name| broker.link(name))
+        .collect::<Result<Vec<_>, _>>()?;
     std::thread::Builder::new()
         .name("mqtt-broker".into())
         .spawn(move || {
@@ -197,88 +195,139 @@ pub fn start(
             }
         })
         .map_err(|e| BrokerError::Config(format!("cannot start the broker thread: {e}")))?;
-    wait_listening(config.mqtt.listen, false)?;
+    wait_listening(mqtt.listen, false)?;
     if let Some(addr) = v5 {
         wait_listening(addr, true)?;
     }
     for &addr in &listeners {
         match crate::nodelay::on_listeners(addr) {
             Ok(n) if n > 0 => {}
-            Ok(_) => tracing::warn!(%addr, "could not find the broker's listener to turn Nagle off; acks may be delayed by ~40 ms"),
-            Err(e) => tracing::warn!(%addr, "could not turn Nagle off on the broker's listener ({e}); acks may be delayed by ~40 ms"),
+            Ok(_) => {
+                tracing::warn!(%addr, "could not find the broker's listener to turn Nagle off; acks may be delayed by ~40 ms")
+            }
+            Err(e) => {
+                tracing::warn!(%addr, "could not turn Nagle off on the broker's listener ({e}); acks may be delayed by ~40 ms")
+            }
         }
     }
-    let stop = Arc::new(AtomicBool::new(false));
-    let max_payload = config.ingest.max_payload_bytes;
-    let log_every = Duration::from_millis(config.ingest.reject_log_interval_ms);
-    let thread_stop = stop.clone();
-    let ingest = std::thread::Builder::new()
-        .name("ingest".into())
-        .spawn(move || {
-            // Keep the ingest link's sender alive as long as we receive on it.
-            let _ingest_tx = ingest_tx;
-            let mut rejects = RejectLog::new(log_every);
-            ingest_loop(ingest_rx, &queue, &metrics, max_payload, &thread_stop, &mut rejects);
-        })
-        .map_err(|e| BrokerError::Config(format!("cannot start the ingest thread: {e}")))?;
-    let publisher = Publisher {
-        tx: publish_tx,
-        rt: tokio::runtime::Handle::current(),
-    };
-    Ok((
-        Running {
-            ingest: Some(ingest),
-            stop,
-        },
-        publisher,
-    ))
+    Ok(links)
 }
 
-fn ingest_loop(
-    mut rx: LinkRx,
-    queue: &SyncSender<Incoming>,
-    metrics: &Metrics,
-    max_payload: usize,
-    stop: &AtomicBool,
-    rejects: &mut RejectLog,
-) {
+/// Receives the publishes a link subscribed to and hands each to `on_publish` until `stop`
+/// is set, the link closes, or `on_publish` returns false. Answers rumqttd's
+/// `Unschedule` (sent after `max_outgoing_packet_count` forwards), without which
+/// delivery stops.
+pub fn receive(mut rx: LinkRx, stop: &AtomicBool, mut on_publish: impl FnMut(Publish) -> bool) {
     while !stop.load(Ordering::SeqCst) {
         let notification = match rx.recv_deadline(Instant::now() + Duration::from_millis(100)) {
             Ok(Some(n)) => n,
             Ok(None) => continue,
             Err(LinkError::RecvTimeout(flume::RecvTimeoutError::Timeout)) => continue,
             Err(e) => {
-                tracing::error!("the broker's ingest link closed: {e}");
+                tracing::error!("a broker link closed: {e}");
                 return;
             }
         };
         match notification {
             Notification::Forward(forward) => {
-                metrics.received.inc();
-                let publish = forward.publish;
-                match ingest::parse(&publish.topic, &publish.payload, max_payload, crate::now_ms()) {
-                    Ok(reading) => {
-                        if !enqueue(queue, reading, metrics) {
-                            return;
-                        }
-                    }
-                    Err(reason) => {
-                        metrics.reject(reason);
-                        rejects.log(reason, &publish.topic);
-                    }
+                if !on_publish(forward.publish) {
+                    return;
                 }
             }
-            // After max_outgoing_packet_count forwards the router waits for us to say
-            // we are ready again; without this, delivery stops.
             Notification::Unschedule => {
                 if let Err(e) = rx.ready() {
-                    tracing::error!("the broker's ingest link closed: {e}");
+                    tracing::error!("a broker link closed: {e}");
                     return;
                 }
             }
             _ => {}
         }
     }
+}
+
+/// A background thread that runs until [`Worker::stop`].
+pub struct Worker {
+    handle: Option<std::thread::JoinHandle<()>>,
+    stop: Arc<AtomicBool>,
+}
+
+impl Worker {
+    pub fn spawn(
+        name: &str,
+        f: impl FnOnce(&AtomicBool) + Send + 'static,
+    ) -> std::io::Result<Worker> {
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = stop.clone();
+        let handle = std::thread::Builder::new()
+            .name(name.into())
+            .spawn(move || f(&flag))?;
+        Ok(Worker {
+            handle: Some(handle),
+            stop,
+        })
+    }
+
+    /// Asks the thread to stop and waits for it.
+    pub fn stop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        if let Some(handle) = self.handle.take() {
+            let _ = handle.join();
+        }
+    }
+}
+
+impl Publisher {
+    pub fn new(tx: LinkTx) -> Publisher {
+        Publisher {
+            tx,
+            rt: tokio::runtime::Handle::current(),
+        }
+    }
+}
+
+/// Starts the agent's broker and the ingest thread that parses every publish on
+/// `sensors/#` and queues valid readings on `queue`. Returns once every listener accepts
+/// connections. Stopping the returned worker closes the queue.
+pub fn start(
+    config: &Config,
+    queue: SyncSender<Incoming>,
+    metrics: Arc<Metrics>,
+) -> Result<(Worker, Publisher), BrokerError> {
+    let mut links = embed(
+        &config.mqtt,
+        &[ingest::SENSOR_FILTER, "agg/#"],
+        &["fogline-ingest", "fogline-publish"],
+    )?
+    .into_iter();
+    let (Some((mut ingest_tx, ingest_rx)), Some((publish_tx, _))) = (links.next(), links.next())
+    else {
+        return Err(BrokerError::Config("broker links missing".into()));
+    };
+    ingest_tx.subscribe(ingest::SENSOR_FILTER)?;
+    let max_payload = config.ingest.max_payload_bytes;
+    let mut rejects = RejectLog::new(Duration::from_millis(config.ingest.reject_log_interval_ms));
+    let worker = Worker::spawn("ingest", move |stop| {
+        // Keep the ingest link's sender alive as long as we receive on it.
+        let _ingest_tx = ingest_tx;
+        receive(ingest_rx, stop, |publish| {
+            metrics.received.inc();
+            match ingest::parse(
+                &publish.topic,
+                &publish.payload,
+                max_payload,
+                crate::now_ms(),
+            ) {
+                Ok(reading) => enqueue(&queue, reading, &metrics),
+                Err(reason) => {
+                    metrics.reject(reason);
+                    rejects.log(reason, &publish.topic);
+                    true
+                }
+            }
+        });
+    })
+    .map_err(|e| BrokerError::Config(format!("cannot start the ingest thread: {e}")))?;
+    Ok((worker, Publisher::new(publish_tx)))
 }
 
 /// Queues a reading, waiting if the pipeline is behind. False when the pipeline is gone.
@@ -310,7 +359,10 @@ impl RejectLog {
     fn log(&mut self, reason: Reject, topic: &[u8]) {
         let now = Instant::now();
         let entry = self.last.entry(reason).or_insert((None, 0));
-        if entry.0.is_some_and(|at| now.duration_since(at) < self.every) {
+        if entry
+            .0
+            .is_some_and(|at| now.duration_since(at) < self.every)
+        {
             entry.1 += 1;
             return;
         }

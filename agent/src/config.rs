@@ -34,6 +34,7 @@ pub struct Config {
     pub ingest: IngestConfig,
     pub buffer: BufferConfig,
     pub aggregate: AggregateConfig,
+    pub uplink: UplinkConfig,
     pub log: LogConfig,
 }
 
@@ -92,6 +93,22 @@ pub struct AggregateConfig {
     pub quantiles: Vec<f64>,
 }
 
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UplinkConfig {
+    /// HOST:PORT of the gateway's MQTT listener; empty: no uplink.
+    pub gateway: String,
+    pub batch_readings: u64,
+    pub max_inflight_readings: u64,
+    pub max_inflight_batches: u16,
+    pub drain_rate: u64,
+    pub backoff_min_ms: u64,
+    pub backoff_max_ms: u64,
+    pub keepalive_secs: u64,
+    pub ack_timeout_ms: u64,
+    pub retention_secs: u64,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum LogFormat {
@@ -106,6 +123,21 @@ pub struct LogConfig {
     pub level: String,
 }
 
+impl MqttConfig {
+    /// The MQTT 5 listen address, if that listener is on.
+    pub fn listen_v5_addr(&self) -> Result<Option<SocketAddr>, ConfigError> {
+        let raw = self.listen_v5.trim();
+        if raw.is_empty() {
+            return Ok(None);
+        }
+        raw.parse().map(Some).map_err(|_| {
+            ConfigError::Invalid(format!(
+                "mqtt.listen_v5 = {raw:?} is not an ADDR:PORT (use \"\" to turn it off)"
+            ))
+        })
+    }
+}
+
 /// Values given on the command line; they override every other layer.
 #[derive(Debug, Default, Clone)]
 pub struct Overrides {
@@ -115,6 +147,7 @@ pub struct Overrides {
     pub http_listen: Option<SocketAddr>,
     pub node_id: Option<String>,
     pub site: Option<String>,
+    pub gateway: Option<String>,
 }
 
 impl Default for Config {
@@ -138,17 +171,7 @@ impl Config {
         overrides: &Overrides,
         env: Env,
     ) -> Result<Config, ConfigError> {
-        let mut figment = Figment::from(Toml::string(DEFAULTS));
-        if let Some(path) = file {
-            if !path.exists() {
-                return Err(ConfigError::Missing(path.to_path_buf()));
-            }
-            figment = figment.merge(Toml::file(path));
-        }
-        let mut config: Config = figment
-            .merge(env)
-            .extract()
-            .map_err(|e| ConfigError::Parse(Box::new(e)))?;
+        let mut config: Config = load_layers(DEFAULTS, file, env)?;
         config.apply(overrides);
         config.validate()?;
         Ok(config)
@@ -173,19 +196,14 @@ impl Config {
         if let Some(v) = &o.site {
             self.node.site = v.clone();
         }
+        if let Some(v) = &o.gateway {
+            self.uplink.gateway = v.clone();
+        }
     }
 
     /// The MQTT 5 listen address, if that listener is on.
     pub fn listen_v5(&self) -> Result<Option<SocketAddr>, ConfigError> {
-        let raw = self.mqtt.listen_v5.trim();
-        if raw.is_empty() {
-            return Ok(None);
-        }
-        raw.parse().map(Some).map_err(|_| {
-            ConfigError::Invalid(format!(
-                "mqtt.listen_v5 = {raw:?} is not an ADDR:PORT (use \"\" to turn it off)"
-            ))
-        })
+        self.mqtt.listen_v5_addr()
     }
 
     /// Checks everything that deserialization cannot.
@@ -220,8 +238,7 @@ impl Config {
                 b.max_bytes
             ));
         }
-        if !(b.downsample_to > 0.0 && b.downsample_to < b.downsample_at && b.downsample_at <= 1.0)
-        {
+        if !(b.downsample_to > 0.0 && b.downsample_to < b.downsample_at && b.downsample_at <= 1.0) {
             return bad(format!(
                 "need 0 < buffer.downsample_to ({}) < buffer.downsample_at ({}) <= 1",
                 b.downsample_to, b.downsample_at
@@ -243,7 +260,25 @@ impl Config {
         if a.publish_interval_ms == 0 {
             return bad("aggregate.publish_interval_ms must be at least 1".into());
         }
-        if self.log.level.parse::<tracing_subscriber::EnvFilter>().is_err() {
+        let u = &self.uplink;
+        if !u.gateway.is_empty() && !u.gateway.contains(':') {
+            return bad(format!(
+                "uplink.gateway = {:?} must be HOST:PORT",
+                u.gateway
+            ));
+        }
+        if u.batch_readings == 0 || u.max_inflight_readings < u.batch_readings {
+            return bad("need 0 < uplink.batch_readings <= uplink.max_inflight_readings".into());
+        }
+        if u.backoff_min_ms == 0 || u.backoff_max_ms < u.backoff_min_ms {
+            return bad("need 0 < uplink.backoff_min_ms <= uplink.backoff_max_ms".into());
+        }
+        if self
+            .log
+            .level
+            .parse::<tracing_subscriber::EnvFilter>()
+            .is_err()
+        {
             return bad(format!(
                 "log.level = {:?} is not a tracing filter",
                 self.log.level
@@ -256,6 +291,25 @@ impl Config {
     pub fn buffer_path(&self) -> PathBuf {
         buffer_path(&self.buffer.data_dir)
     }
+}
+
+/// Built-in defaults, then `file`, then `env`: the layering every fogline program uses.
+pub fn load_layers<T: serde::de::DeserializeOwned>(
+    defaults: &str,
+    file: Option<&Path>,
+    env: Env,
+) -> Result<T, ConfigError> {
+    let mut figment = Figment::from(Toml::string(defaults));
+    if let Some(path) = file {
+        if !path.exists() {
+            return Err(ConfigError::Missing(path.to_path_buf()));
+        }
+        figment = figment.merge(Toml::file(path));
+    }
+    figment
+        .merge(env)
+        .extract()
+        .map_err(|e| ConfigError::Parse(Box::new(e)))
 }
 
 /// The redb file inside a data directory.

@@ -19,6 +19,7 @@ pub struct AppState {
     pub site: String,
     pub metrics: Arc<Metrics>,
     pub buffer: Arc<Mutex<BufferStatus>>,
+    pub uplink: Option<Arc<crate::uplink::Shared>>,
     pub started: Instant,
 }
 
@@ -31,6 +32,9 @@ pub fn router(state: Arc<AppState>) -> Router {
 }
 
 async fn metrics(State(s): State<Arc<AppState>>) -> impl IntoResponse {
+    if let Some(up) = &s.uplink {
+        s.metrics.set_uplink(&up.snapshot());
+    }
     (
         [(
             header::CONTENT_TYPE,
@@ -71,8 +75,31 @@ async fn status(State(s): State<Arc<AppState>>) -> Json<serde_json::Value> {
             "duplicates": m.duplicates.get(),
             "rejected": m.rejected_total(),
         },
-        "backlog": {},
+        "backlog": backlog(&s),
     }))
+}
+
+/// Per destination: link state, offsets, backlog and in-flight readings.
+fn backlog(s: &AppState) -> serde_json::Value {
+    let Some(up) = &s.uplink else {
+        return serde_json::json!({});
+    };
+    let u = up.snapshot();
+    serde_json::json!({
+        "gateway": {
+            "address": u.gateway,
+            "link": u.link,
+            "acked_offset": u.acked,
+            "sent_offset": u.sent,
+            "head_offset": u.head,
+            "backlog": u.backlog(),
+            "in_flight": u.in_flight(),
+            "connects": u.connects,
+            "batches_sent": u.batches_sent,
+            "bytes_sent": u.bytes_sent,
+            "last_error": u.last_error,
+        }
+    })
 }
 
 /// Serves until `shutdown` completes.

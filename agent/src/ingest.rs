@@ -263,7 +263,10 @@ mod tests {
         let mut buf = [0u8; wire::MAX_FRAME_LEN];
         let bytes = wire::encode(&frame, &mut buf).expect("encode").to_vec();
         let r = ok("sensors/d1/temp", &bytes);
-        assert_eq!((r.seq, r.boot, r.time), (Some(3), 9, DeviceTime::SinceBoot(42)));
+        assert_eq!(
+            (r.seq, r.boot, r.time),
+            (Some(3), 9, DeviceTime::SinceBoot(42))
+        );
         assert_eq!(err("sensors/d2/temp", &bytes), Reject::TopicMismatch);
     }
 
@@ -274,14 +277,26 @@ mod tests {
         assert_eq!(err("other/d1/temp", b"1"), Reject::MalformedTopic);
         assert_eq!(err("sensors/bad id/temp", b"1"), Reject::InvalidId);
         assert_eq!(err("sensors/d1/temp", &[b'1'; 2000]), Reject::Oversized);
-        assert_eq!(err("sensors/d1/temp", b"{\"value\":"), Reject::MalformedPayload);
+        assert_eq!(
+            err("sensors/d1/temp", b"{\"value\":"),
+            Reject::MalformedPayload
+        );
         assert_eq!(err("sensors/d1/temp", b"hello"), Reject::MalformedPayload);
         assert_eq!(err("sensors/d1/temp", b""), Reject::MalformedPayload);
         assert_eq!(err("sensors/d1/temp", b"NaN"), Reject::NonFinite);
         assert_eq!(err("sensors/d1/temp", b"-inf"), Reject::NonFinite);
-        assert_eq!(err("sensors/d1/temp", &[7, 1, 2]), Reject::UnsupportedVersion);
-        assert_eq!(err("sensors/d1/temp", &[1, 0xff, 0xff]), Reject::MalformedPayload);
-        assert_eq!(err("sensors/d1/temp", br#"{"value":1,"seq":0}"#), Reject::MalformedPayload);
+        assert_eq!(
+            err("sensors/d1/temp", &[7, 1, 2]),
+            Reject::UnsupportedVersion
+        );
+        assert_eq!(
+            err("sensors/d1/temp", &[1, 0xff, 0xff]),
+            Reject::MalformedPayload
+        );
+        assert_eq!(
+            err("sensors/d1/temp", br#"{"value":1,"seq":0}"#),
+            Reject::MalformedPayload
+        );
     }
 
     proptest! {

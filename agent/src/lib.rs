@@ -17,6 +17,7 @@ pub mod ingest;
 pub mod metrics;
 pub mod nodelay;
 pub mod pipeline;
+pub mod uplink;
 
 use std::future::Future;
 use std::sync::{Arc, Mutex};
@@ -60,10 +61,9 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
         .with_context(|| format!("cannot listen for HTTP on {}", config.http.listen))?;
 
     let (queue_tx, queue_rx) = std::sync::mpsc::sync_channel(config.ingest.queue_readings);
-    let (mut running, publisher) = tokio::task::block_in_place(|| {
-        broker::start(&config, queue_tx, metrics.clone())
-    })
-    .context("starting the MQTT broker")?;
+    let (mut running, publisher) =
+        tokio::task::block_in_place(|| broker::start(&config, queue_tx, metrics.clone()))
+            .context("starting the MQTT broker")?;
     tracing::info!(
         mqtt = %config.mqtt.listen,
         mqtt_v5 = %config.mqtt.listen_v5,
@@ -73,7 +73,33 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
         "fogline-agent ready"
     );
 
-    let pipe = pipeline::Pipeline::new(buffer, publisher, &config, metrics.clone(), status.clone());
+    let (head_tx, head_rx) = tokio::sync::watch::channel(meta.next_offset);
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let uplink_shared = Arc::new(uplink::Shared::default());
+    let uplink_on = !config.uplink.gateway.is_empty();
+    let uplink_task = uplink_on.then(|| {
+        let up = uplink::Uplink {
+            config: config.uplink.clone(),
+            site: config.node.site.clone(),
+            origin: config.node.id.clone(),
+            log: buffer.log(),
+            head: head_rx,
+            shared: uplink_shared.clone(),
+        };
+        tokio::spawn(up.run(stop_rx))
+    });
+    if !uplink_on {
+        tracing::info!("no uplink.gateway configured: readings stay on this agent");
+    }
+    let pipe = pipeline::Pipeline::new(
+        buffer,
+        publisher,
+        &config,
+        metrics.clone(),
+        status.clone(),
+        head_tx,
+        uplink_on.then(|| uplink_shared.clone()),
+    );
     let writer = std::thread::Builder::new()
         .name("buffer-writer".into())
         .spawn(move || pipe.run(queue_rx))
@@ -84,6 +110,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
         site: config.node.site.clone(),
         metrics,
         buffer: status,
+        uplink: uplink_on.then_some(uplink_shared),
         started: Instant::now(),
     });
     let (stop_http, http_stopped) = tokio::sync::oneshot::channel::<()>();
@@ -94,8 +121,12 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
     shutdown.await;
     tracing::info!("shutting down: committing what is queued");
     let _ = stop_http.send(());
+    let _ = stop_tx.send(true);
+    if let Some(task) = uplink_task {
+        let _ = task.await;
+    }
     tokio::task::spawn_blocking(move || {
-        running.stop_ingest();
+        running.stop();
         if writer.join().is_err() {
             tracing::error!("the writer thread panicked");
         }

@@ -11,8 +11,12 @@ use fogline_agent::buffer::Inspect;
 use fogline_agent::config::{self, Config, LogFormat, Overrides};
 
 #[derive(Parser)]
-#[command(name = "fogline-agent", version, about = "fogline edge agent: an embedded MQTT broker \
-    for sensors, a durable buffer that never loses an acknowledged reading, and live aggregates")]
+#[command(
+    name = "fogline-agent",
+    version,
+    about = "fogline edge agent: an embedded MQTT broker \
+    for sensors, a durable buffer that never loses an acknowledged reading, and live aggregates"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -53,6 +57,9 @@ struct RunArgs {
     /// The site this agent belongs to (node.site).
     #[arg(long)]
     site: Option<String>,
+    /// The gateway's MQTT address HOST:PORT for the uplink (uplink.gateway).
+    #[arg(long)]
+    gateway: Option<String>,
 }
 
 #[derive(Subcommand)]
@@ -128,9 +135,7 @@ fn init_logging(config: &Config) {
     let filter = std::env::var("RUST_LOG")
         .ok()
         .and_then(|v| v.parse().ok())
-        .unwrap_or_else(|| {
-            tracing_subscriber::EnvFilter::new(&config.log.level)
-        });
+        .unwrap_or_else(|| tracing_subscriber::EnvFilter::new(&config.log.level));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);
@@ -148,6 +153,7 @@ fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         http_listen: args.http_listen,
         node_id: args.node_id,
         site: args.site,
+        gateway: args.gateway,
     };
     let config = Config::load(args.config.as_deref(), &overrides)?;
     init_logging(&config);

@@ -33,6 +33,14 @@ pub struct Metrics {
     pub aggregates_too_late: Counter,
     pub devices: Gauge,
     pub queue_full: Counter,
+    pub uplink_connected: Gauge,
+    pub uplink_acked: Gauge,
+    pub uplink_sent: Gauge,
+    pub uplink_backlog: Gauge,
+    pub uplink_in_flight: Gauge,
+    pub uplink_connects: Gauge,
+    pub uplink_batches: Gauge,
+    pub uplink_bytes: Gauge,
 }
 
 impl Default for Metrics {
@@ -62,6 +70,14 @@ impl Metrics {
             aggregates_too_late: Counter::default(),
             devices: Gauge::default(),
             queue_full: Counter::default(),
+            uplink_connected: Gauge::default(),
+            uplink_acked: Gauge::default(),
+            uplink_sent: Gauge::default(),
+            uplink_backlog: Gauge::default(),
+            uplink_in_flight: Gauge::default(),
+            uplink_connects: Gauge::default(),
+            uplink_batches: Gauge::default(),
+            uplink_bytes: Gauge::default(),
             registry: Registry::default(),
         };
         for r in Reject::ALL {
@@ -71,7 +87,11 @@ impl Metrics {
             let _ = m.dropped.get_or_create(&Reason { reason });
         }
         let r = &mut registry;
-        r.register("ingest_received", "Publishes seen on sensors/#", m.received.clone());
+        r.register(
+            "ingest_received",
+            "Publishes seen on sensors/#",
+            m.received.clone(),
+        );
         r.register(
             "ingest_accepted",
             "Readings committed to the buffer (duplicates excluded)",
@@ -82,7 +102,11 @@ impl Metrics {
             "Re-sent readings that were already stored and were not stored again",
             m.duplicates.clone(),
         );
-        r.register("ingest_rejected", "Publishes refused, by reason", m.rejected.clone());
+        r.register(
+            "ingest_rejected",
+            "Publishes refused, by reason",
+            m.rejected.clone(),
+        );
         r.register(
             "ingest_seq_gaps_skipped",
             "Sequence numbers never received and given up so the watermark could move on",
@@ -93,26 +117,46 @@ impl Metrics {
             "Times the ingest queue was full and the broker had to wait",
             m.queue_full.clone(),
         );
-        r.register("buffer_commits", "Durable commits (one fsync each)", m.commits.clone());
+        r.register(
+            "buffer_commits",
+            "Durable commits (one fsync each)",
+            m.commits.clone(),
+        );
         r.register(
             "buffer_commit_failures",
             "Commits that failed; their readings were not acknowledged",
             m.commit_failures.clone(),
         );
-        r.register("buffer_bytes", "Bytes of readings held", m.buffer_bytes.clone());
+        r.register(
+            "buffer_bytes",
+            "Bytes of readings held",
+            m.buffer_bytes.clone(),
+        );
         r.register(
             "buffer_capacity_bytes",
             "Configured buffer capacity",
             m.buffer_capacity.clone(),
         );
-        r.register("buffer_readings", "Raw readings held", m.buffer_readings.clone());
+        r.register(
+            "buffer_readings",
+            "Raw readings held",
+            m.buffer_readings.clone(),
+        );
         r.register(
             "buffer_downsampled",
             "Raw readings folded into summaries to make room",
             m.downsampled.clone(),
         );
-        r.register("buffer_dropped", "Readings dropped, by reason", m.dropped.clone());
-        r.register("acks_published", "Ack watermarks published", m.acks_published.clone());
+        r.register(
+            "buffer_dropped",
+            "Readings dropped, by reason",
+            m.dropped.clone(),
+        );
+        r.register(
+            "acks_published",
+            "Ack watermarks published",
+            m.acks_published.clone(),
+        );
         r.register(
             "aggregates_published",
             "Window aggregates published",
@@ -124,6 +168,50 @@ impl Metrics {
             m.aggregates_too_late.clone(),
         );
         r.register("devices", "Devices known to the buffer", m.devices.clone());
+        for (name, help, g) in [
+            (
+                "uplink_connected",
+                "1 while the uplink to the gateway is connected",
+                &m.uplink_connected,
+            ),
+            (
+                "uplink_acked_offset",
+                "The gateway has every reading below this offset",
+                &m.uplink_acked,
+            ),
+            (
+                "uplink_sent_offset",
+                "Readings below this offset were sent",
+                &m.uplink_sent,
+            ),
+            (
+                "uplink_backlog_readings",
+                "Readings the gateway does not have yet",
+                &m.uplink_backlog,
+            ),
+            (
+                "uplink_in_flight_readings",
+                "Readings sent but not yet acked",
+                &m.uplink_in_flight,
+            ),
+            (
+                "uplink_connects",
+                "Successful uplink connections since start",
+                &m.uplink_connects,
+            ),
+            (
+                "uplink_batches_sent",
+                "Batches sent upstream since start",
+                &m.uplink_batches,
+            ),
+            (
+                "uplink_bytes_sent",
+                "Batch bytes sent upstream since start",
+                &m.uplink_bytes,
+            ),
+        ] {
+            r.register(name, help, g.clone());
+        }
         Metrics { registry, ..m }
     }
 
@@ -150,6 +238,19 @@ impl Metrics {
             .sum()
     }
 
+    /// Copies the uplink's state into its gauges.
+    pub fn set_uplink(&self, u: &crate::uplink::UplinkStatus) {
+        let g = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
+        self.uplink_connected.set(i64::from(u.link == "connected"));
+        self.uplink_acked.set(g(u.acked));
+        self.uplink_sent.set(g(u.sent));
+        self.uplink_backlog.set(g(u.backlog()));
+        self.uplink_in_flight.set(g(u.in_flight()));
+        self.uplink_connects.set(g(u.connects));
+        self.uplink_batches.set(g(u.batches_sent));
+        self.uplink_bytes.set(g(u.bytes_sent));
+    }
+
     /// The Prometheus text exposition.
     pub fn render(&self) -> String {
         let mut out = String::new();
@@ -168,9 +269,18 @@ mod tests {
         let m = Metrics::new();
         m.reject(Reject::Oversized);
         let text = m.render();
-        assert!(text.contains("fogline_ingest_rejected_total{reason=\"oversized\"} 1"), "{text}");
-        assert!(text.contains("fogline_ingest_rejected_total{reason=\"non_finite\"} 0"), "{text}");
-        assert!(text.contains("fogline_buffer_dropped_total{reason=\"capacity\"} 0"), "{text}");
+        assert!(
+            text.contains("fogline_ingest_rejected_total{reason=\"oversized\"} 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("fogline_ingest_rejected_total{reason=\"non_finite\"} 0"),
+            "{text}"
+        );
+        assert!(
+            text.contains("fogline_buffer_dropped_total{reason=\"capacity\"} 0"),
+            "{text}"
+        );
         assert!(text.contains("fogline_buffer_commits_total 0"), "{text}");
     }
 }

@@ -8,11 +8,14 @@ use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use tokio::sync::watch;
+
 use crate::broker::Publisher;
 use crate::buffer::{Buffer, BufferError, Meta};
 use crate::config::Config;
 use crate::ingest::Incoming;
 use crate::metrics::Metrics;
+use crate::uplink;
 
 /// How often the changed windows are written to disk (with the next commit).
 const CHECKPOINT_EVERY: Duration = Duration::from_secs(1);
@@ -36,6 +39,12 @@ pub struct Pipeline {
     publish_every: Duration,
     quantiles: Vec<f64>,
     last_error_log: Option<Instant>,
+    /// The first uncommitted offset, for the uplink.
+    head: watch::Sender<u64>,
+    uplink: Option<Arc<uplink::Shared>>,
+    retention: Duration,
+    /// (when, gateway ack) samples; blocks below an ack older than `retention` go.
+    acks_seen: std::collections::VecDeque<(Instant, u64)>,
 }
 
 impl Pipeline {
@@ -45,6 +54,8 @@ impl Pipeline {
         config: &Config,
         metrics: Arc<Metrics>,
         status: Arc<Mutex<BufferStatus>>,
+        head: watch::Sender<u64>,
+        uplink: Option<Arc<uplink::Shared>>,
     ) -> Pipeline {
         let p = Pipeline {
             buffer,
@@ -56,6 +67,10 @@ impl Pipeline {
             publish_every: Duration::from_millis(config.aggregate.publish_interval_ms),
             quantiles: config.aggregate.quantiles.clone(),
             last_error_log: None,
+            head,
+            uplink,
+            retention: Duration::from_secs(config.uplink.retention_secs),
+            acks_seen: std::collections::VecDeque::new(),
         };
         p.metrics
             .buffer_capacity
@@ -91,6 +106,7 @@ impl Pipeline {
             }
             if last_checkpoint.elapsed() >= CHECKPOINT_EVERY {
                 self.buffer.request_checkpoint();
+                self.delete_delivered();
                 last_checkpoint = Instant::now();
             }
             if last_publish.elapsed() >= self.publish_every {
@@ -189,6 +205,33 @@ impl Pipeline {
         self.refresh_status();
     }
 
+    /// Takes the gateway's ack and deletes what it covers once the retention has passed.
+    fn delete_delivered(&mut self) {
+        let Some(up) = &self.uplink else { return };
+        let acked = up.acked.load(std::sync::atomic::Ordering::SeqCst);
+        self.buffer.set_uplink_acked(acked);
+        let now = Instant::now();
+        if self.acks_seen.back().is_none_or(|&(_, a)| a < acked) {
+            self.acks_seen.push_back((now, acked));
+        }
+        let mut upto = None;
+        while let Some(&(at, a)) = self.acks_seen.front() {
+            if now.duration_since(at) < self.retention {
+                break;
+            }
+            upto = Some(a);
+            self.acks_seen.pop_front();
+        }
+        if let Some(upto) = upto {
+            match self.buffer.delete_delivered(upto) {
+                Ok(0) => {}
+                Ok(n) => tracing::debug!(readings = n, "deleted readings the gateway has"),
+                Err(e) => self.log_error(&e, 0),
+            }
+            self.refresh_status();
+        }
+    }
+
     fn log_error(&mut self, e: &BufferError, readings: u64) {
         let now = Instant::now();
         if self
@@ -206,6 +249,9 @@ impl Pipeline {
 
     fn publish_aggregates(&mut self) {
         for (topic, json) in self.buffer.take_aggregates(&self.quantiles) {
+            if let Some(up) = &self.uplink {
+                up.relay.offer(&topic, &json);
+            }
             match self.publisher.retained(topic, json) {
                 Ok(()) => {
                     self.metrics.aggregates_published.inc();
@@ -217,6 +263,7 @@ impl Pipeline {
 
     fn refresh_status(&self) {
         let meta = self.buffer.meta();
+        self.head.send_replace(meta.next_offset);
         let m = &self.metrics;
         m.buffer_bytes
             .set(i64::try_from(meta.total_bytes()).unwrap_or(i64::MAX));

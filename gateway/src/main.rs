@@ -1,16 +1,23 @@
-//! `fogline-gateway`: the cloud-side receiver of site uplinks.
-//!
-//! A skeleton for now: the gateway and the agents' store-and-forward uplink are built
-//! by the gateway/uplink work. Its command line already follows the agent's shape so
-//! scripts and packages can rely on it.
+//! `fogline-gateway`: run the gateway, print its default config, inspect its store.
 
+use std::io::Write;
+use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use anyhow::Context;
+use clap::{Parser, Subcommand, ValueEnum};
+use fogline_agent::config::LogFormat;
+use fogline_gateway::config::{self, Config, Overrides};
+use fogline_gateway::store::Store;
 
 #[derive(Parser)]
-#[command(name = "fogline-gateway", version, about = "fogline gateway: receives site uplinks, \
-    deduplicates, stores, and republishes aggregates for dashboards (not implemented yet)")]
+#[command(
+    name = "fogline-gateway",
+    version,
+    about = "fogline gateway: receives site uplinks, \
+    stores every reading once and in order, acks durably, and republishes aggregates for dashboards"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -18,17 +25,177 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Run the gateway (not implemented yet).
-    Run,
+    /// Run the gateway (no config file needed: built-in defaults apply).
+    Run(RunArgs),
+    /// Show or check configuration.
+    #[command(subcommand)]
+    Config(ConfigCommand),
+    /// Inspect the store of a stopped gateway.
+    #[command(subcommand)]
+    Store(StoreCommand),
+}
+
+#[derive(clap::Args)]
+struct RunArgs {
+    /// TOML config file; keys it leaves out keep their defaults.
+    #[arg(long, short)]
+    config: Option<PathBuf>,
+    /// Directory for the store (store.data_dir).
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    /// MQTT listen address for agents and dashboards (mqtt.listen).
+    #[arg(long)]
+    mqtt_listen: Option<SocketAddr>,
+    /// HTTP address for /healthz, /metrics and /status (http.listen).
+    #[arg(long)]
+    http_listen: Option<SocketAddr>,
+}
+
+#[derive(Subcommand)]
+enum ConfigCommand {
+    /// Print the complete default config, with comments.
+    Defaults,
+    /// Load a config (file, environment), validate it and print the result as JSON.
+    Check {
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+    },
+}
+
+#[derive(Copy, Clone, ValueEnum)]
+enum ExportFormat {
+    /// One JSON object per line.
+    Jsonl,
+}
+
+#[derive(Subcommand)]
+enum StoreCommand {
+    /// Print every stored reading: per (site, origin), in offset order.
+    Export {
+        #[arg(long)]
+        data_dir: PathBuf,
+        #[arg(long, value_enum, default_value = "jsonl")]
+        format: ExportFormat,
+    },
+    /// Per (site, origin): watermark, stored and skipped readings, as JSON.
+    Stats {
+        #[arg(long)]
+        data_dir: PathBuf,
+    },
 }
 
 fn main() -> ExitCode {
-    match Cli::parse().command {
-        Command::Run => {
-            eprintln!(
-                "fogline-gateway: not implemented yet; it lands with the gateway/uplink work"
-            );
+    let result = match Cli::parse().command {
+        Command::Run(args) => run(args),
+        Command::Config(ConfigCommand::Defaults) => {
+            print!("{}", config::DEFAULTS);
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Config(ConfigCommand::Check { config }) => {
+            Config::load(config.as_deref(), &Overrides::default())
+                .map_err(anyhow::Error::from)
+                .and_then(|c| Ok(serde_json::to_string_pretty(&c)?))
+                .map(|json| {
+                    println!("{json}");
+                    ExitCode::SUCCESS
+                })
+        }
+        Command::Store(cmd) => store(cmd),
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("fogline-gateway: {e:#}");
             ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
+    let overrides = Overrides {
+        data_dir: args.data_dir,
+        mqtt_listen: args.mqtt_listen,
+        http_listen: args.http_listen,
+    };
+    let config = Config::load(args.config.as_deref(), &overrides)?;
+    let filter = std::env::var("RUST_LOG")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| tracing_subscriber::EnvFilter::new(&config.log.level));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match config.log.format {
+        LogFormat::Json => builder.json().init(),
+        LogFormat::Text => builder.init(),
+    }
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    runtime.block_on(fogline_gateway::run(config, shutdown_signal()))?;
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    match signal(SignalKind::terminate()) {
+        Ok(mut term) => {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+        }
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}
+
+fn store(cmd: StoreCommand) -> anyhow::Result<ExitCode> {
+    match cmd {
+        StoreCommand::Export {
+            data_dir,
+            format: ExportFormat::Jsonl,
+        } => {
+            let store = Store::open(&data_dir, 16 << 20)?;
+            let stdout = std::io::stdout();
+            let mut out = std::io::BufWriter::new(stdout.lock());
+            let mut failed = None;
+            store.for_each_record(|site, origin, offset, r| {
+                let line = serde_json::json!({
+                    "site": site, "origin": origin, "offset": offset,
+                    "device": r.device, "metric": r.metric, "boot": r.boot,
+                    "seq": r.seq, "value": r.value, "ts": r.ts_ms,
+                });
+                if let Err(e) = writeln!(out, "{line}") {
+                    failed.get_or_insert(e);
+                }
+            })?;
+            match failed {
+                Some(e) if e.kind() != std::io::ErrorKind::BrokenPipe => return Err(e.into()),
+                _ => {}
+            }
+            out.flush().ok();
+            Ok(ExitCode::SUCCESS)
+        }
+        StoreCommand::Stats { data_dir } => {
+            let store = Store::open(&data_dir, 16 << 20)?;
+            let mut origins: Vec<serde_json::Value> = store
+                .origins()
+                .iter()
+                .map(|((site, origin), s)| {
+                    serde_json::json!({"site": site, "origin": origin, "next_offset": s.next,
+                        "stored": s.stored, "skipped_at_edge": s.skipped})
+                })
+                .collect();
+            origins.sort_by_key(|v| v.to_string());
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&serde_json::json!({ "origins": origins }))?
+            );
+            Ok(ExitCode::SUCCESS)
         }
     }
 }

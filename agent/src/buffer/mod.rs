@@ -18,6 +18,7 @@ pub mod seq;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, RwLock};
 
 use fogline_firmware::wire::Ack;
 use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinition};
@@ -102,9 +103,13 @@ pub struct Meta {
     pub dropped: u64,
     /// Windows in the `windows` table include every block below this offset.
     pub agg_offset: u64,
+    /// The gateway has durably stored every reading below this offset.
+    pub uplink_acked: u64,
+    /// Readings deleted because the gateway had them and their retention had passed.
+    pub delivered_deleted: u64,
 }
 
-const META_KEYS: [&str; 8] = [
+const META_KEYS: [&str; 10] = [
     "next_offset",
     "raw_bytes",
     "raw_readings",
@@ -113,10 +118,12 @@ const META_KEYS: [&str; 8] = [
     "downsampled",
     "dropped",
     "agg_offset",
+    "uplink_acked",
+    "delivered_deleted",
 ];
 
 impl Meta {
-    fn fields(&self) -> [u64; 8] {
+    fn fields(&self) -> [u64; 10] {
         [
             self.next_offset,
             self.raw_bytes,
@@ -126,10 +133,12 @@ impl Meta {
             self.downsampled,
             self.dropped,
             self.agg_offset,
+            self.uplink_acked,
+            self.delivered_deleted,
         ]
     }
 
-    fn from_fields(f: [u64; 8]) -> Meta {
+    fn from_fields(f: [u64; 10]) -> Meta {
         Meta {
             next_offset: f[0],
             raw_bytes: f[1],
@@ -139,11 +148,13 @@ impl Meta {
             downsampled: f[5],
             dropped: f[6],
             agg_offset: f[7],
+            uplink_acked: f[8],
+            delivered_deleted: f[9],
         }
     }
 
     fn load(table: &impl ReadableTable<&'static str, u64>) -> Result<Meta, BufferError> {
-        let mut f = [0u64; 8];
+        let mut f = [0u64; 10];
         for (slot, key) in f.iter_mut().zip(META_KEYS) {
             if let Some(v) = table.get(key)? {
                 *slot = v.value();
@@ -218,9 +229,79 @@ pub struct Room {
     pub dropped: u64,
 }
 
+/// A shared handle on the buffer's database for readers on other threads (the uplink).
+/// The writer may swap the database underneath (it reopens it after an I/O error), so
+/// readers take the lock only to begin a read transaction.
+#[derive(Clone)]
+pub struct Log {
+    db: Arc<RwLock<Database>>,
+}
+
+/// One stored batch, as the uplink ships it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredBlock {
+    pub first_offset: u64,
+    /// Offset after the block's last reading.
+    pub end_offset: u64,
+    pub bytes: Vec<u8>,
+}
+
+impl Log {
+    fn begin_read(&self) -> Result<redb::ReadTransaction, BufferError> {
+        let db = self.db.read().map_err(|_| corrupt("lock", "poisoned"))?;
+        Ok(db.begin_read()?)
+    }
+
+    fn begin_write(&self) -> Result<redb::WriteTransaction, BufferError> {
+        let db = self.db.read().map_err(|_| corrupt("lock", "poisoned"))?;
+        let mut txn = db.begin_write()?;
+        txn.set_durability(Durability::Immediate)?;
+        Ok(txn)
+    }
+
+    /// Blocks holding offsets from `from` on, oldest first, until about `max_readings`
+    /// readings or `next_offset` (the first offset not yet committed).
+    pub fn blocks_from(
+        &self,
+        from: u64,
+        max_readings: u64,
+        next_offset: u64,
+    ) -> Result<Vec<StoredBlock>, BufferError> {
+        let read = self.begin_read()?;
+        let table = read.open_table(BLOCKS)?;
+        // The block holding `from` may start below it.
+        let start = match table.range(..=from)?.next_back() {
+            Some(row) => row?.0.value(),
+            None => from,
+        };
+        let mut out: Vec<StoredBlock> = Vec::new();
+        let mut readings = 0;
+        for row in table.range(start..next_offset)? {
+            let (k, v) = row?;
+            let first = k.value();
+            // Blocks are written with contiguous offsets: one ends where the next begins,
+            // and the newest ends at `next_offset`.
+            if let Some(prev) = out.last_mut() {
+                prev.end_offset = first;
+                readings += first - prev.first_offset;
+            }
+            if readings >= max_readings {
+                break;
+            }
+            out.push(StoredBlock {
+                first_offset: first,
+                end_offset: next_offset,
+                bytes: v.value().to_vec(),
+            });
+        }
+        out.retain(|b| b.end_offset > from);
+        Ok(out)
+    }
+}
+
 /// The agent's buffer. Owned by one thread; every write goes through it.
 pub struct Buffer {
-    db: Database,
+    db: Arc<RwLock<Database>>,
     path: PathBuf,
     cfg: BufferConfig,
     meta: Meta,
@@ -279,7 +360,8 @@ impl Buffer {
         if let Some(row) = read.open_table(BLOCKS)?.last()? {
             // The meta row is written in the same transaction as every block; this only
             // guards against reusing an offset if that ever stopped being true.
-            let end = row.0.value() + block::count(row.1.value()).map_err(|e| corrupt("block", e))? as u64;
+            let end = row.0.value()
+                + block::count(row.1.value()).map_err(|e| corrupt("block", e))? as u64;
             meta.next_offset = meta.next_offset.max(end);
         }
         let mut devices = HashMap::new();
@@ -318,7 +400,7 @@ impl Buffer {
             tracing::info!(replayed, "replayed readings into the aggregates");
         }
         Ok(Buffer {
-            db,
+            db: Arc::new(RwLock::new(db)),
             path,
             cfg: cfg.clone(),
             folded_offset: meta.next_offset,
@@ -447,9 +529,14 @@ impl Buffer {
     }
 
     fn begin(&self) -> Result<redb::WriteTransaction, BufferError> {
-        let mut txn = self.db.begin_write()?;
-        txn.set_durability(Durability::Immediate)?;
-        Ok(txn)
+        self.log().begin_write()
+    }
+
+    /// A read handle for other threads.
+    pub fn log(&self) -> Log {
+        Log {
+            db: self.db.clone(),
+        }
     }
 
     /// Writes changed windows into `txn` if a checkpoint is due. Returns whether it did.
@@ -520,12 +607,43 @@ impl Buffer {
         self.make_room_until((max * self.cfg.downsample_to) as u64, false)
     }
 
+    /// Records the gateway's durable ack (it only moves forward).
+    pub fn set_uplink_acked(&mut self, offset: u64) {
+        self.meta.uplink_acked = self
+            .meta
+            .uplink_acked
+            .max(offset.min(self.meta.next_offset));
+    }
+
+    /// Deletes blocks that lie wholly below `upto` (at most the gateway-acked offset):
+    /// the gateway has them, and the caller decided their retention is over.
+    pub fn delete_delivered(&mut self, upto: u64) -> Result<u64, BufferError> {
+        let upto = upto.min(self.meta.uplink_acked);
+        let mut meta = self.meta;
+        let txn = self.begin()?;
+        let deleted = {
+            let mut blocks = txn.open_table(BLOCKS)?;
+            let deleted = pop_delivered(&mut blocks, upto, &mut meta, u64::MAX)?;
+            Meta::save(&meta, &mut txn.open_table(META)?)?;
+            deleted
+        };
+        if deleted == 0 {
+            return Ok(0);
+        }
+        txn.commit()?;
+        self.meta = meta;
+        Ok(deleted)
+    }
+
     /// Frees space after the disk filled up: drops (does not downsample, which would
     /// write) the oldest tenth of the raw readings.
     pub fn free_disk(&mut self) -> Result<Room, BufferError> {
         // After an I/O error redb refuses further writes until it is reopened.
-        drop(std::mem::replace(&mut self.db, open_db_placeholder()?));
-        self.db = open_db(&self.path, self.cfg.cache_bytes)?;
+        {
+            let mut db = self.db.write().map_err(|_| corrupt("lock", "poisoned"))?;
+            drop(std::mem::replace(&mut *db, open_db_placeholder()?));
+            *db = open_db(&self.path, self.cfg.cache_bytes)?;
+        }
         let target = self.meta.total_bytes() - self.meta.total_bytes() / 10;
         self.make_room_until(target, true)
     }
@@ -541,10 +659,13 @@ impl Buffer {
         {
             let mut blocks = txn.open_table(BLOCKS)?;
             let mut rollups = txn.open_table(ROLLUPS)?;
+            // Readings the gateway already has go first: nothing is lost with them.
+            pop_delivered(&mut blocks, meta.uplink_acked, &mut meta, target)?;
             let mut steps = 0;
             while meta.total_bytes() > target && steps < MAKE_ROOM_STEP {
                 steps += 1;
-                let downsample = !drop_only && meta.raw_readings > 0 && meta.rollup_bytes < rollup_cap;
+                let downsample =
+                    !drop_only && meta.raw_readings > 0 && meta.rollup_bytes < rollup_cap;
                 if downsample || (meta.rollup_rows == 0 && meta.raw_readings > 0) {
                     let Some((_, v)) = blocks.pop_first()? else {
                         break;
@@ -592,17 +713,19 @@ impl Buffer {
         from: u64,
         mut f: impl FnMut(u64, Record) -> Result<(), BufferError>,
     ) -> Result<(), BufferError> {
-        for_each_record(&self.db, from, &mut f)
+        let db = self.db.read().map_err(|_| corrupt("lock", "poisoned"))?;
+        for_each_record(&*db, from, &mut f)
     }
 
     /// Checks every table decodes and the counters agree with the contents.
     pub fn check(&mut self) -> Result<Vec<String>, BufferError> {
-        check_db(&mut self.db)
+        let mut db = self.db.write().map_err(|_| corrupt("lock", "poisoned"))?;
+        check_db(&mut db)
     }
 
     /// Every rollup row, oldest window first.
     pub fn rollups(&self) -> Result<Vec<(i64, String, String, Rollup)>, BufferError> {
-        let read = self.db.begin_read()?;
+        let read = self.log().begin_read()?;
         let mut out = Vec::new();
         for row in read.open_table(ROLLUPS)?.iter()? {
             let (k, v) = row?;
@@ -652,7 +775,10 @@ fn check_db(db: &mut Database) -> Result<Vec<String>, BufferError> {
         ));
     }
     if bytes != meta.raw_bytes {
-        problems.push(format!("meta says {} raw bytes, blocks hold {bytes}", meta.raw_bytes));
+        problems.push(format!(
+            "meta says {} raw bytes, blocks hold {bytes}",
+            meta.raw_bytes
+        ));
     }
     if let Some(next) = expect_next {
         if next > meta.next_offset {
@@ -694,10 +820,44 @@ fn check_db(db: &mut Database) -> Result<Vec<String>, BufferError> {
     Ok(problems)
 }
 
-
 /// A tiny in-memory database used only while the real one is being reopened.
 fn open_db_placeholder() -> Result<Database, BufferError> {
     Ok(Database::builder().create_with_backend(redb::backends::InMemoryBackend::new())?)
+}
+
+/// Pops the oldest blocks that end at or below `upto` while the buffer is above
+/// `target` bytes. Returns the readings deleted.
+fn pop_delivered(
+    blocks: &mut redb::Table<'_, u64, &'static [u8]>,
+    upto: u64,
+    meta: &mut Meta,
+    target: u64,
+) -> Result<u64, BufferError> {
+    let mut deleted = 0;
+    while meta.total_bytes() > target || target == u64::MAX {
+        let (first, next) = {
+            let mut range = blocks.range(0..)?;
+            let Some(row) = range.next() else { break };
+            let first = row?.0.value();
+            let next = match range.next() {
+                Some(row) => row?.0.value(),
+                None => meta.next_offset,
+            };
+            (first, next)
+        };
+        if next > upto {
+            break;
+        }
+        let Some((_, v)) = blocks.remove(first)?.map(|v| ((), v.value().len() as u64)) else {
+            break;
+        };
+        let n = next - first;
+        meta.raw_bytes = meta.raw_bytes.saturating_sub(v + ROW_OVERHEAD);
+        meta.raw_readings = meta.raw_readings.saturating_sub(n);
+        meta.delivered_deleted += n;
+        deleted += n;
+    }
+    Ok(deleted)
 }
 
 fn row_bytes(device: &str, metric: &str, value: &[u8]) -> u64 {

@@ -70,9 +70,12 @@ fn a_duplicates_only_batch_is_acked_without_a_commit() {
     let dir = tempfile::tempdir().expect("tempdir");
     let c = config(dir.path());
     let mut b = Buffer::open(&c.buffer, &c.aggregate, T0).expect("open");
-    b.commit(&[reading("d1", Some(1), 1.0, T0)]).expect("commit");
+    b.commit(&[reading("d1", Some(1), 1.0, T0)])
+        .expect("commit");
     let next = b.meta().next_offset;
-    let done = b.commit(&[reading("d1", Some(1), 1.0, T0)]).expect("commit");
+    let done = b
+        .commit(&[reading("d1", Some(1), 1.0, T0)])
+        .expect("commit");
     assert_eq!((done.accepted, done.duplicates), (0, 1));
     assert_eq!(done.acks, vec![("d1".to_owned(), Ack { boot: 1, seq: 1 })]);
     assert_eq!(b.meta().next_offset, next);
@@ -104,12 +107,15 @@ fn aggregates_survive_a_crash_between_checkpoints() {
     let start = now - now.rem_euclid(60_000);
     {
         let mut b = Buffer::open(&c.buffer, &c.aggregate, now).expect("open");
-        b.commit(&[reading("d1", Some(1), 10.0, start)]).expect("commit");
+        b.commit(&[reading("d1", Some(1), 10.0, start)])
+            .expect("commit");
         b.request_checkpoint();
         // This commit carries the checkpoint of the first reading's window...
-        b.commit(&[reading("d1", Some(2), 20.0, start + 1)]).expect("commit");
+        b.commit(&[reading("d1", Some(2), 20.0, start + 1)])
+            .expect("commit");
         // ...and this one is only in the log: it must be replayed.
-        b.commit(&[reading("d1", Some(3), 30.0, start + 2)]).expect("commit");
+        b.commit(&[reading("d1", Some(3), 30.0, start + 2)])
+            .expect("commit");
     }
     let mut b = Buffer::open(&c.buffer, &c.aggregate, now).expect("reopen");
     let published = b.take_aggregates(&[0.5]);
@@ -137,7 +143,12 @@ fn a_full_buffer_downsamples_then_drops_the_oldest() {
         let batch: Vec<Incoming> = (0..8)
             .map(|d| {
                 seq += 1;
-                reading(&format!("dev{d}"), None, f64::from(seq), T0 + minute * 60_000)
+                reading(
+                    &format!("dev{d}"),
+                    None,
+                    f64::from(seq),
+                    T0 + minute * 60_000,
+                )
             })
             .collect();
         b.commit(&batch).expect("commit");
@@ -161,7 +172,10 @@ fn a_full_buffer_downsamples_then_drops_the_oldest() {
     assert_eq!(newest, T0 + 399 * 60_000);
     let rollups = b.rollups().expect("rollups");
     let oldest_summary = rollups.first().expect("summaries remain").0;
-    assert!(oldest_summary > T0, "the oldest summaries were dropped first");
+    assert!(
+        oldest_summary > T0,
+        "the oldest summaries were dropped first"
+    );
     assert!(rollups.iter().all(|r| r.0 < records[0].1.ts_ms + 60_000));
     assert!(b.check().expect("check").is_empty(), "{:?}", b.check());
     // Every reading is accounted for: raw, summarised, or dropped.

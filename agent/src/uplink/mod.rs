@@ -1,0 +1,384 @@
+//! Store-and-forward to the gateway over MQTT (rumqttc).
+//!
+//! The uplink reads the origin log from the buffer (never from memory), sends it in
+//! batches from the gateway's last durable ack, keeps at most `max_inflight_readings`
+//! readings unacknowledged, and on every reconnect rewinds to the gateway's ack, so
+//! nothing is lost whatever dies in between; the gateway stores each offset once. It never
+//! blocks ingest: it only reads committed blocks. After an outage the site's aggregates
+//! (the live view dashboards watch) go first, then the backlog drains oldest-first at
+//! `drain_rate` readings/s. The buffer deletes nothing the gateway has not acked, and
+//! keeps acked readings `retention_secs` longer.
+//!
+//! Pure cores: [`backoff::Backoff`] (reconnect delays) and [`pace::Pacer`] (drain rate).
+
+pub mod backoff;
+pub mod pace;
+pub mod proto;
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+use serde::Serialize;
+use tokio::sync::{watch, Notify};
+
+use crate::buffer::Log;
+use crate::config::UplinkConfig;
+
+/// Aggregates waiting to be relayed to the gateway: the newest JSON per topic.
+#[derive(Default)]
+pub struct AggRelay {
+    state: Mutex<RelayState>,
+    changed: Notify,
+}
+
+#[derive(Default)]
+struct RelayState {
+    latest: HashMap<String, String>,
+    dirty: VecDeque<String>,
+}
+
+impl AggRelay {
+    /// Called by the writer for every aggregate it publishes locally.
+    pub fn offer(&self, topic: &str, json: &str) {
+        if let Ok(mut s) = self.state.lock() {
+            if s.latest.insert(topic.to_owned(), json.to_owned()).is_none()
+                || !s.dirty.iter().any(|t| t == topic)
+            {
+                s.dirty.push_back(topic.to_owned());
+            }
+        }
+        self.changed.notify_one();
+    }
+
+    /// Every aggregate, for a fresh connection (the gateway may have missed some).
+    fn all(&self) -> Vec<(String, String)> {
+        self.state.lock().map_or_else(
+            |_| Vec::new(),
+            |mut s| {
+                s.dirty.clear();
+                s.latest
+                    .iter()
+                    .map(|(t, j)| (t.clone(), j.clone()))
+                    .collect()
+            },
+        )
+    }
+
+    fn take_dirty(&self, max: usize) -> Vec<(String, String)> {
+        let Ok(mut s) = self.state.lock() else {
+            return Vec::new();
+        };
+        let mut out = Vec::new();
+        while out.len() < max {
+            let Some(topic) = s.dirty.pop_front() else {
+                break;
+            };
+            if let Some(json) = s.latest.get(&topic) {
+                out.push((topic, json.clone()));
+            }
+        }
+        out
+    }
+}
+
+/// The uplink's state, for `/status` and `/metrics`.
+#[derive(Debug, Default, Clone, Serialize)]
+pub struct UplinkStatus {
+    pub gateway: String,
+    /// "off", "connecting", "connected" or "backoff".
+    pub link: &'static str,
+    /// The gateway has every reading below this offset.
+    pub acked: u64,
+    /// Sent up to here (not yet acked above `acked`).
+    pub sent: u64,
+    /// First offset not yet committed locally.
+    pub head: u64,
+    pub connects: u64,
+    pub batches_sent: u64,
+    pub bytes_sent: u64,
+    pub last_error: Option<String>,
+}
+
+impl UplinkStatus {
+    pub fn backlog(&self) -> u64 {
+        self.head.saturating_sub(self.acked)
+    }
+
+    pub fn in_flight(&self) -> u64 {
+        self.sent.saturating_sub(self.acked)
+    }
+}
+
+/// Shared between the uplink task, the writer (which deletes what the gateway acked) and
+/// the HTTP handlers.
+#[derive(Default)]
+pub struct Shared {
+    pub status: Mutex<UplinkStatus>,
+    /// The gateway's durable ack, for the writer.
+    pub acked: AtomicU64,
+    pub relay: AggRelay,
+}
+
+impl Shared {
+    fn update(&self, f: impl FnOnce(&mut UplinkStatus)) {
+        if let Ok(mut s) = self.status.lock() {
+            f(&mut s);
+        }
+    }
+
+    pub fn snapshot(&self) -> UplinkStatus {
+        self.status.lock().map(|s| s.clone()).unwrap_or_default()
+    }
+}
+
+/// Everything the uplink task needs.
+pub struct Uplink {
+    pub config: UplinkConfig,
+    pub site: String,
+    pub origin: String,
+    pub log: Log,
+    /// The first uncommitted offset, updated by the writer after every commit.
+    pub head: watch::Receiver<u64>,
+    pub shared: Arc<Shared>,
+}
+
+fn split_host_port(addr: &str) -> Option<(String, u16)> {
+    let (host, port) = addr.rsplit_once(':')?;
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    Some((host.to_owned(), port.parse().ok()?))
+}
+
+impl Uplink {
+    /// Runs until `shutdown` turns true.
+    pub async fn run(mut self, mut shutdown: watch::Receiver<bool>) {
+        let Some((host, port)) = split_host_port(&self.config.gateway) else {
+            tracing::error!(gateway = %self.config.gateway, "uplink.gateway is not HOST:PORT; uplink off");
+            return;
+        };
+        self.shared.update(|s| {
+            s.gateway = self.config.gateway.clone();
+            s.link = "connecting";
+        });
+        let mut backoff = backoff::Backoff::new(
+            Duration::from_millis(self.config.backoff_min_ms),
+            Duration::from_millis(self.config.backoff_max_ms),
+        );
+        loop {
+            if *shutdown.borrow() {
+                return;
+            }
+            self.shared.update(|s| s.link = "connecting");
+            let result = self.session(&host, port, &mut backoff, &mut shutdown).await;
+            match result {
+                Ok(()) => return,
+                Err(e) => {
+                    let delay = backoff.next_delay(fastrand::f64());
+                    tracing::warn!(
+                        gateway = %self.config.gateway,
+                        retry_in_ms = delay.as_millis() as u64,
+                        "uplink down: {e}"
+                    );
+                    self.shared.update(|s| {
+                        s.link = "backoff";
+                        s.last_error = Some(e.to_string());
+                    });
+                    tokio::select! {
+                        _ = tokio::time::sleep(delay) => {}
+                        _ = shutdown.changed() => return,
+                    }
+                }
+            }
+        }
+    }
+
+    /// One connection, from CONNECT until an error (returned) or shutdown (`Ok`).
+    async fn session(
+        &mut self,
+        host: &str,
+        port: u16,
+        backoff: &mut backoff::Backoff,
+        shutdown: &mut watch::Receiver<bool>,
+    ) -> anyhow::Result<()> {
+        let client_id = format!("fogline-uplink-{}-{}", self.site, self.origin);
+        let mut options = MqttOptions::new(client_id, host, port);
+        options
+            .set_keep_alive(Duration::from_secs(self.config.keepalive_secs.max(5)))
+            .set_clean_session(true)
+            .set_max_packet_size(1 << 20, 8 << 20)
+            .set_inflight(self.config.max_inflight_batches.clamp(1, 1000));
+        let (client, mut eventloop) = AsyncClient::new(options, 1024);
+        let mut net = eventloop.network_options();
+        net.set_tcp_nodelay(true);
+        net.set_connection_timeout(5);
+        eventloop.set_network_options(net);
+
+        let ack_topic = proto::ack_topic(&self.site, &self.origin);
+        let log_topic = proto::log_topic(&self.site, &self.origin);
+        let mut acked: Option<u64> = None;
+        let mut sent = 0u64;
+        let mut connected = false;
+        let live_started = Instant::now();
+        let mut pacer =
+            pace::Pacer::new(self.config.drain_rate, self.config.batch_readings.max(1), 0);
+        let mut last_progress = Instant::now();
+        let ack_timeout = Duration::from_millis(self.config.ack_timeout_ms.max(100));
+        let mut tick = tokio::time::interval(Duration::from_millis(20));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+
+        loop {
+            tokio::select! {
+                event = eventloop.poll() => {
+                    match event? {
+                        Event::Incoming(Packet::ConnAck(_)) => {
+                            connected = true;
+                            backoff.reset();
+                            self.shared.update(|s| { s.link = "connected"; s.connects += 1; s.last_error = None; });
+                            tracing::info!(gateway = %self.config.gateway, "uplink connected");
+                            client.try_subscribe(ack_topic.clone(), QoS::AtLeastOnce)?;
+                            client.try_publish(proto::sync_topic(&self.site, &self.origin), QoS::AtLeastOnce, false, Vec::new())?;
+                            // Live view first: every aggregate, before any backlog.
+                            for (topic, json) in self.shared.relay.all() {
+                                self.relay_one(&client, &topic, json);
+                            }
+                        }
+                        Event::Incoming(Packet::Publish(p)) if p.topic == ack_topic => {
+                            match serde_json::from_slice::<proto::UplinkAck>(&p.payload) {
+                                Ok(ack) => {
+                                    if acked.is_none() {
+                                        // Start (again) where the gateway is.
+                                        sent = ack.next;
+                                    }
+                                    let a = acked.map_or(ack.next, |a| a.max(ack.next));
+                                    if acked != Some(a) {
+                                        last_progress = Instant::now();
+                                    }
+                                    acked = Some(a);
+                                    sent = sent.max(a);
+                                    self.shared.acked.fetch_max(a, Ordering::SeqCst);
+                                    self.shared.update(|s| { s.acked = s.acked.max(a); s.sent = sent; });
+                                }
+                                Err(e) => tracing::warn!("gateway ack is not JSON {{\"next\":N}}: {e}"),
+                            }
+                        }
+                        _ => {}
+                    }
+                }
+                _ = self.head.changed() => {}
+                _ = self.shared.relay.changed.notified() => {}
+                _ = tick.tick() => {}
+                _ = shutdown.changed() => return Ok(()),
+            }
+            if !connected {
+                continue;
+            }
+            for (topic, json) in self.shared.relay.take_dirty(256) {
+                self.relay_one(&client, &topic, json);
+            }
+            let Some(acked) = acked else { continue };
+            if sent > acked && last_progress.elapsed() > ack_timeout {
+                // The gateway has not moved for a while although batches are out: it
+                // refused one (a hole) or lost it. Send again from its ack.
+                tracing::warn!(
+                    acked,
+                    sent,
+                    "no uplink ack progress; re-sending from the gateway's ack"
+                );
+                sent = acked;
+                last_progress = Instant::now();
+            }
+            if sent == acked {
+                last_progress = Instant::now();
+            }
+            let head = *self.head.borrow();
+            self.shared.update(|s| s.head = head);
+            // Fill the window.
+            while sent < head && sent - acked < self.config.max_inflight_readings {
+                let now_ms = live_started.elapsed().as_millis() as u64;
+                if !pacer.ready(now_ms) {
+                    break;
+                }
+                let want = self
+                    .config
+                    .batch_readings
+                    .min(self.config.max_inflight_readings - (sent - acked));
+                let blocks = self.log.blocks_from(sent, want.max(1), head)?;
+                if blocks.is_empty() {
+                    break;
+                }
+                let mut full = false;
+                for block in blocks {
+                    let frame = proto::BatchFrame {
+                        start: sent,
+                        first_offset: block.first_offset,
+                        block: &block.bytes,
+                    }
+                    .encode();
+                    let bytes = frame.len() as u64;
+                    if client
+                        .try_publish(log_topic.clone(), QoS::AtLeastOnce, false, frame)
+                        .is_err()
+                    {
+                        // The client's queue is full: the rest goes next round.
+                        full = true;
+                        break;
+                    }
+                    pacer.consume(now_ms, block.end_offset - sent.max(block.first_offset));
+                    sent = block.end_offset;
+                    self.shared.update(|s| {
+                        s.sent = sent;
+                        s.batches_sent += 1;
+                        s.bytes_sent += bytes;
+                    });
+                }
+                if full {
+                    break;
+                }
+            }
+        }
+    }
+
+    fn relay_one(&self, client: &AsyncClient, topic: &str, json: String) {
+        if let Some(up) = proto::agg_relay_topic(&self.site, &self.origin, topic) {
+            // QoS 0: a newer value supersedes a lost one, and the full set goes again on
+            // every reconnect.
+            let _ = client.try_publish(up, QoS::AtMostOnce, false, json);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn gateway_addresses_split_into_host_and_port() {
+        assert_eq!(
+            split_host_port("gw.local:1883"),
+            Some(("gw.local".into(), 1883))
+        );
+        assert_eq!(split_host_port("[::1]:1883"), Some(("::1".into(), 1883)));
+        assert_eq!(split_host_port("nohost"), None);
+        assert_eq!(split_host_port("h:notaport"), None);
+    }
+
+    #[test]
+    fn the_relay_keeps_the_newest_value_per_topic_once() {
+        let r = AggRelay::default();
+        r.offer("agg/d/t/10s", "1");
+        r.offer("agg/d/t/10s", "2");
+        r.offer("agg/d/t/60s", "3");
+        let dirty = r.take_dirty(10);
+        assert_eq!(
+            dirty,
+            vec![
+                ("agg/d/t/10s".to_owned(), "2".to_owned()),
+                ("agg/d/t/60s".to_owned(), "3".to_owned())
+            ]
+        );
+        assert!(r.take_dirty(10).is_empty());
+        assert_eq!(r.all().len(), 2);
+    }
+}

@@ -1,0 +1,202 @@
+//! The uplink protocol between a site's leader agent and the gateway, over MQTT.
+//!
+//! | topic | from | payload |
+//! |---|---|---|
+//! | `fogline/uplink/<site>/<origin>/log` | agent, QoS 1 | [`BatchFrame`]: one stored block of the origin's log |
+//! | `fogline/uplink/<site>/<origin>/sync` | agent, QoS 1 | empty: "tell me where you are" |
+//! | `fogline/uplink/<site>/<origin>/ack` | gateway, retained | [`UplinkAck`] JSON `{"next":N}` |
+//! | `fogline/uplink/<site>/<origin>/agg/<device>/<metric>/<len>s` | agent, QoS 1 | window JSON, republished by the gateway on `agg/<site>/<device>/<metric>/<len>s` |
+//!
+//! The gateway acks per (site, origin) the next offset it expects: every reading of that
+//! origin below it is durable at the gateway. It accepts a batch only if the batch joins
+//! its log without a hole, so the log at the gateway is complete and in offset order, and
+//! a re-sent batch is recognised by its offsets and stored once.
+
+use serde::{Deserialize, Serialize};
+
+/// First byte of every batch frame.
+pub const VERSION: u8 = 1;
+/// What the gateway subscribes to.
+pub const GATEWAY_FILTER: &str = "fogline/uplink/#";
+const PREFIX: &str = "fogline/uplink/";
+
+/// One batch of an origin's log.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BatchFrame<'a> {
+    /// The agent vouches that offsets in `start..first_offset` do not exist any more
+    /// (dropped or downsampled at the edge before they could be sent).
+    pub start: u64,
+    /// Offset of the block's first reading.
+    pub first_offset: u64,
+    /// The block exactly as the agent stores it (`buffer::block`).
+    #[serde(borrow)]
+    pub block: &'a [u8],
+}
+
+/// The gateway's durable watermark for one origin.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UplinkAck {
+    /// Every reading below this offset is stored at the gateway.
+    pub next: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum FrameError {
+    #[error("empty frame")]
+    Empty,
+    #[error("unknown frame version {0}")]
+    Version(u8),
+    #[error("malformed frame")]
+    Malformed,
+    #[error("batch starts after its first offset")]
+    BadRange,
+}
+
+impl BatchFrame<'_> {
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = vec![VERSION];
+        out.extend(postcard::to_allocvec(self).unwrap_or_default());
+        out
+    }
+}
+
+/// Decodes a batch frame. Never panics on any input.
+pub fn decode_batch(bytes: &[u8]) -> Result<BatchFrame<'_>, FrameError> {
+    let (&version, body) = bytes.split_first().ok_or(FrameError::Empty)?;
+    if version != VERSION {
+        return Err(FrameError::Version(version));
+    }
+    let frame: BatchFrame<'_> = postcard::from_bytes(body).map_err(|_| FrameError::Malformed)?;
+    if frame.start > frame.first_offset {
+        return Err(FrameError::BadRange);
+    }
+    Ok(frame)
+}
+
+/// What an uplink topic is about.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Topic<'a> {
+    Log {
+        site: &'a str,
+        origin: &'a str,
+    },
+    Sync {
+        site: &'a str,
+        origin: &'a str,
+    },
+    Ack {
+        site: &'a str,
+        origin: &'a str,
+    },
+    /// `rest` is `<device>/<metric>/<len>s`.
+    Agg {
+        site: &'a str,
+        origin: &'a str,
+        rest: &'a str,
+    },
+}
+
+pub fn log_topic(site: &str, origin: &str) -> String {
+    format!("{PREFIX}{site}/{origin}/log")
+}
+
+pub fn sync_topic(site: &str, origin: &str) -> String {
+    format!("{PREFIX}{site}/{origin}/sync")
+}
+
+pub fn ack_topic(site: &str, origin: &str) -> String {
+    format!("{PREFIX}{site}/{origin}/ack")
+}
+
+/// `agg/<device>/<metric>/<len>s` at the agent → its uplink topic.
+pub fn agg_relay_topic(site: &str, origin: &str, local_topic: &str) -> Option<String> {
+    let rest = local_topic.strip_prefix("agg/")?;
+    Some(format!("{PREFIX}{site}/{origin}/agg/{rest}"))
+}
+
+/// Parses an uplink topic; ids are checked with the sensor id rules.
+pub fn parse_topic(topic: &str) -> Option<Topic<'_>> {
+    let rest = topic.strip_prefix(PREFIX)?;
+    let mut parts = rest.splitn(4, '/');
+    let (site, origin, kind) = (parts.next()?, parts.next()?, parts.next()?);
+    if !fogline_firmware::wire::valid_id(site) || !fogline_firmware::wire::valid_id(origin) {
+        return None;
+    }
+    match (kind, parts.next()) {
+        ("log", None) => Some(Topic::Log { site, origin }),
+        ("sync", None) => Some(Topic::Sync { site, origin }),
+        ("ack", None) => Some(Topic::Ack { site, origin }),
+        ("agg", Some(rest)) => {
+            let mut p = rest.split('/');
+            let ok = matches!(
+                (p.next(), p.next(), p.next(), p.next()),
+                (Some(d), Some(m), Some(w), None)
+                    if fogline_firmware::wire::valid_id(d)
+                        && fogline_firmware::wire::valid_id(m)
+                        && w.strip_suffix('s').is_some_and(|n| n.parse::<u32>().is_ok())
+            );
+            ok.then_some(Topic::Agg { site, origin, rest })
+        }
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn frames_round_trip() {
+        let block = [1u8, 2, 3];
+        let frame = BatchFrame {
+            start: 5,
+            first_offset: 7,
+            block: &block,
+        };
+        assert_eq!(decode_batch(&frame.encode()), Ok(frame));
+        assert_eq!(decode_batch(&[]), Err(FrameError::Empty));
+        assert_eq!(decode_batch(&[9, 0]), Err(FrameError::Version(9)));
+        let bad = BatchFrame {
+            start: 8,
+            first_offset: 7,
+            block: &block,
+        };
+        assert_eq!(decode_batch(&bad.encode()), Err(FrameError::BadRange));
+    }
+
+    #[test]
+    fn topics_parse_and_refuse_strangers() {
+        assert_eq!(
+            parse_topic(&log_topic("s1", "a1")),
+            Some(Topic::Log {
+                site: "s1",
+                origin: "a1"
+            })
+        );
+        assert_eq!(
+            parse_topic("fogline/uplink/s1/a1/agg/d1/temp/60s"),
+            Some(Topic::Agg {
+                site: "s1",
+                origin: "a1",
+                rest: "d1/temp/60s"
+            })
+        );
+        assert_eq!(
+            agg_relay_topic("s1", "a1", "agg/d1/temp/60s").as_deref(),
+            Some("fogline/uplink/s1/a1/agg/d1/temp/60s")
+        );
+        assert_eq!(parse_topic("fogline/uplink/s1/a1/agg/d1/temp"), None);
+        assert_eq!(parse_topic("fogline/uplink/s 1/a1/log"), None);
+        assert_eq!(parse_topic("fogline/uplink/s1/a1/log/x"), None);
+        assert_eq!(parse_topic("sensors/d/m"), None);
+    }
+
+    proptest! {
+        #[test]
+        fn arbitrary_frames_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..64)) {
+            let _ = decode_batch(&bytes);
+        }
+    }
+}

@@ -1,0 +1,311 @@
+//! The gateway's store: every site's origin logs, complete and in offset order, the
+//! per-(site, origin) watermark that is acked back to the agents, and the newest
+//! aggregate per dashboard topic (republished after a restart).
+//!
+//! A batch is accepted only if it joins its origin's log without a hole (see
+//! [`Store::apply`]); re-sent batches are recognised by their offsets and stored once.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use fogline_agent::buffer::block::{self, Record};
+use fogline_agent::uplink::proto::BatchFrame;
+use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinition};
+
+const LOG: TableDefinition<(&str, &str, u64), &[u8]> = TableDefinition::new("log");
+const ORIGINS: TableDefinition<(&str, &str), &[u8]> = TableDefinition::new("origins");
+const AGGREGATES: TableDefinition<&str, &str> = TableDefinition::new("aggregates");
+
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StoreError {
+    #[error("cannot create data directory {0}: {1}")]
+    DataDir(PathBuf, std::io::Error),
+    #[error("the store {0} is in use by another process (is a gateway running on it?)")]
+    Locked(PathBuf),
+    #[error("storage: {0}")]
+    Storage(#[from] redb::Error),
+    #[error("corrupt {0}")]
+    Corrupt(String),
+}
+
+macro_rules! from_redb {
+    ($($t:ty),*) => {$(
+        impl From<$t> for StoreError {
+            fn from(e: $t) -> Self { StoreError::Storage(e.into()) }
+        }
+    )*};
+}
+from_redb!(
+    redb::StorageError,
+    redb::TableError,
+    redb::TransactionError,
+    redb::CommitError,
+    redb::SetDurabilityError,
+    redb::DatabaseError
+);
+
+/// Per (site, origin): where its log stands at the gateway.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct OriginState {
+    /// Every reading below this offset is stored (or was given up at the edge).
+    pub next: u64,
+    pub stored: u64,
+    /// Offsets the agent vouched were dropped at the edge before it could send them.
+    pub skipped: u64,
+}
+
+/// What [`Store::apply`] did with a batch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Applied {
+    /// Stored this many new readings.
+    Stored(u64),
+    /// Everything in it was already stored.
+    Duplicate,
+    /// It starts past the watermark: an earlier batch is missing. Not stored.
+    Gap,
+    /// The block inside does not decode. Not stored.
+    Malformed,
+}
+
+impl Applied {
+    pub fn label(self) -> &'static str {
+        match self {
+            Applied::Stored(_) => "stored",
+            Applied::Duplicate => "duplicate",
+            Applied::Gap => "gap",
+            Applied::Malformed => "malformed",
+        }
+    }
+}
+
+type Key = (String, String);
+
+/// A batch of work for one commit.
+#[derive(Default)]
+pub struct Txn {
+    blocks: Vec<(Key, u64, Vec<u8>)>,
+    origins: HashMap<Key, OriginState>,
+    aggregates: Vec<(String, String)>,
+}
+
+pub struct Store {
+    db: Database,
+    origins: HashMap<Key, OriginState>,
+}
+
+impl Store {
+    pub fn open(data_dir: &Path, cache_bytes: usize) -> Result<Store, StoreError> {
+        std::fs::create_dir_all(data_dir)
+            .map_err(|e| StoreError::DataDir(data_dir.to_path_buf(), e))?;
+        let path = crate::config::store_path(data_dir);
+        let db = Database::builder()
+            .set_cache_size(cache_bytes)
+            .create(&path)
+            .map_err(|e| match e {
+                redb::DatabaseError::DatabaseAlreadyOpen => StoreError::Locked(path.clone()),
+                other => other.into(),
+            })?;
+        let txn = db.begin_write()?;
+        {
+            txn.open_table(LOG)?;
+            txn.open_table(ORIGINS)?;
+            txn.open_table(AGGREGATES)?;
+        }
+        txn.commit()?;
+        let mut origins = HashMap::new();
+        let read = db.begin_read()?;
+        for row in read.open_table(ORIGINS)?.iter()? {
+            let (k, v) = row?;
+            let (site, origin) = k.value();
+            let state: OriginState = postcard::from_bytes(v.value())
+                .map_err(|e| StoreError::Corrupt(format!("origin {site}/{origin}: {e}")))?;
+            origins.insert((site.to_owned(), origin.to_owned()), state);
+        }
+        Ok(Store { db, origins })
+    }
+
+    pub fn origins(&self) -> &HashMap<Key, OriginState> {
+        &self.origins
+    }
+
+    /// The watermark of an origin (0 if never seen), counting pending work in `txn`.
+    pub fn next(&self, txn: &Txn, site: &str, origin: &str) -> u64 {
+        let key = (site.to_owned(), origin.to_owned());
+        txn.origins
+            .get(&key)
+            .or_else(|| self.origins.get(&key))
+            .map_or(0, |s| s.next)
+    }
+
+    /// Adds a batch to `txn` if it joins the origin's log without a hole.
+    pub fn apply(
+        &self,
+        txn: &mut Txn,
+        site: &str,
+        origin: &str,
+        frame: &BatchFrame<'_>,
+    ) -> Applied {
+        let key = (site.to_owned(), origin.to_owned());
+        let mut state = txn
+            .origins
+            .get(&key)
+            .or_else(|| self.origins.get(&key))
+            .copied()
+            .unwrap_or_default();
+        let Ok(records) = block::decode(frame.block) else {
+            return Applied::Malformed;
+        };
+        let end = frame.first_offset + records.len() as u64;
+        if frame.start.min(frame.first_offset) > state.next {
+            return Applied::Gap;
+        }
+        if end <= state.next {
+            return Applied::Duplicate;
+        }
+        let (first, bytes) = if frame.first_offset < state.next {
+            // Partly stored already: keep only the new tail.
+            let skip = (state.next - frame.first_offset) as usize;
+            (state.next, block::encode(&records[skip..]))
+        } else {
+            state.skipped += frame.first_offset - state.next;
+            (frame.first_offset, frame.block.to_vec())
+        };
+        let stored = end - first;
+        state.stored += stored;
+        state.next = end;
+        txn.blocks.push((key.clone(), first, bytes));
+        txn.origins.insert(key, state);
+        Applied::Stored(stored)
+    }
+
+    pub fn put_aggregate(txn: &mut Txn, topic: String, json: String) {
+        txn.aggregates.push((topic, json));
+    }
+
+    /// Writes `txn` with one fsync.
+    pub fn commit(&mut self, txn: Txn) -> Result<(), StoreError> {
+        if txn.blocks.is_empty() && txn.origins.is_empty() && txn.aggregates.is_empty() {
+            return Ok(());
+        }
+        let mut w = self.db.begin_write()?;
+        w.set_durability(Durability::Immediate)?;
+        {
+            let mut log = w.open_table(LOG)?;
+            for ((site, origin), first, bytes) in &txn.blocks {
+                log.insert((site.as_str(), origin.as_str(), *first), bytes.as_slice())?;
+            }
+            let mut origins = w.open_table(ORIGINS)?;
+            for ((site, origin), state) in &txn.origins {
+                let bytes =
+                    postcard::to_allocvec(state).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+                origins.insert((site.as_str(), origin.as_str()), bytes.as_slice())?;
+            }
+            let mut aggs = w.open_table(AGGREGATES)?;
+            for (topic, json) in &txn.aggregates {
+                aggs.insert(topic.as_str(), json.as_str())?;
+            }
+        }
+        w.commit()?;
+        self.origins.extend(txn.origins);
+        Ok(())
+    }
+
+    /// Every stored aggregate (to republish them retained at start-up).
+    pub fn aggregates(&self) -> Result<Vec<(String, String)>, StoreError> {
+        let read = self.db.begin_read()?;
+        let mut out = Vec::new();
+        for row in read.open_table(AGGREGATES)?.iter()? {
+            let (k, v) = row?;
+            out.push((k.value().to_owned(), v.value().to_owned()));
+        }
+        Ok(out)
+    }
+
+    /// Every stored reading, per (site, origin) in offset order.
+    pub fn for_each_record(
+        &self,
+        mut f: impl FnMut(&str, &str, u64, Record),
+    ) -> Result<(), StoreError> {
+        let read = self.db.begin_read()?;
+        for row in read.open_table(LOG)?.iter()? {
+            let (k, v) = row?;
+            let (site, origin, first) = k.value();
+            let records = block::decode(v.value())
+                .map_err(|e| StoreError::Corrupt(format!("block {site}/{origin}@{first}: {e}")))?;
+            for (i, r) in records.into_iter().enumerate() {
+                f(site, origin, first + i as u64, r);
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn block_of(n: usize, seq0: u32) -> Vec<u8> {
+        let records: Vec<Record> = (0..n)
+            .map(|i| Record {
+                device: "d".into(),
+                metric: "t".into(),
+                boot: 1,
+                seq: Some(seq0 + i as u32),
+                ts_ms: 1_700_000_000_000 + i as i64,
+                value: i as f64,
+            })
+            .collect();
+        block::encode(&records)
+    }
+
+    fn apply(store: &mut Store, start: u64, first: u64, block: &[u8]) -> Applied {
+        let mut txn = Txn::default();
+        let frame = BatchFrame {
+            start,
+            first_offset: first,
+            block,
+        };
+        let applied = store.apply(&mut txn, "s", "a", &frame);
+        store.commit(txn).expect("commit");
+        applied
+    }
+
+    #[test]
+    fn batches_are_stored_once_in_order_without_holes() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut s = Store::open(dir.path(), 1 << 20).expect("open");
+        let b0 = block_of(10, 1);
+        let b1 = block_of(5, 11);
+        assert_eq!(apply(&mut s, 0, 0, &b0), Applied::Stored(10));
+        assert_eq!(apply(&mut s, 0, 0, &b0), Applied::Duplicate, "re-sent");
+        assert_eq!(
+            apply(&mut s, 20, 20, &b1),
+            Applied::Gap,
+            "offsets 10..20 missing"
+        );
+        assert_eq!(apply(&mut s, 10, 10, &b1), Applied::Stored(5));
+        // A batch overlapping the watermark stores only its new tail.
+        let b2 = block_of(10, 11);
+        assert_eq!(apply(&mut s, 10, 10, &b2), Applied::Stored(5));
+        // The agent dropped 20..25 before sending: it says so with `start`.
+        assert_eq!(apply(&mut s, 20, 25, &block_of(3, 100)), Applied::Stored(3));
+        assert_eq!(apply(&mut s, 0, 0, b"\x09garbage"), Applied::Malformed);
+        drop(s);
+        let s = Store::open(dir.path(), 1 << 20).expect("reopen");
+        let state = s.origins()[&("s".to_owned(), "a".to_owned())];
+        assert_eq!(
+            state,
+            OriginState {
+                next: 28,
+                stored: 23,
+                skipped: 5
+            }
+        );
+        let mut offsets = Vec::new();
+        s.for_each_record(|_, _, offset, _| offsets.push(offset))
+            .expect("read");
+        let expected: Vec<u64> = (0..20).chain(25..28).collect();
+        assert_eq!(offsets, expected);
+    }
+}
