@@ -12,14 +12,18 @@
 
 mod agent;
 mod fleet;
+mod gateway;
 mod http;
 pub mod mosquitto;
 mod proc;
+mod proxy;
 
 pub use agent::{agent_bin, find_bin, Agent, AgentOptions, ExportedReading};
 pub use fleet::{Device, DeviceSnapshot, DeviceSpec, Fleet, PayloadFn, RawPublisher};
 pub use http::{http_get, metric};
+pub use gateway::{Gateway, GatewayReading};
 pub use proc::{run_bounded, BoundedOutput};
+pub use proxy::TcpProxy;
 
 use std::net::{Ipv4Addr, SocketAddr, TcpListener};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -146,5 +150,39 @@ pub fn check_sequences(readings: &[ExportedReading], expect: &[(String, u32, u32
             ));
         }
     }
+    problems
+}
+
+/// Checks a gateway export: per (site, origin) the offsets are contiguous and in order
+/// (nothing lost, nothing twice, order kept), and every `(device, boot, 1..=upto)` in
+/// `expect` is there exactly once.
+pub fn check_gateway_log(stored: &[GatewayReading], expect: &[(String, u32, u32)]) -> Vec<String> {
+    let mut problems = Vec::new();
+    let mut last: std::collections::HashMap<(&str, &str), u64> = std::collections::HashMap::new();
+    for r in stored {
+        let key = (r.site.as_str(), r.origin.as_str());
+        if let Some(prev) = last.get(&key) {
+            if r.offset != prev + 1 && problems.len() < 20 {
+                problems.push(format!(
+                    "{}/{}: offset {} follows {prev}",
+                    r.site, r.origin, r.offset
+                ));
+            }
+        }
+        last.insert(key, r.offset);
+    }
+    let as_agent: Vec<ExportedReading> = stored
+        .iter()
+        .map(|r| ExportedReading {
+            offset: r.offset,
+            device: r.device.clone(),
+            metric: r.metric.clone(),
+            boot: r.boot,
+            seq: r.seq,
+            value: r.value,
+            ts: r.ts,
+        })
+        .collect();
+    problems.extend(check_sequences(&as_agent, expect));
     problems
 }

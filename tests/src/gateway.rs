@@ -1,0 +1,225 @@
+//! Starting, stopping and inspecting a real `fogline-gateway` process.
+
+use std::fs::OpenOptions;
+use std::io::Write;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use serde::Deserialize;
+
+use crate::{find_bin, free_port, http_get, local, metric, run_bounded};
+
+/// One stored reading as printed by `fogline-gateway store export --format jsonl`.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+pub struct GatewayReading {
+    pub site: String,
+    pub origin: String,
+    pub offset: u64,
+    pub device: String,
+    pub metric: String,
+    pub boot: u32,
+    pub seq: Option<u32>,
+    pub value: f64,
+    pub ts: i64,
+}
+
+/// A running (or stopped) gateway with its own ports, data dir and log file. Dropping it
+/// kills the process.
+pub struct Gateway {
+    bin: PathBuf,
+    _root: tempfile::TempDir,
+    data_dir: PathBuf,
+    log_path: PathBuf,
+    mqtt_port: u16,
+    http_port: u16,
+    env: Vec<(String, String)>,
+    child: Option<Child>,
+}
+
+impl Gateway {
+    /// Starts a gateway on free local ports and a fresh data dir; waits until ready.
+    pub fn start(env: &[(&str, &str)]) -> anyhow::Result<Gateway> {
+        let root = tempfile::Builder::new()
+            .prefix("fogline-gw-")
+            .tempdir()
+            .context("creating a temp dir")?;
+        let mut gw = Gateway {
+            bin: find_bin("fogline-gateway", "FOGLINE_GATEWAY_BIN")?,
+            data_dir: root.path().join("data"),
+            log_path: root.path().join("gateway.log"),
+            _root: root,
+            mqtt_port: free_port()?,
+            http_port: free_port()?,
+            env: env
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                .collect(),
+            child: None,
+        };
+        gw.restart()?;
+        Ok(gw)
+    }
+
+    /// Starts the process (again) on the same data dir and ports; waits until ready.
+    pub fn restart(&mut self) -> anyhow::Result<()> {
+        if self.child.is_some() {
+            bail!("gateway already running");
+        }
+        let mut log = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log_path)?;
+        writeln!(log, "===== fogline-tests: gateway start =====")?;
+        let err = log.try_clone()?;
+        let mut cmd = Command::new(&self.bin);
+        cmd.arg("run")
+            .arg("--data-dir")
+            .arg(&self.data_dir)
+            .arg("--mqtt-listen")
+            .arg(self.mqtt_addr().to_string())
+            .arg("--http-listen")
+            .arg(local(self.http_port).to_string())
+            .env("NO_COLOR", "1")
+            .stdin(Stdio::null())
+            .stdout(Stdio::from(log))
+            .stderr(Stdio::from(err));
+        for (k, v) in &self.env {
+            cmd.env(k, v);
+        }
+        self.child = Some(cmd.spawn().context("starting fogline-gateway")?);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(child) = self.child.as_mut() {
+                if let Some(status) = child.try_wait()? {
+                    self.child = None;
+                    bail!("gateway exited with {status}; log tail:\n{}", self.log_tail(30));
+                }
+            }
+            if let Ok((200, _)) = http_get(local(self.http_port), "/healthz") {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!("gateway not ready in 30 s; log tail:\n{}", self.log_tail(30));
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// SIGKILL, then reap.
+    pub fn kill9(&mut self) -> anyhow::Result<()> {
+        if let Some(mut child) = self.child.take() {
+            child.kill()?;
+            child.wait()?;
+        }
+        Ok(())
+    }
+
+    /// SIGTERM and wait up to `timeout` for a clean exit.
+    pub fn stop(&mut self, timeout: Duration) -> anyhow::Result<()> {
+        let Some(mut child) = self.child.take() else {
+            return Ok(());
+        };
+        run_bounded(
+            Command::new("kill").arg("-TERM").arg(child.id().to_string()),
+            Duration::from_secs(5),
+        )?;
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = child.try_wait()? {
+                if !status.success() {
+                    bail!("gateway exited with {status}; log tail:\n{}", self.log_tail(30));
+                }
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                bail!("gateway did not stop within {timeout:?}");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn mqtt_addr(&self) -> SocketAddr {
+        local(self.mqtt_port)
+    }
+
+    pub fn mqtt_port(&self) -> u16 {
+        self.mqtt_port
+    }
+
+    pub fn data_dir(&self) -> &Path {
+        &self.data_dir
+    }
+
+    /// A gauge or counter from `/metrics` (0 when absent).
+    pub fn metric(&self, name: &str, labels: &[(&str, &str)]) -> anyhow::Result<f64> {
+        let (status, body) = http_get(local(self.http_port), "/metrics")?;
+        if status != 200 {
+            bail!("/metrics answered {status}");
+        }
+        Ok(metric(&body, name, labels))
+    }
+
+    /// `/status` as JSON.
+    pub fn status(&self) -> anyhow::Result<serde_json::Value> {
+        let (_, body) = http_get(local(self.http_port), "/status")?;
+        Ok(serde_json::from_str(&body)?)
+    }
+
+    /// The next offset the gateway expects from (site, origin): everything below is stored.
+    pub fn next_offset(&self, site: &str, origin: &str) -> anyhow::Result<u64> {
+        let status = self.status()?;
+        let next = status["origins"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|o| o["site"] == site && o["origin"] == origin)
+            .and_then(|o| o["next_offset"].as_u64())
+            .unwrap_or(0);
+        Ok(next)
+    }
+
+    /// `store export` on the (stopped) gateway's data dir.
+    pub fn export(&self) -> anyhow::Result<Vec<GatewayReading>> {
+        let out = run_bounded(
+            Command::new(&self.bin)
+                .arg("store")
+                .arg("export")
+                .arg("--data-dir")
+                .arg(&self.data_dir)
+                .arg("--format")
+                .arg("jsonl"),
+            Duration::from_secs(120),
+        )?;
+        if !out.status.success() {
+            bail!("store export failed: {}", out.stderr);
+        }
+        out.stdout
+            .lines()
+            .filter(|l| !l.trim().is_empty())
+            .map(|l| serde_json::from_str(l).with_context(|| format!("export line {l:?}")))
+            .collect()
+    }
+
+    pub fn log_tail(&self, lines: usize) -> String {
+        let text = std::fs::read_to_string(&self.log_path).unwrap_or_default();
+        let all: Vec<&str> = text.lines().collect();
+        all[all.len().saturating_sub(lines)..].join("\n")
+    }
+}
+
+impl Drop for Gateway {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        if std::thread::panicking() {
+            eprintln!("--- gateway log tail ---\n{}", self.log_tail(40));
+        }
+    }
+}
