@@ -13,8 +13,34 @@ if ! command -v mosquitto_pub >/dev/null 2>&1 || ! command -v mosquitto_sub >/de
     $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends mosquitto-clients
 fi
 
+# The no_std firmware is also built for a Cortex-M4F (thumbv7em-none-eabihf). rustup here
+# has the host target only, so that build uses Debian's Rust and build-std
+# (../shared/TOOLCHAIN.md); install it if any part is missing.
+THUMB_PKGS="rustc-web cargo-web rust-web-src"
+THUMB_MISSING=""
+for pkg in $THUMB_PKGS; do
+    status="$(dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null || true)"
+    if [ "$status" != "install ok installed" ]; then
+        THUMB_MISSING="$THUMB_MISSING $pkg"
+    fi
+done
+if [ -n "$THUMB_MISSING" ]; then
+    SUDO=""
+    if [ "$(id -u)" -ne 0 ]; then SUDO="sudo"; fi
+    echo "installing$THUMB_MISSING"
+    $SUDO apt-get update
+    # shellcheck disable=SC2086 # one word per package
+    $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends $THUMB_MISSING
+fi
+
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets -- -D warnings
 # The end-to-end tests run target/debug/fogline-agent: build it before testing.
 cargo build --workspace --bins
+# The firmware library must build for a microcontroller: no std, no alloc. Debian's
+# compiler gets its own target dir so the two compilers never share artifacts;
+# RUSTC_BOOTSTRAP only unlocks -Zbuild-std for this check, the firmware uses no unstable
+# features.
+RUSTC_BOOTSTRAP=1 RUSTC=/usr/bin/rustc /usr/bin/cargo build -Zbuild-std=core \
+    --target thumbv7em-none-eabihf --release -p fogline-firmware --target-dir target/thumbv7em
 cargo test --workspace

@@ -30,9 +30,15 @@ pub enum BrokerError {
     #[error("the broker did not start listening on {0} within 5 s")]
     NotListening(SocketAddr),
     #[error("broker link: {0}")]
-    Link(#[from] LinkError),
+    Link(Box<LinkError>),
     #[error("{0}")]
     Config(String),
+}
+
+impl From<LinkError> for BrokerError {
+    fn from(e: LinkError) -> Self {
+        BrokerError::Link(Box::new(e))
+    }
 }
 
 /// Publishes retained messages into the broker from a plain thread.
@@ -185,7 +191,7 @@ pub fn embed(
     let mut broker = rumqttd::Broker::new(broker_config);
     let links = links
         .iter()
-        .map(|name| broker.link(name))
+        .map(|name| broker.link(name).map_err(BrokerError::from))
         .collect::<Result<Vec<_>, _>>()?;
     std::thread::Builder::new()
         .name("mqtt-broker".into())
@@ -228,19 +234,19 @@ pub fn receive(mut rx: LinkRx, stop: &AtomicBool, mut on_publish: impl FnMut(Pub
                 return;
             }
         };
-        match notification {
-            Notification::Forward(forward) => {
-                if !on_publish(forward.publish) {
-                    return;
-                }
-            }
-            Notification::Unschedule => {
-                if let Err(e) = rx.ready() {
+        let keep_going = match notification {
+            Notification::Forward(forward) => on_publish(forward.publish),
+            Notification::Unschedule => match rx.ready() {
+                Ok(()) => true,
+                Err(e) => {
                     tracing::error!("a broker link closed: {e}");
-                    return;
+                    false
                 }
-            }
-            _ => {}
+            },
+            _ => true,
+        };
+        if !keep_going {
+            return;
         }
     }
 }

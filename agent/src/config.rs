@@ -82,6 +82,7 @@ pub struct BufferConfig {
     pub batch_max_readings: usize,
     pub batch_max_delay_ms: u64,
     pub cache_bytes: usize,
+    pub min_free_disk_bytes: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -247,6 +248,13 @@ impl Config {
         if b.downsample_window_secs == 0 {
             return bad("buffer.downsample_window_secs must be at least 1".into());
         }
+        if b.min_free_disk_bytes < 1 << 20 {
+            return bad(format!(
+                "buffer.min_free_disk_bytes = {} is too small (at least 1048576: a full disk \
+                 needs a reserve to recover)",
+                b.min_free_disk_bytes
+            ));
+        }
         if b.batch_max_readings == 0 {
             return bad("buffer.batch_max_readings must be at least 1".into());
         }
@@ -334,6 +342,7 @@ mod tests {
     }
 
     #[test]
+    #[allow(clippy::result_large_err)] // figment::Jail fixes the closure's error type
     fn file_env_and_flags_layer_in_order() {
         let dir = tempfile::tempdir().expect("tempdir");
         let file = dir.path().join("agent.toml");

@@ -160,6 +160,13 @@ impl Pipeline {
                 }
                 self.buffer.commit(&batch)
             }
+            Err(e) if e.needs_reopen() => {
+                self.log_error(&e, n);
+                if let Err(e) = self.buffer.reopen() {
+                    tracing::error!("could not reopen the buffer: {e}");
+                }
+                self.buffer.commit(&batch)
+            }
             other => other,
         };
         match result {
@@ -188,6 +195,10 @@ impl Pipeline {
                 self.metrics.commit_failures.inc();
                 self.log_error(&e, n);
             }
+        }
+        match self.buffer.keep_disk_free() {
+            Ok(dropped) => self.metrics.drop_readings("disk_full", dropped),
+            Err(e) => self.log_error(&e, 0),
         }
         match self.buffer.make_room() {
             Ok(room) => {

@@ -7,7 +7,8 @@
 //! The end-to-end acknowledgement travels the other way on `fogline/ack/<device>` as a
 //! small JSON object described by [`Ack`]: a watermark W for a boot means every reading
 //! of that boot with `seq <= W` is durable at the agent. Sequence numbers start at 1 in
-//! each boot, so W = 0 means "nothing yet".
+//! each boot, so W = 0 means "nothing yet". [`Ack::parse`] reads that JSON without an
+//! allocator; [`reading_topic`] and [`ack_topic`] build the two topics.
 
 use serde::{Deserialize, Serialize};
 
@@ -18,6 +19,17 @@ pub const MAX_ID_LEN: usize = 32;
 /// Upper bound on an encoded frame: version byte, two ids with their length
 /// prefixes, seq, boot, timestamp tag and varint, value.
 pub const MAX_FRAME_LEN: usize = 1 + 2 * (1 + MAX_ID_LEN) + 5 + 5 + 1 + 10 + 8;
+/// Readings are published on `sensors/<device>/<metric>`.
+pub const READING_TOPIC_PREFIX: &str = "sensors/";
+/// The agent publishes each device's watermark, retained, on `fogline/ack/<device>`.
+pub const ACK_TOPIC_PREFIX: &str = "fogline/ack/";
+/// Longest topic [`reading_topic`] or [`ack_topic`] builds.
+pub const MAX_TOPIC_LEN: usize = ACK_TOPIC_PREFIX.len() + 2 * MAX_ID_LEN + 1;
+/// Longest ack payload [`Ack::parse`] looks at; the agent's are about 30 bytes.
+pub const MAX_ACK_LEN: usize = 256;
+
+/// An MQTT topic built without an allocator.
+pub type Topic = heapless::String<MAX_TOPIC_LEN>;
 /// Unix milliseconds of 2001-01-01T00:00:00Z. A wall clock below this was never set
 /// (devices without an RTC start in 1970), so the agent re-bases such timestamps.
 pub const CLOCK_SET_AFTER_MS: u64 = 978_307_200_000;
@@ -147,6 +159,55 @@ pub fn decode(bytes: &[u8]) -> Result<Reading<'_>, Error> {
     Ok(reading)
 }
 
+/// `sensors/<device>/<metric>`, the topic a reading is published on.
+pub fn reading_topic(device: &str, metric: &str) -> Result<Topic, Error> {
+    if !valid_id(device) || !valid_id(metric) {
+        return Err(Error::InvalidId);
+    }
+    let mut topic = Topic::new();
+    for part in [READING_TOPIC_PREFIX, device, "/", metric] {
+        topic.push_str(part).map_err(|()| Error::BufferFull)?;
+    }
+    Ok(topic)
+}
+
+/// `fogline/ack/<device>`, the topic the agent acknowledges a device's readings on.
+pub fn ack_topic(device: &str) -> Result<Topic, Error> {
+    if !valid_id(device) {
+        return Err(Error::InvalidId);
+    }
+    let mut topic = Topic::new();
+    for part in [ACK_TOPIC_PREFIX, device] {
+        topic.push_str(part).map_err(|()| Error::BufferFull)?;
+    }
+    Ok(topic)
+}
+
+impl Ack {
+    /// Parses the agent's ack payload, the JSON object `{"boot":B,"seq":W}`.
+    ///
+    /// The agent writes it with a general JSON library, so field order, whitespace and
+    /// extra fields are allowed; both numbers must fit a `u32`. Never panics, whatever the
+    /// input: the payload comes from the network.
+    pub fn parse(payload: &[u8]) -> Result<Ack, Error> {
+        if payload.len() > MAX_ACK_LEN {
+            return Err(Error::Malformed);
+        }
+        let (ack, used) = serde_json_core::from_slice::<Ack>(payload).map_err(|e| match e {
+            serde_json_core::de::Error::EofWhileParsingObject
+            | serde_json_core::de::Error::EofWhileParsingString
+            | serde_json_core::de::Error::EofWhileParsingNumber
+            | serde_json_core::de::Error::EofWhileParsingValue => Error::Truncated,
+            _ => Error::Malformed,
+        })?;
+        let rest = payload.get(used..).unwrap_or_default();
+        if !rest.iter().all(u8::is_ascii_whitespace) {
+            return Err(Error::TrailingBytes);
+        }
+        Ok(ack)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -214,6 +275,73 @@ mod tests {
             ..reading
         };
         assert_eq!(encode(&nan, &mut buf), Err(Error::NonFinite));
+    }
+
+    #[test]
+    fn the_agents_ack_json_parses_in_any_field_order() {
+        // The exact text the agent publishes (serde_json, fields in struct order)...
+        assert_eq!(
+            Ack::parse(br#"{"boot":7,"seq":12}"#),
+            Ok(Ack { boot: 7, seq: 12 })
+        );
+        // ...and what any other JSON writer could make of the same object.
+        assert_eq!(
+            Ack::parse(b" { \"seq\" : 0 , \"boot\" : 4294967295 }\n"),
+            Ok(Ack {
+                boot: u32::MAX,
+                seq: 0
+            })
+        );
+        assert_eq!(
+            Ack::parse(br#"{"boot":1,"seq":2,"note":"later agents may add fields"}"#),
+            Ok(Ack { boot: 1, seq: 2 })
+        );
+    }
+
+    #[test]
+    fn a_broken_ack_is_an_error_not_a_watermark() {
+        for bad in [
+            &b""[..],
+            br#"{"boot":1}"#,
+            br#"{"boot":1,"seq":-1}"#,
+            br#"{"boot":1,"seq":4294967296}"#,
+            br#"{"boot":1,"seq":2.5}"#,
+            br#"{"boot":"1","seq":2}"#,
+            br#"[1,2]"#,
+            br#"{"boot":1,"seq":2} {"boot":1,"seq":3}"#,
+            br#"{"boot":1,"seq":2"#,
+            b"\xff\xfe",
+        ] {
+            assert!(
+                Ack::parse(bad).is_err(),
+                "{:?} parsed",
+                core::str::from_utf8(bad)
+            );
+        }
+        let huge = [b' '; MAX_ACK_LEN + 1];
+        assert_eq!(Ack::parse(&huge), Err(Error::Malformed));
+    }
+
+    #[test]
+    fn topics_are_built_from_valid_ids_only() {
+        assert_eq!(
+            reading_topic("dev-1", "temperature").as_deref(),
+            Ok("sensors/dev-1/temperature")
+        );
+        assert_eq!(ack_topic("dev-1").as_deref(), Ok("fogline/ack/dev-1"));
+        let longest = "x".repeat(MAX_ID_LEN);
+        assert!(reading_topic(&longest, &longest).is_ok());
+        assert!(ack_topic(&longest).is_ok());
+        assert_eq!(reading_topic("a/b", "m"), Err(Error::InvalidId));
+        assert_eq!(reading_topic("d", "#"), Err(Error::InvalidId));
+        assert_eq!(ack_topic("+"), Err(Error::InvalidId));
+    }
+
+    proptest! {
+        #[test]
+        fn arbitrary_ack_payloads_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..64)) {
+            let _ = Ack::parse(&bytes);
+        }
     }
 
     #[test]

@@ -95,14 +95,20 @@ impl Gateway {
             if let Some(child) = self.child.as_mut() {
                 if let Some(status) = child.try_wait()? {
                     self.child = None;
-                    bail!("gateway exited with {status}; log tail:\n{}", self.log_tail(30));
+                    bail!(
+                        "gateway exited with {status}; log tail:\n{}",
+                        self.log_tail(30)
+                    );
                 }
             }
             if let Ok((200, _)) = http_get(local(self.http_port), "/healthz") {
                 return Ok(());
             }
             if Instant::now() > deadline {
-                bail!("gateway not ready in 30 s; log tail:\n{}", self.log_tail(30));
+                bail!(
+                    "gateway not ready in 30 s; log tail:\n{}",
+                    self.log_tail(30)
+                );
             }
             std::thread::sleep(Duration::from_millis(50));
         }
@@ -123,14 +129,19 @@ impl Gateway {
             return Ok(());
         };
         run_bounded(
-            Command::new("kill").arg("-TERM").arg(child.id().to_string()),
+            Command::new("kill")
+                .arg("-TERM")
+                .arg(child.id().to_string()),
             Duration::from_secs(5),
         )?;
         let deadline = Instant::now() + timeout;
         loop {
             if let Some(status) = child.try_wait()? {
                 if !status.success() {
-                    bail!("gateway exited with {status}; log tail:\n{}", self.log_tail(30));
+                    bail!(
+                        "gateway exited with {status}; log tail:\n{}",
+                        self.log_tail(30)
+                    );
                 }
                 return Ok(());
             }

@@ -20,8 +20,8 @@ mod proxy;
 
 pub use agent::{agent_bin, find_bin, Agent, AgentOptions, ExportedReading};
 pub use fleet::{Device, DeviceSnapshot, DeviceSpec, Fleet, PayloadFn, RawPublisher};
-pub use http::{http_get, metric};
 pub use gateway::{Gateway, GatewayReading};
+pub use http::{http_get, metric};
 pub use proc::{run_bounded, BoundedOutput};
 pub use proxy::TcpProxy;
 

@@ -57,7 +57,7 @@ fn dashboards_at_the_gateway_see_every_sites_aggregates() -> anyhow::Result<()> 
             std::thread::sleep(Duration::from_millis(200));
         }
     }
-    for (_, _, mut agent) in agents.drain(..).map(|(s, v, a)| (s, v, a)) {
+    for (_, _, mut agent) in agents.drain(..) {
         agent.stop(Duration::from_secs(10))?;
     }
     // The gateway serves them again after a restart, with no agent connected.

@@ -61,11 +61,22 @@ pub enum BufferError {
 impl BufferError {
     /// True when the disk is out of space (the write can succeed after making room).
     pub fn is_disk_full(&self) -> bool {
-        let BufferError::Storage(e) = self else {
-            return false;
-        };
-        let text = e.to_string();
-        text.contains("No space left") || text.contains("os error 28") || text.contains("quota")
+        match self {
+            BufferError::Storage(redb::Error::Io(e)) => {
+                e.kind() == std::io::ErrorKind::StorageFull
+                    || e.kind() == std::io::ErrorKind::QuotaExceeded
+                    || matches!(e.raw_os_error(), Some(28 | 122))
+            }
+            _ => false,
+        }
+    }
+
+    /// True when redb refuses further writes until the database is reopened.
+    pub fn needs_reopen(&self) -> bool {
+        matches!(
+            self,
+            BufferError::Storage(redb::Error::Io(_) | redb::Error::PreviousIo)
+        )
     }
 }
 
@@ -313,6 +324,63 @@ pub struct Buffer {
     /// A failed checkpoint lost track of which windows changed: write them all next time.
     checkpoint_all: bool,
     evicted: Vec<WindowKey>,
+    reserve: Reserve,
+    /// Buffer file size when disk pressure last made room (see `keep_disk_free`).
+    file_len_at_pressure: u64,
+}
+
+/// Bytes available to this process on the filesystem holding `dir`.
+fn free_disk_bytes(dir: &Path) -> Option<u64> {
+    let st = rustix::fs::statvfs(dir).ok()?;
+    Some(st.f_bavail.saturating_mul(st.f_frsize))
+}
+
+/// A file of real (not sparse) bytes kept beside the buffer. A copy-on-write database
+/// needs free pages even to delete, so when the disk is completely full this file is
+/// deleted to give redb room to drop the oldest readings. Recreated once there is room.
+struct Reserve {
+    path: PathBuf,
+    size: u64,
+}
+
+impl Reserve {
+    fn new(data_dir: &Path, min_free: u64) -> Reserve {
+        Reserve {
+            path: data_dir.join("reserve.bin"),
+            size: (min_free / 2).min(8 << 20),
+        }
+    }
+
+    /// Creates the reserve if it is missing and `spare` bytes allow it.
+    fn ensure(&self, spare: u64) {
+        if self.size == 0 || spare < self.size || self.path.exists() {
+            return;
+        }
+        let write = || -> std::io::Result<()> {
+            use std::io::Write;
+            let mut f = std::fs::File::create(&self.path)?;
+            let chunk = vec![0u8; 64 * 1024];
+            let mut left = self.size;
+            while left > 0 {
+                let n = left.min(chunk.len() as u64) as usize;
+                f.write_all(&chunk[..n])?;
+                left -= n as u64;
+            }
+            f.sync_all()
+        };
+        if let Err(e) = write() {
+            let _ = std::fs::remove_file(&self.path);
+            tracing::warn!(
+                "cannot create the disk reserve {}: {e}",
+                self.path.display()
+            );
+        }
+    }
+
+    /// Deletes the reserve; true if there was one.
+    fn release(&self) -> bool {
+        std::fs::remove_file(&self.path).is_ok()
+    }
 }
 
 fn open_db(path: &Path, cache_bytes: usize) -> Result<Database, BufferError> {
@@ -399,8 +467,14 @@ impl Buffer {
         if replayed > 0 {
             tracing::info!(replayed, "replayed readings into the aggregates");
         }
+        let reserve = Reserve::new(&cfg.data_dir, cfg.min_free_disk_bytes);
+        if let Some(free) = free_disk_bytes(&cfg.data_dir) {
+            reserve.ensure(free.saturating_sub(cfg.min_free_disk_bytes));
+        }
         Ok(Buffer {
             db: Arc::new(RwLock::new(db)),
+            reserve,
+            file_len_at_pressure: 0,
             path,
             cfg: cfg.clone(),
             folded_offset: meta.next_offset,
@@ -635,17 +709,56 @@ impl Buffer {
         Ok(deleted)
     }
 
-    /// Frees space after the disk filled up: drops (does not downsample, which would
-    /// write) the oldest tenth of the raw readings.
+    /// After an I/O error redb refuses further writes until it is reopened.
+    pub fn reopen(&mut self) -> Result<(), BufferError> {
+        let mut db = self.db.write().map_err(|_| corrupt("lock", "poisoned"))?;
+        drop(std::mem::replace(&mut *db, open_db_placeholder()?));
+        *db = open_db(&self.path, self.cfg.cache_bytes)?;
+        Ok(())
+    }
+
+    /// Frees space after the disk filled up: releases the reserve file so redb has room
+    /// for the transaction, reopens the database, and drops (does not downsample, which
+    /// would write more) the oldest tenth of the readings.
     pub fn free_disk(&mut self) -> Result<Room, BufferError> {
-        // After an I/O error redb refuses further writes until it is reopened.
-        {
-            let mut db = self.db.write().map_err(|_| corrupt("lock", "poisoned"))?;
-            drop(std::mem::replace(&mut *db, open_db_placeholder()?));
-            *db = open_db(&self.path, self.cfg.cache_bytes)?;
+        let released = self.reserve.release();
+        self.reopen()?;
+        let target = self.meta.total_bytes() - self.meta.total_bytes() / 10;
+        let room = self.make_room_until(target, true)?;
+        tracing::warn!(
+            dropped = room.dropped,
+            reserve_released = released,
+            "disk full: dropped the oldest readings to keep ingesting"
+        );
+        Ok(room)
+    }
+
+    /// Keeps `buffer.min_free_disk_bytes` free on the filesystem: when less is free and
+    /// the buffer file has grown since the last time, drop the oldest tenth of the
+    /// readings, so that redb reuses those pages instead of growing the file into the
+    /// last free bytes. Returns the readings dropped.
+    pub fn keep_disk_free(&mut self) -> Result<u64, BufferError> {
+        let Some(free) = free_disk_bytes(&self.cfg.data_dir) else {
+            return Ok(0);
+        };
+        if free >= self.cfg.min_free_disk_bytes {
+            self.reserve.ensure(free - self.cfg.min_free_disk_bytes);
+            return Ok(0);
+        }
+        let len = std::fs::metadata(&self.path).map_or(0, |m| m.len());
+        if len <= self.file_len_at_pressure {
+            return Ok(0);
         }
         let target = self.meta.total_bytes() - self.meta.total_bytes() / 10;
-        self.make_room_until(target, true)
+        let room = self.make_room_until(target, true)?;
+        self.file_len_at_pressure = len;
+        tracing::warn!(
+            free_bytes = free,
+            min_free_disk_bytes = self.cfg.min_free_disk_bytes,
+            dropped = room.dropped,
+            "the disk is nearly full: dropped the oldest readings instead of growing the buffer"
+        );
+        Ok(room.dropped)
     }
 
     fn make_room_until(&mut self, target: u64, drop_only: bool) -> Result<Room, BufferError> {

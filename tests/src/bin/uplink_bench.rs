@@ -23,6 +23,9 @@ struct Args {
     /// Agents feeding one gateway in the ingest run (0 skips it).
     #[arg(long, default_value_t = 10)]
     agents: u32,
+    /// Drain paces to measure, readings/s (0: unlimited), one fresh run each.
+    #[arg(long, value_delimiter = ',', default_value = "0,200000")]
+    drain_rates: Vec<u64>,
     /// Seconds measured in the gateway ingest run.
     #[arg(long, default_value_t = 10)]
     seconds: u64,
@@ -63,7 +66,11 @@ fn main() -> anyhow::Result<()> {
         std::thread::available_parallelism().map_or(0, |n| n.get()),
         std::env::args().collect::<Vec<_>>().join(" ")
     );
-    drain(&args)?;
+    println!("\n| backlog | drain_rate | drain s | readings/s | MB/s | live p50 ms | live p99 ms | live samples |");
+    println!("|---|---|---|---|---|---|---|---|");
+    for &rate in &args.drain_rates {
+        drain(&args, rate)?;
+    }
     if args.agents > 0 {
         fan_in(&args)?;
     }
@@ -72,11 +79,13 @@ fn main() -> anyhow::Result<()> {
 
 /// Fills an agent behind a cut link, restores it, and times the drain while a probe
 /// device's aggregate is watched at the gateway.
-fn drain(args: &Args) -> anyhow::Result<()> {
+fn drain(args: &Args, rate: u64) -> anyhow::Result<()> {
     let gw = Gateway::start(&[])?;
     let proxy = TcpProxy::start(gw.mqtt_addr())?;
     proxy.cut();
-    let agent = Agent::start(agent_for(proxy.addr(), "bench", "edge"))?;
+    let agent = Agent::start(
+        agent_for(proxy.addr(), "bench", "edge").env("FOGLINE_UPLINK__DRAIN_RATE", rate),
+    )?;
     let mut fleet = Fleet::new(agent.mqtt_addr())?;
     let devices = 100u32;
     for i in 0..devices {
@@ -86,7 +95,7 @@ fn drain(args: &Args) -> anyhow::Result<()> {
         fleet.add(spec)?;
     }
     let fill_started = Instant::now();
-    let per_device = u64::try_from(args.backlog / u64::from(devices)).unwrap_or(u64::MAX);
+    let per_device = args.backlog / u64::from(devices);
     while fleet.totals().1 < per_device * u64::from(devices) {
         anyhow::ensure!(
             fill_started.elapsed() < Duration::from_secs(600),
@@ -94,8 +103,10 @@ fn drain(args: &Args) -> anyhow::Result<()> {
         );
         std::thread::sleep(Duration::from_millis(100));
     }
-    let head = agent.status()?["buffer"]["next_offset"].as_u64().unwrap_or(0);
-    println!(
+    let head = agent.status()?["buffer"]["next_offset"]
+        .as_u64()
+        .unwrap_or(0);
+    eprintln!(
         "filled {head} readings behind a cut link in {:.1}s",
         fill_started.elapsed().as_secs_f64()
     );
@@ -139,9 +150,14 @@ fn drain(args: &Args) -> anyhow::Result<()> {
     loop {
         n += 1;
         let value = f64::from(n);
-        probe.publish("sensors/probe/live", QoS::AtLeastOnce, false, value.to_string())?;
+        probe.publish(
+            "sensors/probe/live",
+            QoS::AtLeastOnce,
+            false,
+            value.to_string(),
+        )?;
         sent_at.push((value, Instant::now()));
-        std::thread::sleep(Duration::from_millis(100));
+        std::thread::sleep(Duration::from_millis(50));
         while let Ok((last, at)) = rx.try_recv() {
             if let Some(i) = sent_at.iter().position(|(v, _)| *v == last) {
                 latencies.push(at.duration_since(sent_at[i].1).as_secs_f64() * 1000.0);
@@ -152,7 +168,10 @@ fn drain(args: &Args) -> anyhow::Result<()> {
         if at >= head {
             break;
         }
-        anyhow::ensure!(started.elapsed() < Duration::from_secs(600), "drain took over 10 minutes");
+        anyhow::ensure!(
+            started.elapsed() < Duration::from_secs(600),
+            "drain took over 10 minutes"
+        );
     }
     let secs = started.elapsed().as_secs_f64();
     let bytes = agent.status()?["backlog"]["gateway"]["bytes_sent"]
@@ -160,10 +179,13 @@ fn drain(args: &Args) -> anyhow::Result<()> {
         .unwrap_or(0)
         - bytes_before;
     latencies.sort_by(f64::total_cmp);
-    println!("\n| backlog | drain s | readings/s | MB/s | live p50 ms | live p99 ms | live samples |");
-    println!("|---|---|---|---|---|---|---|");
     println!(
-        "| {head} | {secs:.1} | {:.0} | {:.1} | {:.0} | {:.0} | {} |",
+        "| {head} | {} | {secs:.1} | {:.0} | {:.1} | {:.0} | {:.0} | {} |",
+        if rate == 0 {
+            "unlimited".to_owned()
+        } else {
+            rate.to_string()
+        },
         head as f64 / secs,
         bytes as f64 / secs / 1e6,
         percentile(&latencies, 0.5),
