@@ -160,11 +160,15 @@ fn probe(target: SocketAddr, v5: bool) -> std::io::Result<()> {
 }
 
 /// Starts rumqttd on its own thread with the listeners of `mqtt` and returns one local
-/// link per name in `links`, once every listener answers MQTT.
+/// link per `(name, filters)` in `links`, once every listener answers MQTT.
+///
+/// Each link subscribes to its filters before any listener opens: a client that connects
+/// the moment the port opens must not publish into a broker that nobody inside listens to
+/// yet (its PUBACK would promise a delivery that never happens).
 pub fn embed(
     mqtt: &MqttConfig,
     bulk_filters: &[&str],
-    links: &[&str],
+    links: &[(&str, &[&str])],
 ) -> Result<Vec<(LinkTx, LinkRx)>, BrokerError> {
     let v5 = mqtt
         .listen_v5_addr()
@@ -189,10 +193,14 @@ pub fn embed(
         )]));
     }
     let mut broker = rumqttd::Broker::new(broker_config);
-    let links = links
-        .iter()
-        .map(|name| broker.link(name).map_err(BrokerError::from))
-        .collect::<Result<Vec<_>, _>>()?;
+    let mut made = Vec::with_capacity(links.len());
+    for (name, filters) in links {
+        let (mut tx, rx) = broker.link(name)?;
+        for filter in *filters {
+            tx.subscribe(*filter)?;
+        }
+        made.push((tx, rx));
+    }
     std::thread::Builder::new()
         .name("mqtt-broker".into())
         .spawn(move || {
@@ -216,7 +224,7 @@ pub fn embed(
             }
         }
     }
-    Ok(links)
+    Ok(made)
 }
 
 /// Receives the publishes a link subscribed to and hands each to `on_publish` until `stop`
@@ -302,14 +310,15 @@ pub fn start(
     let mut links = embed(
         &config.mqtt,
         &[ingest::SENSOR_FILTER, "agg/#"],
-        &["fogline-ingest", "fogline-publish"],
+        &[
+            ("fogline-ingest", &[ingest::SENSOR_FILTER]),
+            ("fogline-publish", &[]),
+        ],
     )?
     .into_iter();
-    let (Some((mut ingest_tx, ingest_rx)), Some((publish_tx, _))) = (links.next(), links.next())
-    else {
+    let (Some((ingest_tx, ingest_rx)), Some((publish_tx, _))) = (links.next(), links.next()) else {
         return Err(BrokerError::Config("broker links missing".into()));
     };
-    ingest_tx.subscribe(ingest::SENSOR_FILTER)?;
     let max_payload = config.ingest.max_payload_bytes;
     let mut rejects = RejectLog::new(Duration::from_millis(config.ingest.reject_log_interval_ms));
     let worker = Worker::spawn("ingest", move |stop| {

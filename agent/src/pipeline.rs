@@ -151,6 +151,7 @@ impl Pipeline {
 
     fn commit(&mut self, batch: Vec<Incoming>) {
         let n = batch.len() as u64;
+        let t0 = Instant::now();
         let result = match self.buffer.commit(&batch) {
             Err(e) if e.is_disk_full() => {
                 self.log_error(&e, n);
@@ -178,6 +179,8 @@ impl Pipeline {
                 self.metrics.duplicates.inc_by(done.duplicates);
                 self.metrics.seq_gaps_skipped.inc_by(done.gaps_skipped);
                 self.metrics.aggregates_too_late.inc_by(done.too_late);
+                let t1 = Instant::now();
+                let acks = done.acks.len();
                 for (device, ack) in done.acks {
                     let payload = serde_json::json!({"boot": ack.boot, "seq": ack.seq});
                     match self
@@ -190,6 +193,13 @@ impl Pipeline {
                         Err(e) => tracing::warn!("could not publish the ack of {device}: {e}"),
                     };
                 }
+                tracing::trace!(
+                    readings = n,
+                    acks,
+                    store_us = (t1 - t0).as_micros() as u64,
+                    ack_us = t1.elapsed().as_micros() as u64,
+                    "committed"
+                );
             }
             Err(e) => {
                 self.metrics.commit_failures.inc();

@@ -143,17 +143,17 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
         broker::embed(
             &mqtt,
             &[proto::GATEWAY_FILTER, "agg/#"],
-            &["gateway-in", "gateway-out"],
+            &[
+                ("gateway-in", &[proto::GATEWAY_FILTER]),
+                ("gateway-out", &[]),
+            ],
         )
     })
     .context("starting the MQTT broker")?
     .into_iter();
-    let (Some((mut in_tx, in_rx)), Some((out_tx, _))) = (links.next(), links.next()) else {
+    let (Some((in_tx, in_rx)), Some((out_tx, _))) = (links.next(), links.next()) else {
         anyhow::bail!("broker links missing");
     };
-    in_tx
-        .subscribe(proto::GATEWAY_FILTER)
-        .context("subscribing to uplinks")?;
     let (queue_tx, queue_rx) = std::sync::mpsc::sync_channel::<Message>(4096);
     let rejected = metrics.clone();
     let mut receiver = Worker::spawn("uplink-in", move |stop| {

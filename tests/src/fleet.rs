@@ -33,6 +33,8 @@ pub struct DeviceSpec {
     /// Keep publish-to-ack latencies (see [`Fleet::set_measuring`]); off for long runs,
     /// as every latency is kept in memory.
     pub record_latency: bool,
+    /// Longest wait between two connection attempts (the wait doubles from 20 ms).
+    pub max_backoff: Duration,
 }
 
 impl DeviceSpec {
@@ -53,6 +55,7 @@ impl DeviceSpec {
                 )
             }),
             record_latency: false,
+            max_backoff: Duration::from_millis(500),
         }
     }
 }
@@ -78,6 +81,8 @@ pub struct DeviceSnapshot {
     pub connection_errors: u32,
     /// Readings sent again after a reconnect.
     pub resent: u64,
+    /// The last range of sequence numbers sent again after a reconnect.
+    pub last_resend: Option<(u32, u32)>,
     /// True while connected.
     pub connected: bool,
     /// The last connection error.
@@ -175,13 +180,19 @@ impl Fleet {
             .set_clean_session(true)
             .set_inflight(100)
             .set_max_packet_size(64 * 1024, 64 * 1024);
-        let (client, eventloop) = AsyncClient::new(opts, 64);
+        let (client, mut eventloop) = AsyncClient::new(opts, 64);
+        // Without TCP_NODELAY a client's small publishes wait for the broker's delayed
+        // TCP ACK (~40 ms) whenever one is outstanding.
+        let mut net = eventloop.network_options();
+        net.set_tcp_nodelay(true);
+        eventloop.set_network_options(net);
         let ack_topic = format!("fogline/ack/{}", spec.device);
         rt.spawn(poll_loop(
             eventloop,
             shared.clone(),
             ack_topic.clone(),
             spec.boot,
+            spec.max_backoff,
         ));
         rt.spawn(publish_loop(client, shared.clone(), ack_topic, spec));
         let device = Device { shared };
@@ -279,8 +290,15 @@ impl Fleet {
                     .take(10)
                     .map(|d| {
                         format!(
-                            "{}: sent {} acked {} connected {} connects {} last error {:?}",
-                            d.device, d.sent, d.acked, d.connected, d.connects, d.last_error
+                            "{}: sent {} acked {} connected {} connects {} last re-send {:?} \
+                             last error {:?}",
+                            d.device,
+                            d.sent,
+                            d.acked,
+                            d.connected,
+                            d.connects,
+                            d.last_resend,
+                            d.last_error
                         )
                     })
                     .collect();
@@ -379,12 +397,14 @@ async fn poll_loop(
     shared: Arc<Shared>,
     ack_topic: String,
     boot: u32,
+    max_backoff: Duration,
 ) {
-    let mut backoff = Duration::from_millis(20);
+    let first_backoff = Duration::from_millis(20).min(max_backoff);
+    let mut backoff = first_backoff;
     loop {
         match eventloop.poll().await {
             Ok(Event::Incoming(Packet::ConnAck(_))) => {
-                backoff = Duration::from_millis(20);
+                backoff = first_backoff;
                 let mut st = shared.lock();
                 st.snap.connected = true;
                 st.snap.connects += 1;
@@ -435,7 +455,7 @@ async fn poll_loop(
                 }
                 shared.notify.notify_one();
                 tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(Duration::from_millis(500));
+                backoff = (backoff * 2).min(max_backoff);
             }
         }
     }
@@ -489,7 +509,12 @@ async fn publish_loop(
                 }
                 resent += 1;
             }
-            shared.lock().snap.resent += resent;
+            let mut st = shared.lock();
+            st.snap.resent += resent;
+            if resent > 0 {
+                st.snap.last_resend = Some((acked + 1, acked + u32::try_from(resent).unwrap_or(0)));
+            }
+            drop(st);
             continue;
         }
         let stopped =

@@ -14,11 +14,19 @@ use fogline_tests::{
 const REJECTED: &str = "fogline_ingest_rejected_total";
 
 #[test]
-fn bad_input_is_counted_and_good_input_is_kept() -> anyhow::Result<()> {
+fn bad_input_is_counted_and_good_input_is_kept() {
     let mut agent = Agent::start(AgentOptions {
         name: Some("bad-input-agent".into()),
         ..AgentOptions::default()
-    })?;
+    })
+    .expect("the agent starts");
+    // Fail by panicking while the agent still exists, so that its log is shown.
+    if let Err(e) = scenario(&mut agent) {
+        panic!("{e:?}");
+    }
+}
+
+fn scenario(agent: &mut Agent) -> anyhow::Result<()> {
     let mut fleet = Fleet::new(agent.mqtt_addr())?;
     let mut good = DeviceSpec::json("good", "temp", 42);
     good.interval = Some(Duration::from_millis(5));

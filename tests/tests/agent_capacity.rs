@@ -6,6 +6,8 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use anyhow::Context;
+
 use fogline_tests::{
     check_sequences, json_payload, metric, now_ms, Agent, AgentOptions, DeviceSpec,
     ExportedReading, Fleet,
@@ -92,16 +94,39 @@ fn watch(
     }
 }
 
-fn min_seq_per_device(readings: &[ExportedReading], device: &str) -> Option<u32> {
-    readings
-        .iter()
-        .filter(|r| r.device == device)
-        .filter_map(|r| r.seq)
-        .min()
+/// Checks that the export is exactly the offsets `first_offset..next_offset` of `stats`
+/// and returns the first one.
+fn check_suffix(
+    phase: &str,
+    export: &[ExportedReading],
+    stats: &serde_json::Value,
+) -> anyhow::Result<u64> {
+    let mut offsets: Vec<u64> = export.iter().map(|r| r.offset).collect();
+    offsets.sort_unstable();
+    let first = *offsets.first().context("empty export")?;
+    let last = *offsets.last().context("empty export")?;
+    let next = stats["next_offset"].as_u64().context("stats.next_offset")?;
+    assert_eq!(
+        last + 1,
+        next,
+        "phase {phase}: the newest committed reading (offset {}) is not in the export",
+        next.saturating_sub(1)
+    );
+    assert_eq!(
+        offsets.len() as u64,
+        last - first + 1,
+        "phase {phase}: holes in the remaining offsets {first}..={last}"
+    );
+    assert_eq!(
+        stats["first_offset"].as_u64(),
+        Some(first),
+        "phase {phase}: stats.first_offset"
+    );
+    Ok(first)
 }
 
 #[test]
-fn a_full_buffer_downsamples_then_drops_the_oldest_and_keeps_ingesting() -> anyhow::Result<()> {
+fn a_full_buffer_downsamples_then_drops_the_oldest_and_keeps_ingesting() {
     let started = Instant::now();
     let mut agent = Agent::start(
         AgentOptions {
@@ -111,7 +136,15 @@ fn a_full_buffer_downsamples_then_drops_the_oldest_and_keeps_ingesting() -> anyh
         .env("FOGLINE_BUFFER__MAX_BYTES", MAX_BYTES)
         .env("FOGLINE_BUFFER__DOWNSAMPLE_WINDOW_SECS", 60)
         .env("FOGLINE_BUFFER__BATCH_MAX_READINGS", BATCH_MAX_READINGS),
-    )?;
+    )
+    .expect("the agent starts");
+    // Fail by panicking while the agent still exists, so that its log is shown.
+    if let Err(e) = scenario(&mut agent, started) {
+        panic!("{e:?}");
+    }
+}
+
+fn scenario(agent: &mut Agent, started: Instant) -> anyhow::Result<()> {
     let mut fleet = Fleet::new(agent.mqtt_addr())?;
     // Readings carry explicit timestamps, oldest first, spread over hours of device time.
     let base_ts = now_ms() - 3 * 3_600_000;
@@ -135,7 +168,7 @@ fn a_full_buffer_downsamples_then_drops_the_oldest_and_keeps_ingesting() -> anyh
 
     let mut samples = Vec::new();
     watch(
-        &agent,
+        agent,
         &fleet,
         started,
         Duration::from_secs(30),
@@ -149,7 +182,7 @@ fn a_full_buffer_downsamples_then_drops_the_oldest_and_keeps_ingesting() -> anyh
         first.at, first.bytes, first.downsampled, first.dropped, first.acked
     );
     watch(
-        &agent,
+        agent,
         &fleet,
         started,
         Duration::from_secs(30),
@@ -172,6 +205,7 @@ fn a_full_buffer_downsamples_then_drops_the_oldest_and_keeps_ingesting() -> anyh
     fleet.stop_publishing();
     fleet.wait_all_acked(Duration::from_secs(20))?;
     let snaps_a = fleet.snapshots();
+    fleet.shutdown();
     agent.stop(Duration::from_secs(10))?;
     agent.check()?;
     let export_a = agent.export()?;
@@ -180,7 +214,6 @@ fn a_full_buffer_downsamples_then_drops_the_oldest_and_keeps_ingesting() -> anyh
 
     // More data after a restart: older data must keep giving way to newer.
     agent.restart()?;
-    fleet.shutdown();
     let mut fleet = Fleet::new(agent.mqtt_addr())?;
     for (d, snap) in snaps_a.iter().enumerate() {
         let mut spec = DeviceSpec::json(snap.device.clone(), "temp", 8);
@@ -203,7 +236,7 @@ fn a_full_buffer_downsamples_then_drops_the_oldest_and_keeps_ingesting() -> anyh
     let dropped_before = agent.metric("fogline_buffer_dropped_total", &[("reason", "capacity")])?;
     let mut samples_b = Vec::new();
     watch(
-        &agent,
+        agent,
         &fleet,
         started,
         Duration::from_secs(30),
@@ -230,18 +263,57 @@ fn a_full_buffer_downsamples_then_drops_the_oldest_and_keeps_ingesting() -> anyh
     assert_eq!(stats_a["readings"].as_u64(), Some(export_a.len() as u64));
     assert_eq!(stats_b["readings"].as_u64(), Some(export_b.len() as u64));
 
-    // The oldest are gone, never the newest.
-    let min_a = export_a.iter().map(|r| r.offset).min().unwrap_or(0);
-    let min_b = export_b.iter().map(|r| r.offset).min().unwrap_or(0);
+    // The oldest are gone, never the newest: what is left of the log is one contiguous
+    // run of offsets that ends with the last reading committed...
     eprintln!(
-        "export A: {} readings from offset {min_a}; export B: {} readings from offset {min_b}",
+        "export A: {} readings, export B: {} readings",
         export_a.len(),
         export_b.len()
     );
+    let min_a = check_suffix("A", &export_a, &stats_a)?;
+    let min_b = check_suffix("B", &export_b, &stats_b)?;
     assert!(min_a > 0, "some of the oldest readings gave way in phase A");
     assert!(min_b > min_a, "the oldest remaining offset moves on");
-    for (a, b) in snaps_a.iter().zip(&snaps_b) {
-        let first_seq_a = min_seq_per_device(&export_a, &a.device);
+    // ...and, per device, a contiguous run of its sequence numbers that ends with the
+    // last one it sent (a device whose readings all came early may have none left).
+    for (phase, export, snaps, boot) in
+        [("A", &export_a, &snaps_a, 7), ("B", &export_b, &snaps_b, 8)]
+    {
+        let sent: Vec<u32> = snaps.iter().map(|s| s.sent).collect();
+        eprintln!(
+            "phase {phase}: readings sent per device from {} to {}",
+            sent.iter().min().unwrap_or(&0),
+            sent.iter().max().unwrap_or(&0)
+        );
+        for snap in snaps.iter() {
+            let mut seqs: Vec<u32> = export
+                .iter()
+                .filter(|r| r.device == snap.device && r.boot == boot)
+                .filter_map(|r| r.seq)
+                .collect();
+            seqs.sort_unstable();
+            let (Some(&first), Some(&last)) = (seqs.first(), seqs.last()) else {
+                continue;
+            };
+            assert_eq!(
+                last, snap.sent,
+                "phase {phase}: {} kept older readings but not its newest",
+                snap.device
+            );
+            assert_eq!(
+                seqs.len() as u32,
+                last - first + 1,
+                "phase {phase}: {} has holes in {first}..={last}",
+                snap.device
+            );
+        }
+    }
+    for a in &snaps_a {
+        let first_seq_a = export_a
+            .iter()
+            .filter(|r| r.device == a.device)
+            .filter_map(|r| r.seq)
+            .min();
         let still_boot7 = export_b
             .iter()
             .filter(|r| r.device == a.device && r.boot == 7)
@@ -249,27 +321,6 @@ fn a_full_buffer_downsamples_then_drops_the_oldest_and_keeps_ingesting() -> anyh
             .min();
         if let (Some(x), Some(y)) = (first_seq_a, still_boot7) {
             assert!(y >= x, "{}: older readings reappeared", a.device);
-        }
-        let newest_a = a.sent.saturating_sub(19)..=a.sent;
-        let newest_b = b.sent.saturating_sub(19)..=b.sent;
-        let has = |export: &[ExportedReading], boot: u32, seq: u32| {
-            export
-                .iter()
-                .any(|r| r.device == a.device && r.boot == boot && r.seq == Some(seq))
-        };
-        for seq in newest_a {
-            assert!(
-                has(&export_a, 7, seq),
-                "{} seq {seq} (newest) missing in A",
-                a.device
-            );
-        }
-        for seq in newest_b {
-            assert!(
-                has(&export_b, 8, seq),
-                "{} seq {seq} (newest) missing in B",
-                a.device
-            );
         }
     }
     let dups = check_sequences(&export_b, &[]);

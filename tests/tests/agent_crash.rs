@@ -8,19 +8,26 @@ use std::time::{Duration, Instant};
 use fogline_tests::{check_sequences, test_seed, Agent, AgentOptions, DeviceSpec, Fleet};
 
 const DEVICES: u32 = 4;
-const MAX_PER_DEVICE: u32 = 30_000;
+const MAX_PER_DEVICE: u32 = 40_000;
 const KILLS: u32 = 5;
 
 #[test]
-fn sigkill_loses_no_acked_reading_and_stores_none_twice() -> anyhow::Result<()> {
+fn sigkill_loses_no_acked_reading_and_stores_none_twice() {
     let seed = test_seed("agent_crash");
-    let mut rng = fastrand::Rng::with_seed(seed);
-    let started = Instant::now();
-
     let mut agent = Agent::start(AgentOptions {
         name: Some("crash-agent".into()),
         ..AgentOptions::default()
-    })?;
+    })
+    .expect("the agent starts");
+    // Fail by panicking while the agent still exists, so that its log is shown.
+    if let Err(e) = scenario(&mut agent, seed) {
+        panic!("{e:?}");
+    }
+}
+
+fn scenario(agent: &mut Agent, seed: u64) -> anyhow::Result<()> {
+    let mut rng = fastrand::Rng::with_seed(seed);
+    let started = Instant::now();
     let mut fleet = Fleet::new(agent.mqtt_addr())?;
     for i in 0..DEVICES {
         let mut spec = DeviceSpec::json(format!("crash-{i}"), "temp", 100 + rng.u32(0..1000));
@@ -31,7 +38,7 @@ fn sigkill_loses_no_acked_reading_and_stores_none_twice() -> anyhow::Result<()> 
     fleet.wait_connected(Duration::from_secs(10))?;
 
     for kill in 1..=KILLS {
-        std::thread::sleep(Duration::from_millis(rng.u64(200..1200)));
+        std::thread::sleep(Duration::from_millis(rng.u64(150..1000)));
         let (sent, acked) = fleet.totals();
         agent.kill9()?;
         eprintln!(
@@ -41,27 +48,40 @@ fn sigkill_loses_no_acked_reading_and_stores_none_twice() -> anyhow::Result<()> 
         std::thread::sleep(Duration::from_millis(rng.u64(0..300)));
         // Must come back on the same data dir with no repair step.
         agent.restart()?;
+        // Every device is back (and publishing) before the next kill.
+        fleet.wait_connected(Duration::from_secs(10))?;
         eprintln!(
-            "[{:>5.1}s] restarted and ready",
+            "[{:>5.1}s] restarted, ready, and every device reconnected",
             started.elapsed().as_secs_f64()
         );
     }
     std::thread::sleep(Duration::from_millis(1000));
     fleet.stop_publishing();
     let all_acked = fleet.wait_all_acked(Duration::from_secs(30));
+    if all_acked.is_err() {
+        let text = agent.metrics().unwrap_or_default();
+        let ingest: Vec<String> = text
+            .lines()
+            .filter(|l| l.starts_with("fogline_ingest_") || l.starts_with("fogline_acks"))
+            .map(str::to_string)
+            .collect();
+        eprintln!("ingest counters while stuck:\n  {}", ingest.join("\n  "));
+    }
     let snaps = fleet.snapshots();
     fleet.shutdown();
     agent.stop(Duration::from_secs(10))?;
 
     for s in &snaps {
         eprintln!(
-            "{}: boot {} sent {} acked {} connects {} resent {} ack regressions {} (lowest {:?})",
+            "{}: boot {} sent {} acked {} connects {} resent {} (last {:?}) ack regressions {} \
+             (lowest {:?})",
             s.device,
             s.boot,
             s.sent,
             s.acked,
             s.connects,
             s.resent,
+            s.last_resend,
             s.ack_regressions,
             s.lowest_regressed_ack
         );

@@ -44,15 +44,23 @@ fn config_defaults_prints_the_built_in_toml() -> anyhow::Result<()> {
 }
 
 #[test]
-fn three_payload_kinds_are_aggregated_acked_and_exported() -> anyhow::Result<()> {
-    mosquitto::require_clients()?;
+fn three_payload_kinds_are_aggregated_acked_and_exported() {
+    mosquitto::require_clients().expect("mosquitto-clients are installed");
     // No config file: only ports and the data dir (set by the harness) and a faster
     // aggregate publish interval so the test does not wait long.
     let mut agent = Agent::start(
         AgentOptions::default()
             .env("FOGLINE_AGGREGATE__PUBLISH_INTERVAL_MS", 200)
             .env("FOGLINE_LOG__LEVEL", "debug"),
-    )?;
+    )
+    .expect("the agent starts");
+    // Fail by panicking while the agent still exists, so that its log is shown.
+    if let Err(e) = scenario(&mut agent) {
+        panic!("{e:?}");
+    }
+}
+
+fn scenario(agent: &mut Agent) -> anyhow::Result<()> {
     let port = agent.mqtt_port();
 
     // All three readings must land in the same 60 s window: keep clear of its end.

@@ -9,13 +9,21 @@ use fogline_tests::{check_sequences, test_seed, Agent, AgentOptions, DeviceSpec,
 const DEVICES: u32 = 4;
 
 #[test]
-fn sigterm_under_load_exits_cleanly_and_keeps_every_acked_reading() -> anyhow::Result<()> {
+fn sigterm_under_load_exits_cleanly_and_keeps_every_acked_reading() {
     let seed = test_seed("agent_shutdown");
-    let mut rng = fastrand::Rng::with_seed(seed);
     let mut agent = Agent::start(AgentOptions {
         name: Some("shutdown-agent".into()),
         ..AgentOptions::default()
-    })?;
+    })
+    .expect("the agent starts");
+    // Fail by panicking while the agent still exists, so that its log is shown.
+    if let Err(e) = scenario(&mut agent, seed) {
+        panic!("{e:?}");
+    }
+}
+
+fn scenario(agent: &mut Agent, seed: u64) -> anyhow::Result<()> {
+    let mut rng = fastrand::Rng::with_seed(seed);
     let mut fleet = Fleet::new(agent.mqtt_addr())?;
     for i in 0..DEVICES {
         let mut spec = DeviceSpec::json(format!("term-{i}"), "temp", rng.u32(1..1_000_000));

@@ -42,7 +42,7 @@ const ROW_OVERHEAD: u64 = 16;
 /// it the oldest summaries are dropped first.
 const ROLLUP_SHARE: f64 = 0.5;
 /// Blocks handled per call of [`Buffer::make_room`], so one call never stalls ingest long.
-const MAKE_ROOM_STEP: usize = 512;
+const MAKE_ROOM_STEP: usize = 4096;
 
 /// Errors of the buffer. Storage errors keep redb's own message.
 #[derive(Debug, thiserror::Error)]
@@ -327,6 +327,8 @@ pub struct Buffer {
     reserve: Reserve,
     /// Buffer file size when disk pressure last made room (see `keep_disk_free`).
     file_len_at_pressure: u64,
+    /// Size of the last block written: what the next commit will probably add.
+    last_block_bytes: u64,
 }
 
 /// Bytes available to this process on the filesystem holding `dir`.
@@ -475,6 +477,7 @@ impl Buffer {
             db: Arc::new(RwLock::new(db)),
             reserve,
             file_len_at_pressure: 0,
+            last_block_bytes: 0,
             path,
             cfg: cfg.clone(),
             folded_offset: meta.next_offset,
@@ -564,6 +567,7 @@ impl Buffer {
                 meta.next_offset += n;
                 meta.raw_readings += n;
                 meta.raw_bytes += encoded.len() as u64 + ROW_OVERHEAD;
+                self.last_block_bytes = encoded.len() as u64 + ROW_OVERHEAD;
                 let mut devices = txn.open_table(DEVICES)?;
                 for (device, state) in &overlay {
                     let bytes =
@@ -675,10 +679,14 @@ impl Buffer {
     /// Does a bounded amount of work per call.
     pub fn make_room(&mut self) -> Result<Room, BufferError> {
         let max = self.cfg.max_bytes as f64;
-        if (self.meta.total_bytes() as f64) <= max * self.cfg.downsample_at {
+        // Leave room for the next batch too, or a large batch would overshoot the
+        // capacity before the next call.
+        let next = self.last_block_bytes;
+        if (self.meta.total_bytes() + next) as f64 <= max * self.cfg.downsample_at {
             return Ok(Room::default());
         }
-        self.make_room_until((max * self.cfg.downsample_to) as u64, false)
+        let target = ((max * self.cfg.downsample_to) as u64).saturating_sub(next);
+        self.make_room_until(target, false)
     }
 
     /// Records the gateway's durable ack (it only moves forward).

@@ -52,6 +52,10 @@ struct Args {
     /// Readings each device may have sent but not yet seen acked end-to-end.
     #[arg(long, default_value_t = 32)]
     window: u32,
+    /// Readings per second per device (0: as fast as the window allows). A fixed rate
+    /// measures latency and memory at a realistic load instead of at saturation.
+    #[arg(long, default_value_t = 0.0)]
+    rate: f64,
     /// Payload encoding.
     #[arg(long, value_enum, default_value_t = Payload::Json)]
     payload: Payload,
@@ -144,9 +148,17 @@ fn print_machine(args: &Args, bin: &std::path::Path) {
             .map_or("?".into(), |n| n.to_string_lossy())
     );
     println!(
-        "runs:    {}s measured after {}s warm-up, window {} readings/device, {:?} payloads; \
+        "runs:    {}s measured after {}s warm-up, window {} readings/device, {}, {:?} payloads; \
          the load generator shares the machine with the agent",
-        args.seconds, args.warmup, args.window, args.payload
+        args.seconds,
+        args.warmup,
+        args.window,
+        if args.rate > 0.0 {
+            format!("{} readings/s per device", args.rate)
+        } else {
+            "as fast as the window allows".to_owned()
+        },
+        args.payload
     );
 }
 
@@ -169,6 +181,9 @@ fn run(args: &Args, bin: &std::path::Path, devices: u32) -> anyhow::Result<Row> 
         let mut spec = DeviceSpec::json(format!("bench-{d:04}"), "temp", 1);
         spec.window = args.window;
         spec.record_latency = true;
+        if args.rate > 0.0 {
+            spec.interval = Some(Duration::from_secs_f64(1.0 / args.rate));
+        }
         if let Payload::Postcard = payload {
             let started = Instant::now();
             spec.payload = Arc::new(move |device, boot, seq| {
