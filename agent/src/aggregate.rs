@@ -78,8 +78,32 @@ impl WindowState {
         }
     }
 
+    /// The nearest-rank quantile (the smallest value with at least `q` of the readings at
+    /// or below it), from the sketch, clamped to the exact min and max. DDSketch itself
+    /// rounds the rank down, which for small windows reports p99 of {20, 22.5, 27.5} as
+    /// 22.5; nearest-rank says 27.5, which is what a dashboard reader expects.
+    #[allow(
+        clippy::cast_precision_loss,
+        clippy::cast_possible_truncation,
+        clippy::cast_sign_loss
+    )]
     pub fn quantile(&self, q: f64) -> Option<f64> {
-        self.sketch.quantile(q).ok().flatten()
+        if self.count == 0 {
+            return None;
+        }
+        let n = self.count as f64;
+        let rank = ((q.clamp(0.0, 1.0) * n).ceil() - 1.0).max(0.0);
+        let adjusted = if self.count > 1 {
+            rank / (n - 1.0)
+        } else {
+            0.0
+        };
+        let v = self
+            .sketch
+            .quantile(adjusted.clamp(0.0, 1.0))
+            .ok()
+            .flatten()?;
+        Some(v.clamp(self.min, self.max))
     }
 
     /// Compact persistent form.
@@ -364,6 +388,24 @@ mod tests {
             (3, -4.0, 10.5, 9.75)
         );
         assert_eq!(back.quantile(0.5), w.quantile(0.5));
+    }
+
+    #[test]
+    fn small_windows_report_nearest_rank_quantiles() {
+        let mut w = WindowState::default();
+        for v in [20.0, 22.5, 27.5] {
+            w.record(0, v);
+        }
+        assert_eq!(w.quantile(0.99), Some(27.5));
+        assert_eq!(w.quantile(0.0), Some(20.0));
+        let p50 = w.quantile(0.5).expect("p50");
+        assert!((p50 - 22.5).abs() < 22.5 * 0.02, "{p50}");
+        let mut big = WindowState::default();
+        for i in 1..=1000 {
+            big.record(0, f64::from(i));
+        }
+        let p99 = big.quantile(0.99).expect("p99");
+        assert!((p99 - 990.0).abs() <= 990.0 * 0.02, "{p99}");
     }
 
     #[test]

@@ -35,6 +35,8 @@ struct Params {
     max_time: u64,
     max_restarts: u8,
     max_in_flight: usize,
+    /// A message sent at global tick t can be delivered until the end of tick t + max_delay.
+    max_delay: u64,
     /// Restart from `HardState::default()` instead of the persisted state (a planted bug).
     amnesia: bool,
 }
@@ -44,7 +46,8 @@ struct State {
     time: u64,
     nodes: Vec<Node>,
     stored: Vec<HardState>,
-    net: BTreeSet<Message>,
+    /// (global tick when sent, message)
+    net: BTreeSet<(u64, Message)>,
     restarts: u8,
     leaders: BTreeSet<(Term, NodeId)>,
     votes: BTreeSet<(NodeId, Term, NodeId)>,
@@ -115,7 +118,7 @@ fn flush(s: &mut State, i: usize, p: &Params) -> Result<(), String> {
             s.votes.insert((m.from, m.term, m.to));
         }
         if s.net.len() < p.max_in_flight {
-            s.net.insert(m);
+            s.net.insert((s.time, m));
         } // else: lost, which is a behaviour the network may exhibit anyway
     }
     Ok(())
@@ -155,6 +158,8 @@ fn successors(s: &State, p: &Params) -> Vec<Result<State, String>> {
     if s.time < p.max_time {
         let mut n = s.clone();
         n.time += 1;
+        let now = n.time;
+        n.net.retain(|(sent, _)| now - sent <= p.max_delay);
         let mut res = Ok(());
         for i in 0..n.nodes.len() {
             n.nodes[i].tick();
@@ -162,18 +167,19 @@ fn successors(s: &State, p: &Params) -> Vec<Result<State, String>> {
         }
         out.push(res.and_then(|()| finish(n)));
     }
-    for m in &s.net {
+    for e in &s.net {
+        let m = &e.1;
         let i = IDS.iter().position(|&id| id == m.to).expect("known node");
         for keep in [false, true] {
             let mut n = s.clone();
             if !keep {
-                n.net.remove(m);
+                n.net.remove(e);
             }
             n.nodes[i].step(*m).expect("well-formed message");
             out.push(flush(&mut n, i, p).and_then(|()| finish(n)));
         }
         let mut n = s.clone();
-        n.net.remove(m);
+        n.net.remove(e);
         out.push(finish(n));
     }
     if s.restarts < p.max_restarts {
@@ -246,6 +252,17 @@ fn explore(p: &Params) -> (Stats, Option<String>) {
             }
         }
         stats.max_stack = stats.max_stack.max(stack.len());
+        if stats.states % 100_000 == 0 {
+            eprintln!(
+                "... {stats:?} t={} net={} terms={:?}",
+                s.time,
+                s.net.len(),
+                s.nodes
+                    .iter()
+                    .map(|n| (n.term(), n.role(), n.now()))
+                    .collect::<Vec<_>>()
+            );
+        }
     }
     (stats, None)
 }
@@ -275,6 +292,7 @@ fn exhaustive_safety_with_loss_reordering_duplication_and_restarts() {
         max_time: env_u64("FOGLINE_MC_TICKS", 9),
         max_restarts: env_u64("FOGLINE_MC_RESTARTS", 1) as u8,
         max_in_flight: env_u64("FOGLINE_MC_IN_FLIGHT", 4) as usize,
+        max_delay: env_u64("FOGLINE_MC_DELAY", 1),
         amnesia: false,
     };
     let start = Instant::now();
