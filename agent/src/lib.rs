@@ -17,6 +17,7 @@ pub mod ingest;
 pub mod metrics;
 pub mod nodelay;
 pub mod pipeline;
+pub mod process;
 pub mod uplink;
 
 use std::future::Future;

@@ -5,10 +5,10 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
 use fogline_agent::buffer::Inspect;
-use fogline_agent::config::{self, Config, LogFormat, Overrides};
+use fogline_agent::config::{self, Config, Overrides};
+use fogline_agent::process;
 
 #[derive(Parser)]
 #[command(
@@ -131,20 +131,6 @@ fn main() -> ExitCode {
     }
 }
 
-fn init_logging(config: &Config) {
-    let filter = std::env::var("RUST_LOG")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or_else(|| tracing_subscriber::EnvFilter::new(&config.log.level));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    match config.log.format {
-        LogFormat::Json => builder.json().init(),
-        LogFormat::Text => builder.init(),
-    }
-}
-
 fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     let overrides = Overrides {
         data_dir: args.data_dir,
@@ -156,39 +142,9 @@ fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         gateway: args.gateway,
     };
     let config = Config::load(args.config.as_deref(), &overrides)?;
-    init_logging(&config);
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .thread_name("fogline-rt")
-        .build()
-        .context("starting the async runtime")?;
-    runtime.block_on(fogline_agent::run(config, shutdown_signal()))?;
+    process::init_logging(&config.log);
+    process::block_on(fogline_agent::run(config, process::shutdown_signal()))?;
     Ok(ExitCode::SUCCESS)
-}
-
-async fn shutdown_signal() {
-    let ctrl_c = tokio::signal::ctrl_c();
-    #[cfg(unix)]
-    {
-        use tokio::signal::unix::{signal, SignalKind};
-        match signal(SignalKind::terminate()) {
-            Ok(mut term) => {
-                tokio::select! {
-                    _ = ctrl_c => {}
-                    _ = term.recv() => {}
-                }
-            }
-            Err(e) => {
-                tracing::warn!("cannot watch SIGTERM: {e}");
-                let _ = ctrl_c.await;
-            }
-        }
-    }
-    #[cfg(not(unix))]
-    {
-        let _ = ctrl_c.await;
-    }
 }
 
 fn buffer(cmd: BufferCommand) -> anyhow::Result<ExitCode> {

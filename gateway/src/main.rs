@@ -5,9 +5,8 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
-use fogline_agent::config::LogFormat;
+use fogline_agent::process;
 use fogline_gateway::config::{self, Config, Overrides};
 use fogline_gateway::store::Store;
 
@@ -118,39 +117,9 @@ fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         http_listen: args.http_listen,
     };
     let config = Config::load(args.config.as_deref(), &overrides)?;
-    let filter = std::env::var("RUST_LOG")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or_else(|| tracing_subscriber::EnvFilter::new(&config.log.level));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    match config.log.format {
-        LogFormat::Json => builder.json().init(),
-        LogFormat::Text => builder.init(),
-    }
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .context("starting the async runtime")?;
-    runtime.block_on(fogline_gateway::run(config, shutdown_signal()))?;
+    process::init_logging(&config.log);
+    process::block_on(fogline_gateway::run(config, process::shutdown_signal()))?;
     Ok(ExitCode::SUCCESS)
-}
-
-async fn shutdown_signal() {
-    use tokio::signal::unix::{signal, SignalKind};
-    match signal(SignalKind::terminate()) {
-        Ok(mut term) => {
-            tokio::select! {
-                _ = tokio::signal::ctrl_c() => {}
-                _ = term.recv() => {}
-            }
-        }
-        Err(_) => {
-            let _ = tokio::signal::ctrl_c().await;
-        }
-    }
 }
 
 fn store(cmd: StoreCommand) -> anyhow::Result<ExitCode> {

@@ -178,9 +178,6 @@ fn successors(s: &State, p: &Params) -> Vec<Result<State, String>> {
             n.nodes[i].step(*m).expect("well-formed message");
             out.push(flush(&mut n, i, p).and_then(|()| finish(n)));
         }
-        let mut n = s.clone();
-        n.net.remove(e);
-        out.push(finish(n));
     }
     if s.restarts < p.max_restarts {
         for i in 0..s.nodes.len() {
@@ -252,27 +249,18 @@ fn explore(p: &Params) -> (Stats, Option<String>) {
             }
         }
         stats.max_stack = stats.max_stack.max(stack.len());
-        if stats.states % 100_000 == 0 {
-            eprintln!(
-                "... {stats:?} t={} net={} terms={:?}",
-                s.time,
-                s.net.len(),
-                s.nodes
-                    .iter()
-                    .map(|n| (n.term(), n.role(), n.now()))
-                    .collect::<Vec<_>>()
-            );
-        }
     }
     (stats, None)
 }
 
-fn base() -> Config {
+/// Timing small enough to explore: election timeout 2..=3 ticks, heartbeat every tick,
+/// lease 1 tick (the largest lease `validate` accepts for this timeout).
+fn small() -> Config {
     let mut c = Config::new(0, []);
-    c.election_timeout_min = 3;
-    c.election_timeout_max = 4;
+    c.election_timeout_min = 2;
+    c.election_timeout_max = 3;
     c.heartbeat_interval = 1;
-    c.lease = 2;
+    c.lease = 1;
     c.check_quorum = true;
     c.pre_vote = true;
     c
@@ -285,27 +273,69 @@ fn env_u64(name: &str, default: u64) -> u64 {
         .unwrap_or(default)
 }
 
-#[test]
-fn exhaustive_safety_with_loss_reordering_duplication_and_restarts() {
-    let p = Params {
-        base: base(),
-        max_time: env_u64("FOGLINE_MC_TICKS", 9),
+/// Debug builds are ~20x slower; optimized runs (`--profile bench-fast`) go deeper.
+fn default_ticks() -> u64 {
+    if cfg!(debug_assertions) {
+        6
+    } else {
+        8
+    }
+}
+
+fn params(base: Config) -> Params {
+    Params {
+        base,
+        max_time: env_u64("FOGLINE_MC_TICKS", default_ticks()),
         max_restarts: env_u64("FOGLINE_MC_RESTARTS", 1) as u8,
-        max_in_flight: env_u64("FOGLINE_MC_IN_FLIGHT", 4) as usize,
+        max_in_flight: env_u64("FOGLINE_MC_IN_FLIGHT", 6) as usize,
         max_delay: env_u64("FOGLINE_MC_DELAY", 1),
         amnesia: false,
-    };
+    }
+}
+
+fn run(name: &str, p: &Params) -> (Stats, Option<String>) {
     let start = Instant::now();
-    let (stats, violation) = explore(&p);
+    let (stats, violation) = explore(p);
     println!(
-        "model check (3 nodes, ticks<={}, restarts<={}, in-flight<={}): {stats:?} in {:?}",
+        "{name}: 3 nodes, ticks<={}, restarts<={}, in-flight<={}, delay<={}: {stats:?} in {:.1?}; violation: {violation:?}",
         p.max_time,
         p.max_restarts,
         p.max_in_flight,
+        p.max_delay,
         start.elapsed()
     );
+    (stats, violation)
+}
+
+#[test]
+fn exhaustive_safety_with_loss_reordering_duplication_and_restarts() {
+    let p = params(small());
+    let (stats, violation) = run("safety", &p);
     assert_eq!(violation, None);
-    assert!(stats.states > 100_000, "explored too little: {stats:?}");
-    assert!(stats.states_after_leader_change > 0, "never changed leader");
-    assert!(stats.states_after_restart > 0, "never restarted");
+    assert!(stats.states > 10_000, "explored too little: {stats:?}");
+    assert!(stats.states_after_restart > 0, "never restarted: {stats:?}");
+    assert!(
+        stats.states_after_leader_change > 0,
+        "never reached a second leader: {stats:?}"
+    );
+}
+
+/// The checker must be able to fail: a lease longer than the stickiness window overlaps.
+#[test]
+fn checker_finds_overlapping_leases_when_lease_exceeds_election_timeout() {
+    let mut c = small();
+    c.lease = c.election_timeout_min + 1;
+    let (_, violation) = run("planted bug: long lease", &params(c));
+    let v = violation.expect("a too-long lease must be caught");
+    assert!(v.contains("overlapping leases"), "{v}");
+}
+
+/// The checker must be able to fail: a restart that forgets its vote votes twice.
+#[test]
+fn checker_finds_double_votes_when_restart_forgets_hard_state() {
+    let mut p = params(small());
+    p.amnesia = true;
+    let (_, violation) = run("planted bug: amnesia", &p);
+    let v = violation.expect("forgetting the vote must be caught");
+    assert!(v.contains("votes") || v.contains("two leaders"), "{v}");
 }

@@ -83,6 +83,7 @@ struct Row {
     fsyncs_per_sec: f64,
     per_fsync: f64,
     disk_bytes_per_reading: f64,
+    stored_bytes_per_reading: f64,
     reconnects: u64,
 }
 
@@ -103,11 +104,11 @@ fn main() -> anyhow::Result<()> {
     }
     if args.markdown {
         println!();
-        println!("| devices | durable readings/s | ack p50 (ms) | ack p99 (ms) | agent RSS (MiB) | RSS peak (MiB) | fsyncs/s | readings/fsync | disk bytes/reading |");
-        println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+        println!("| devices | durable readings/s | ack p50 (ms) | ack p99 (ms) | agent RSS (MiB) | RSS peak (MiB) | fsyncs/s | readings/fsync | file bytes/reading | stored bytes/reading |");
+        println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
         for r in &rows {
             println!(
-                "| {} | {:.0} | {:.1} | {:.1} | {:.1} | {:.1} | {:.0} | {:.1} | {:.1} |",
+                "| {} | {:.0} | {:.1} | {:.1} | {:.1} | {:.1} | {:.0} | {:.1} | {:.1} | {:.1} |",
                 r.devices,
                 r.durable_per_sec,
                 r.p50_ms,
@@ -116,7 +117,8 @@ fn main() -> anyhow::Result<()> {
                 r.hwm_mib,
                 r.fsyncs_per_sec,
                 r.per_fsync,
-                r.disk_bytes_per_reading
+                r.disk_bytes_per_reading,
+                r.stored_bytes_per_reading
             );
         }
     }
@@ -264,6 +266,7 @@ fn run(args: &Args, bin: &std::path::Path, devices: u32) -> anyhow::Result<Row> 
     agent.stop(Duration::from_secs(20))?;
     let stats = agent.stats()?;
     let readings = stats["readings"].as_f64().unwrap_or(0.0);
+    let stored_bytes_per_reading = stats["bytes_per_reading"].as_f64().unwrap_or(f64::NAN);
     let file_bytes = std::fs::metadata(agent.data_dir().join("buffer.redb"))
         .map(|m| m.len() as f64)
         .unwrap_or(0.0);
@@ -295,6 +298,7 @@ fn run(args: &Args, bin: &std::path::Path, devices: u32) -> anyhow::Result<Row> 
         } else {
             f64::NAN
         },
+        stored_bytes_per_reading,
         reconnects,
     })
 }
@@ -316,7 +320,7 @@ fn report_errors(snaps: &[fogline_tests::DeviceSnapshot]) {
 fn print_row_text(r: &Row, header: bool) {
     if header {
         println!(
-            "{:>8} {:>12} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>11} {:>6}",
+            "{:>8} {:>12} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>11} {:>11} {:>6}",
             "devices",
             "durable/s",
             "p50 ms",
@@ -326,11 +330,12 @@ fn print_row_text(r: &Row, header: bool) {
             "fsyncs/s",
             "rd/fsync",
             "disk B/rd",
+            "stored B/rd",
             "reconn"
         );
     }
     println!(
-        "{:>8} {:>12.0} {:>9.1} {:>9.1} {:>9.1} {:>9.1} {:>9.0} {:>9.1} {:>11.1} {:>6}",
+        "{:>8} {:>12.0} {:>9.1} {:>9.1} {:>9.1} {:>9.1} {:>9.0} {:>9.1} {:>11.1} {:>11.1} {:>6}",
         r.devices,
         r.durable_per_sec,
         r.p50_ms,
@@ -340,6 +345,7 @@ fn print_row_text(r: &Row, header: bool) {
         r.fsyncs_per_sec,
         r.per_fsync,
         r.disk_bytes_per_reading,
+        r.stored_bytes_per_reading,
         r.reconnects
     );
 }
