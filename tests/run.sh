@@ -44,3 +44,4 @@ cargo build --workspace --bins
 RUSTC_BOOTSTRAP=1 RUSTC=/usr/bin/rustc /usr/bin/cargo build -Zbuild-std=core \
     --target thumbv7em-none-eabihf --release -p fogline-firmware --target-dir target/thumbv7em
 cargo test --workspace
+bash deploy/ci.sh # aarch64 build + qemu smoke test, .deb checks, install into a throwaway root

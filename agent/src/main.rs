@@ -107,17 +107,16 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Run(args) => run(args),
-        Command::Config(ConfigCommand::Defaults) => {
-            print!("{}", config::DEFAULTS);
-            Ok(ExitCode::SUCCESS)
-        }
+        Command::Config(ConfigCommand::Defaults) => process::print(config::DEFAULTS)
+            .map(|()| ExitCode::SUCCESS)
+            .map_err(anyhow::Error::from),
         Command::Config(ConfigCommand::Check { config }) => {
             Config::load(config.as_deref(), &Overrides::default())
                 .map_err(anyhow::Error::from)
                 .and_then(|c| Ok(serde_json::to_string_pretty(&c)?))
-                .map(|json| {
-                    println!("{json}");
-                    ExitCode::SUCCESS
+                .and_then(|json| {
+                    process::print(&format!("{json}\n"))?;
+                    Ok(ExitCode::SUCCESS)
                 })
         }
         Command::Buffer(cmd) => buffer(cmd),
@@ -171,7 +170,7 @@ fn buffer(cmd: BufferCommand) -> anyhow::Result<ExitCode> {
                     serde_json::Value::Null
                 },
             });
-            println!("{}", serde_json::to_string_pretty(&stats)?);
+            process::print(&format!("{}\n", serde_json::to_string_pretty(&stats)?))?;
             Ok(ExitCode::SUCCESS)
         }
         BufferCommand::Export { data_dir, format } => {
@@ -222,11 +221,11 @@ fn buffer(cmd: BufferCommand) -> anyhow::Result<ExitCode> {
             let mut inspect = Inspect::open(&data_dir)?;
             let problems = inspect.check()?;
             if problems.is_empty() {
-                println!("ok");
+                process::print("ok\n")?;
                 Ok(ExitCode::SUCCESS)
             } else {
                 for p in &problems {
-                    println!("problem: {p}");
+                    process::print(&format!("problem: {p}\n"))?;
                 }
                 Ok(ExitCode::FAILURE)
             }

@@ -86,17 +86,16 @@ enum StoreCommand {
 fn main() -> ExitCode {
     let result = match Cli::parse().command {
         Command::Run(args) => run(args),
-        Command::Config(ConfigCommand::Defaults) => {
-            print!("{}", config::DEFAULTS);
-            Ok(ExitCode::SUCCESS)
-        }
+        Command::Config(ConfigCommand::Defaults) => process::print(config::DEFAULTS)
+            .map(|()| ExitCode::SUCCESS)
+            .map_err(anyhow::Error::from),
         Command::Config(ConfigCommand::Check { config }) => {
             Config::load(config.as_deref(), &Overrides::default())
                 .map_err(anyhow::Error::from)
                 .and_then(|c| Ok(serde_json::to_string_pretty(&c)?))
-                .map(|json| {
-                    println!("{json}");
-                    ExitCode::SUCCESS
+                .and_then(|json| {
+                    process::print(&format!("{json}\n"))?;
+                    Ok(ExitCode::SUCCESS)
                 })
         }
         Command::Store(cmd) => store(cmd),
@@ -160,10 +159,8 @@ fn store(cmd: StoreCommand) -> anyhow::Result<ExitCode> {
                 })
                 .collect();
             origins.sort_by_key(|v| v.to_string());
-            println!(
-                "{}",
-                serde_json::to_string_pretty(&serde_json::json!({ "origins": origins }))?
-            );
+            let json = serde_json::to_string_pretty(&serde_json::json!({ "origins": origins }))?;
+            process::print(&format!("{json}\n"))?;
             Ok(ExitCode::SUCCESS)
         }
     }
