@@ -212,7 +212,8 @@ fn a_fleet_delivers_every_reading_exactly_once_across_two_sigkills() -> anyhow::
         assert!(d.finished && d.pending == 0, "{d:?}");
         assert_eq!(d.acked, d.last_seq, "{d:?}");
         assert_eq!(d.dropped, 0, "the ring never overflowed: {d:?}");
-        assert!(d.connects >= 3, "reconnected after both kills: {d:?}");
+        // A device whose reconnect backoff spans both kills reconnects only once.
+        assert!(d.connects >= 2, "reconnected after the kills: {d:?}");
         assert!(d.last_seq > 50, "sampled throughout: {d:?}");
         total += u64::from(d.last_seq);
         resent += d.resent;
