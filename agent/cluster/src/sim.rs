@@ -43,7 +43,8 @@ pub struct Cluster {
 }
 
 impl Cluster {
-    /// `base` supplies the timing fields; `id` and `peers` are filled in per node.
+    /// `base` supplies the timing fields; `id` and `peers` are filled in per node. The
+    /// config is deliberately not validated, so tests can show what an unsafe one does.
     pub fn new(ids: &[NodeId], base: &Config, seed: u64) -> Self {
         let mut rng = SplitMix64::new(seed);
         let mut nodes = BTreeMap::new();
