@@ -325,7 +325,10 @@ pub struct Buffer {
     checkpoint_all: bool,
     evicted: Vec<WindowKey>,
     reserve: Reserve,
-    /// Buffer file size when disk pressure last made room (see `keep_disk_free`).
+    /// While the disk is short of `min_free_disk_bytes`: the logical size the buffer is
+    /// held at, so that redb reuses the pages it frees instead of growing the file.
+    disk_cap: Option<u64>,
+    /// Largest buffer file size seen while under disk pressure (see `keep_disk_free`).
     file_len_at_pressure: u64,
     /// Size of the last block written: what the next commit will probably add.
     last_block_bytes: u64,
@@ -476,6 +479,7 @@ impl Buffer {
         Ok(Buffer {
             db: Arc::new(RwLock::new(db)),
             reserve,
+            disk_cap: None,
             file_len_at_pressure: 0,
             last_block_bytes: 0,
             path,
@@ -726,46 +730,74 @@ impl Buffer {
     }
 
     /// Frees space after the disk filled up: releases the reserve file so redb has room
-    /// for the transaction, reopens the database, and drops (does not downsample, which
-    /// would write more) the oldest tenth of the readings.
+    /// for the transaction, reopens the database, drops (does not downsample, which
+    /// would write more) the oldest tenth of the readings and holds the buffer at that
+    /// size until the disk has room again.
     pub fn free_disk(&mut self) -> Result<Room, BufferError> {
         let released = self.reserve.release();
         self.reopen()?;
-        let target = self.meta.total_bytes() - self.meta.total_bytes() / 10;
-        let room = self.make_room_until(target, true)?;
+        let cap = self.lower_disk_cap();
+        let room = self.make_room_until(cap, true)?;
         tracing::warn!(
             dropped = room.dropped,
             reserve_released = released,
+            held_at_bytes = cap,
             "disk full: dropped the oldest readings to keep ingesting"
         );
         Ok(room)
     }
 
-    /// Keeps `buffer.min_free_disk_bytes` free on the filesystem: when less is free and
-    /// the buffer file has grown since the last time, drop the oldest tenth of the
-    /// readings, so that redb reuses those pages instead of growing the file into the
-    /// last free bytes. Returns the readings dropped.
+    /// Lowers the disk-pressure cap to nine tenths of the current size (or of the cap).
+    fn lower_disk_cap(&mut self) -> u64 {
+        let total = self.meta.total_bytes();
+        let base = self.disk_cap.map_or(total, |cap| cap.min(total));
+        let cap = base - base / 10;
+        self.disk_cap = Some(cap);
+        cap
+    }
+
+    /// Keeps `buffer.min_free_disk_bytes` free on the filesystem. While less is free the
+    /// buffer becomes a ring at a fixed size: every commit is followed by dropping as
+    /// many of the oldest readings, so redb reuses the freed pages instead of growing
+    /// the file into the last free bytes. When the file grows anyway (fragmentation) or
+    /// the disk gets critically low, the size is lowered by a tenth. Once the disk has
+    /// room again the cap is lifted. Returns the readings dropped.
     pub fn keep_disk_free(&mut self) -> Result<u64, BufferError> {
         let Some(free) = free_disk_bytes(&self.cfg.data_dir) else {
             return Ok(0);
         };
-        if free >= self.cfg.min_free_disk_bytes {
-            self.reserve.ensure(free - self.cfg.min_free_disk_bytes);
+        let min_free = self.cfg.min_free_disk_bytes;
+        if free >= min_free {
+            self.reserve.ensure(free - min_free);
+            if self.disk_cap.take().is_some() {
+                tracing::info!(free_bytes = free, "the disk has room again: buffer cap lifted");
+            }
+            self.file_len_at_pressure = 0;
             return Ok(0);
         }
         let len = std::fs::metadata(&self.path).map_or(0, |m| m.len());
-        if len <= self.file_len_at_pressure {
+        let grew = len > self.file_len_at_pressure;
+        let critical = free < min_free / 4 && grew;
+        let lowered = self.disk_cap.is_none() || (grew && self.file_len_at_pressure > 0) || critical;
+        self.file_len_at_pressure = self.file_len_at_pressure.max(len);
+        let cap = if lowered {
+            self.lower_disk_cap()
+        } else {
+            self.disk_cap.unwrap_or(0)
+        };
+        if self.meta.total_bytes() <= cap {
             return Ok(0);
         }
-        let target = self.meta.total_bytes() - self.meta.total_bytes() / 10;
-        let room = self.make_room_until(target, true)?;
-        self.file_len_at_pressure = len;
-        tracing::warn!(
-            free_bytes = free,
-            min_free_disk_bytes = self.cfg.min_free_disk_bytes,
-            dropped = room.dropped,
-            "the disk is nearly full: dropped the oldest readings instead of growing the buffer"
-        );
+        let room = self.make_room_until(cap, true)?;
+        if lowered {
+            tracing::warn!(
+                free_bytes = free,
+                min_free_disk_bytes = min_free,
+                dropped = room.dropped,
+                held_at_bytes = cap,
+                "the disk is nearly full: dropping the oldest readings instead of growing the buffer"
+            );
+        }
         Ok(room.dropped)
     }
 
