@@ -11,7 +11,7 @@ use std::sync::mpsc::{SyncSender, TrySendError};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use rumqttd::local::{LinkError, LinkRx, LinkTx};
+pub use rumqttd::local::{LinkError, LinkRx, LinkTx};
 use rumqttd::protocol::{Packet, Publish};
 use rumqttd::{ConnectionSettings, Notification, RouterConfig, ServerSettings};
 
@@ -302,20 +302,22 @@ impl Publisher {
 /// Starts the agent's broker and the ingest thread that parses every publish on
 /// `sensors/#` and queues valid readings on `queue`. Returns once every listener accepts
 /// connections. Stopping the returned worker closes the queue.
+/// Starts the agent's broker with its ingest thread and publishing link, plus one link
+/// per entry of `extra` (name, filters), returned in that order.
 pub fn start(
     config: &Config,
     queue: SyncSender<Incoming>,
     metrics: Arc<Metrics>,
-) -> Result<(Worker, Publisher), BrokerError> {
-    let mut links = embed(
-        &config.mqtt,
-        &[ingest::SENSOR_FILTER, "agg/#"],
-        &[
-            ("fogline-ingest", &[ingest::SENSOR_FILTER]),
-            ("fogline-publish", &[]),
-        ],
-    )?
-    .into_iter();
+    extra: &[(&str, &[&str])],
+) -> Result<(Worker, Publisher, Vec<(LinkTx, LinkRx)>), BrokerError> {
+    let mut wanted: Vec<(&str, &[&str])> = vec![
+        ("fogline-ingest", &[ingest::SENSOR_FILTER]),
+        ("fogline-publish", &[]),
+    ];
+    wanted.extend_from_slice(extra);
+    let mut bulk: Vec<&str> = vec![ingest::SENSOR_FILTER, "agg/#"];
+    bulk.extend(extra.iter().flat_map(|(_, f)| f.iter().copied()));
+    let mut links = embed(&config.mqtt, &bulk, &wanted)?.into_iter();
     let (Some((ingest_tx, ingest_rx)), Some((publish_tx, _))) = (links.next(), links.next()) else {
         return Err(BrokerError::Config("broker links missing".into()));
     };
@@ -342,7 +344,7 @@ pub fn start(
         });
     })
     .map_err(|e| BrokerError::Config(format!("cannot start the ingest thread: {e}")))?;
-    Ok((worker, Publisher::new(publish_tx)))
+    Ok((worker, Publisher::new(publish_tx), links.collect()))
 }
 
 /// Queues a reading, waiting if the pipeline is behind. False when the pipeline is gone.

@@ -14,10 +14,12 @@ pub mod buffer;
 pub mod config;
 pub mod http;
 pub mod ingest;
+pub mod logstore;
 pub mod metrics;
 pub mod nodelay;
 pub mod pipeline;
 pub mod process;
+pub mod receiver;
 pub mod uplink;
 
 use std::future::Future;
@@ -62,8 +64,8 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
         .with_context(|| format!("cannot listen for HTTP on {}", config.http.listen))?;
 
     let (queue_tx, queue_rx) = std::sync::mpsc::sync_channel(config.ingest.queue_readings);
-    let (mut running, publisher) =
-        tokio::task::block_in_place(|| broker::start(&config, queue_tx, metrics.clone()))
+    let (mut running, publisher, _links) =
+        tokio::task::block_in_place(|| broker::start(&config, queue_tx, metrics.clone(), &[]))
             .context("starting the MQTT broker")?;
     tracing::info!(
         mqtt = %config.mqtt.listen,
@@ -81,11 +83,14 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
     let uplink_task = uplink_on.then(|| {
         let up = uplink::Uplink {
             config: config.uplink.clone(),
+            destination: config.uplink.gateway.clone(),
+            scheme: uplink::proto::UPLINK,
             site: config.node.site.clone(),
             origin: config.node.id.clone(),
-            log: buffer.log(),
+            source: Arc::new(buffer.log()),
             head: head_rx,
             shared: uplink_shared.clone(),
+            active: None,
         };
         tokio::spawn(up.run(stop_rx))
     });

@@ -10,11 +10,10 @@
 //! Nothing here assumes it is the only gateway: all state is per (site, origin).
 
 pub mod config;
-pub mod store;
+pub use fogline_agent::logstore as store;
 
 use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -22,91 +21,26 @@ use anyhow::Context;
 use axum::extract::State;
 use axum::routing::get;
 use axum::{Json, Router};
-use fogline_agent::broker::{self, Publisher, Worker};
-use fogline_agent::uplink::proto::{self, Topic};
-use prometheus_client::encoding::EncodeLabelSet;
-use prometheus_client::metrics::counter::Counter;
-use prometheus_client::metrics::family::Family;
-use prometheus_client::metrics::gauge::Gauge;
+use fogline_agent::broker::{self, Publisher};
+use fogline_agent::receiver::{self, AggOut, Counters, Hooks, Receiver};
+use fogline_agent::uplink::proto;
 use prometheus_client::registry::Registry;
 
 pub use config::Config;
-use store::{Applied, Store, Txn};
-
-/// One publish the gateway cares about.
-struct Message {
-    topic: String,
-    payload: Vec<u8>,
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct ResultLabel {
-    result: &'static str,
-}
+use store::Store;
 
 /// The gateway's counters, on `/metrics`.
 pub struct Metrics {
     registry: Registry,
-    batches: Family<ResultLabel, Counter>,
-    readings_stored: Counter,
-    commits: Counter,
-    commit_failures: Counter,
-    aggregates_relayed: Counter,
-    rejected: Counter,
-    origins: Gauge,
-    stored_total: Gauge,
+    counters: Arc<Counters>,
 }
 
 impl Metrics {
     fn new() -> Metrics {
         let mut registry = Registry::with_prefix("fogline_gateway");
-        let m = Metrics {
-            registry: Registry::default(),
-            batches: Family::default(),
-            readings_stored: Counter::default(),
-            commits: Counter::default(),
-            commit_failures: Counter::default(),
-            aggregates_relayed: Counter::default(),
-            rejected: Counter::default(),
-            origins: Gauge::default(),
-            stored_total: Gauge::default(),
-        };
-        for result in ["stored", "duplicate", "gap", "malformed"] {
-            let _ = m.batches.get_or_create(&ResultLabel { result });
-        }
-        registry.register("batches", "Uplink batches by outcome", m.batches.clone());
-        registry.register(
-            "readings_stored",
-            "Readings stored since start",
-            m.readings_stored.clone(),
-        );
-        registry.register(
-            "commits",
-            "Durable commits (one fsync each)",
-            m.commits.clone(),
-        );
-        registry.register(
-            "commit_failures",
-            "Commits that failed (nothing acked; agents re-send)",
-            m.commit_failures.clone(),
-        );
-        registry.register(
-            "aggregates_relayed",
-            "Aggregates republished for dashboards",
-            m.aggregates_relayed.clone(),
-        );
-        registry.register(
-            "rejected",
-            "Uplink publishes with a bad topic or frame",
-            m.rejected.clone(),
-        );
-        registry.register("origins", "(site, origin) logs known", m.origins.clone());
-        registry.register(
-            "readings",
-            "Readings held in the store",
-            m.stored_total.clone(),
-        );
-        Metrics { registry, ..m }
+        let counters = Arc::new(Counters::default());
+        counters.register(&mut registry);
+        Metrics { registry, counters }
     }
 
     fn render(&self) -> String {
@@ -126,9 +60,9 @@ struct AppState {
 /// Runs the gateway until `shutdown` completes.
 pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
     let metrics = Arc::new(Metrics::new());
-    let data_dir = config.store.data_dir.clone();
+    let path = config.store_path();
     let cache = config.store.cache_bytes;
-    let store = tokio::task::spawn_blocking(move || Store::open(&data_dir, cache))
+    let store = tokio::task::spawn_blocking(move || Store::open(&path, cache))
         .await
         .context("store open task")?
         .with_context(|| format!("opening the store in {}", config.store.data_dir.display()))?;
@@ -139,40 +73,23 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
         .with_context(|| format!("cannot listen for HTTP on {}", config.http.listen))?;
 
     let mqtt = config.mqtt.clone();
+    let filter = proto::UPLINK.filter();
     let mut links = tokio::task::block_in_place(|| {
         broker::embed(
             &mqtt,
-            &[proto::GATEWAY_FILTER, "agg/#"],
-            &[
-                ("gateway-in", &[proto::GATEWAY_FILTER]),
-                ("gateway-out", &[]),
-            ],
+            &[&filter, "agg/#"],
+            &[("gateway-in", &[&filter]), ("gateway-out", &[])],
         )
     })
     .context("starting the MQTT broker")?
     .into_iter();
-    let (Some((in_tx, in_rx)), Some((out_tx, _))) = (links.next(), links.next()) else {
+    let (Some(link_in), Some((out_tx, _))) = (links.next(), links.next()) else {
         anyhow::bail!("broker links missing");
     };
-    let (queue_tx, queue_rx) = std::sync::mpsc::sync_channel::<Message>(4096);
-    let rejected = metrics.clone();
-    let mut receiver = Worker::spawn("uplink-in", move |stop| {
-        let _keep = in_tx;
-        broker::receive(in_rx, stop, |p| {
-            let Ok(topic) = String::from_utf8(p.topic.to_vec()) else {
-                rejected.rejected.inc();
-                return true;
-            };
-            enqueue(
-                &queue_tx,
-                Message {
-                    topic,
-                    payload: p.payload.to_vec(),
-                },
-            )
-        });
-    })
-    .context("starting the uplink receiver")?;
+    let (queue_tx, queue_rx) = std::sync::mpsc::sync_channel(4096);
+    let mut reader =
+        receiver::spawn_reader("uplink-in", link_in, queue_tx, metrics.counters.clone())
+            .context("starting the uplink receiver")?;
 
     let state = Arc::new(AppState {
         metrics: metrics.clone(),
@@ -180,13 +97,17 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
         started: Instant::now(),
         last_commit_ms: AtomicU64::new(0),
     });
-    let writer = Writer {
+    let writer = Receiver {
         store,
         publisher: Publisher::new(out_tx),
-        metrics,
-        state: state.clone(),
+        scheme: proto::UPLINK,
+        counters: metrics.counters.clone(),
+        agg_out: AggOut::PerSite,
         batch_max: config.store.batch_max_messages,
         batch_delay: Duration::from_millis(config.store.batch_max_delay_ms),
+        hooks: StatusHooks {
+            state: state.clone(),
+        },
     };
     let writer = std::thread::Builder::new()
         .name("store-writer".into())
@@ -215,7 +136,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
     tracing::info!("shutting down: committing what is queued");
     let _ = stop_http.send(());
     tokio::task::spawn_blocking(move || {
-        receiver.stop();
+        reader.stop();
         if writer.join().is_err() {
             tracing::error!("the writer thread panicked");
         }
@@ -225,10 +146,6 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
     let _ = http.await;
     tracing::info!("stopped");
     Ok(())
-}
-
-fn enqueue(queue: &SyncSender<Message>, m: Message) -> bool {
-    queue.send(m).is_ok()
 }
 
 async fn status(State(s): State<Arc<AppState>>) -> Json<serde_json::Value> {
@@ -241,153 +158,18 @@ async fn status(State(s): State<Arc<AppState>>) -> Json<serde_json::Value> {
     }))
 }
 
-struct Writer {
-    store: Store,
-    publisher: Publisher,
-    metrics: Arc<Metrics>,
+/// Keeps `/status` current after every commit.
+struct StatusHooks {
     state: Arc<AppState>,
-    batch_max: usize,
-    batch_delay: Duration,
 }
 
-impl Writer {
-    fn run(mut self, queue: Receiver<Message>) {
-        // After a restart: serve the dashboards' aggregates and tell agents where we are.
-        match self.store.aggregates() {
-            Ok(aggs) => {
-                for (topic, json) in aggs {
-                    let _ = self.publisher.retained(topic, json);
-                }
-            }
-            Err(e) => tracing::error!("cannot read stored aggregates: {e}"),
-        }
-        let known: Vec<(String, String)> = self.store.origins().keys().cloned().collect();
-        for (site, origin) in &known {
-            self.ack(site, origin);
-        }
-        self.refresh();
-        loop {
-            let first = match queue.recv_timeout(Duration::from_secs(1)) {
-                Ok(m) => m,
-                Err(RecvTimeoutError::Timeout) => continue,
-                Err(RecvTimeoutError::Disconnected) => break,
-            };
-            let deadline = Instant::now() + self.batch_delay;
-            let mut batch = vec![first];
-            while batch.len() < self.batch_max {
-                let now = Instant::now();
-                let next = match queue.try_recv() {
-                    Ok(m) => Some(m),
-                    Err(_) if now < deadline => queue.recv_timeout(deadline - now).ok(),
-                    Err(_) => None,
-                };
-                match next {
-                    Some(m) => batch.push(m),
-                    None => break,
-                }
-            }
-            self.handle(batch);
-        }
-        tracing::info!("store closed cleanly");
-    }
-
-    fn handle(&mut self, batch: Vec<Message>) {
-        let mut txn = Txn::default();
-        let mut acks: Vec<(String, String)> = Vec::new();
-        let mut aggs: Vec<(String, String)> = Vec::new();
-        let mut stored = 0;
-        for m in &batch {
-            match proto::parse_topic(&m.topic) {
-                Some(Topic::Log { site, origin }) => {
-                    let applied = match proto::decode_batch(&m.payload) {
-                        Ok(frame) => self.store.apply(&mut txn, site, origin, &frame),
-                        Err(_) => Applied::Malformed,
-                    };
-                    self.metrics
-                        .batches
-                        .get_or_create(&ResultLabel {
-                            result: applied.label(),
-                        })
-                        .inc();
-                    match applied {
-                        Applied::Stored(n) => stored += n,
-                        Applied::Malformed => {
-                            tracing::warn!(site, origin, "malformed uplink batch")
-                        }
-                        Applied::Gap => {
-                            tracing::debug!(site, origin, "uplink batch past the watermark")
-                        }
-                        Applied::Duplicate => {}
-                    }
-                    push_unique(&mut acks, site, origin);
-                }
-                Some(Topic::Sync { site, origin }) => push_unique(&mut acks, site, origin),
-                Some(Topic::Agg {
-                    site,
-                    origin: _,
-                    rest,
-                }) => {
-                    let Ok(json) = String::from_utf8(m.payload.clone()) else {
-                        self.metrics.rejected.inc();
-                        continue;
-                    };
-                    let topic = format!("agg/{site}/{rest}");
-                    Store::put_aggregate(&mut txn, topic.clone(), json.clone());
-                    aggs.push((topic, json));
-                }
-                // Our own acks come back on the filter: nothing to do.
-                Some(Topic::Ack { .. }) => {}
-                None => {
-                    self.metrics.rejected.inc();
-                }
-            }
-        }
-        match self.store.commit(txn) {
-            Ok(()) => {
-                self.metrics.commits.inc();
-                self.metrics.readings_stored.inc_by(stored);
-                self.state
-                    .last_commit_ms
-                    .store(fogline_agent::now_ms().max(0) as u64, Ordering::Relaxed);
-            }
-            Err(e) => {
-                self.metrics.commit_failures.inc();
-                tracing::error!("store commit failed; nothing acked, agents will re-send: {e}");
-                return;
-            }
-        }
-        for (site, origin) in &acks {
-            self.ack(site, origin);
-        }
-        for (topic, json) in aggs {
-            if self.publisher.retained(topic, json).is_ok() {
-                self.metrics.aggregates_relayed.inc();
-            }
-        }
-        self.refresh();
-    }
-
-    fn ack(&mut self, site: &str, origin: &str) {
-        let next = self.store.next(&Txn::default(), site, origin);
-        let payload = serde_json::json!({ "next": next }).to_string();
-        if let Err(e) = self
-            .publisher
-            .retained(proto::ack_topic(site, origin), payload)
-        {
-            tracing::warn!(site, origin, "cannot publish the uplink ack: {e}");
-        }
-    }
-
-    fn refresh(&self) {
-        let origins = self.store.origins();
-        self.metrics
-            .origins
-            .set(i64::try_from(origins.len()).unwrap_or(i64::MAX));
-        let total: u64 = origins.values().map(|s| s.stored).sum();
-        self.metrics
-            .stored_total
-            .set(i64::try_from(total).unwrap_or(i64::MAX));
-        let mut list: Vec<serde_json::Value> = origins
+impl Hooks for StatusHooks {
+    fn committed(&mut self, store: &Store) {
+        self.state
+            .last_commit_ms
+            .store(fogline_agent::now_ms().max(0) as u64, Ordering::Relaxed);
+        let mut list: Vec<serde_json::Value> = store
+            .origins()
             .iter()
             .map(|((site, origin), s)| {
                 serde_json::json!({
@@ -400,11 +182,5 @@ impl Writer {
         if let Ok(mut o) = self.state.origins.lock() {
             *o = list;
         }
-    }
-}
-
-fn push_unique(v: &mut Vec<(String, String)>, site: &str, origin: &str) {
-    if !v.iter().any(|(s, o)| s == site && o == origin) {
-        v.push((site.to_owned(), origin.to_owned()));
     }
 }

@@ -127,7 +127,7 @@ fn store(cmd: StoreCommand) -> anyhow::Result<ExitCode> {
             data_dir,
             format: ExportFormat::Jsonl,
         } => {
-            let store = Store::open(&data_dir, 16 << 20)?;
+            let store = Store::open(&fogline_gateway::config::store_path(&data_dir), 16 << 20)?;
             let stdout = std::io::stdout();
             let mut out = std::io::BufWriter::new(stdout.lock());
             let mut failed = None;
@@ -149,7 +149,7 @@ fn store(cmd: StoreCommand) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         StoreCommand::Stats { data_dir } => {
-            let store = Store::open(&data_dir, 16 << 20)?;
+            let store = Store::open(&fogline_gateway::config::store_path(&data_dir), 16 << 20)?;
             let mut origins: Vec<serde_json::Value> = store
                 .origins()
                 .iter()

@@ -24,8 +24,32 @@ use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 use serde::Serialize;
 use tokio::sync::{watch, Notify};
 
-use crate::buffer::Log;
+use crate::buffer::{Log, StoredBlock};
 use crate::config::UplinkConfig;
+
+/// Where an uplink reads the log it ships: the agent's own buffer, or a replica of a
+/// peer's log that this agent holds.
+pub trait Source: Send + Sync + 'static {
+    /// Blocks holding offsets from `from` on, oldest first, until about `max_readings`
+    /// readings or `head` (the first offset not yet stored).
+    fn blocks_from(
+        &self,
+        from: u64,
+        max_readings: u64,
+        head: u64,
+    ) -> anyhow::Result<Vec<StoredBlock>>;
+}
+
+impl Source for Log {
+    fn blocks_from(
+        &self,
+        from: u64,
+        max_readings: u64,
+        head: u64,
+    ) -> anyhow::Result<Vec<StoredBlock>> {
+        Ok(Log::blocks_from(self, from, max_readings, head)?)
+    }
+}
 
 /// Aggregates waiting to be relayed to the gateway: the newest JSON per topic.
 #[derive(Default)]
@@ -134,15 +158,27 @@ impl Shared {
     }
 }
 
-/// Everything the uplink task needs.
+/// Everything an uplink task needs. One task ships one origin's log to one destination.
 pub struct Uplink {
     pub config: UplinkConfig,
+    /// `HOST:PORT` of the destination broker (the gateway, or a peer agent).
+    pub destination: String,
+    /// Uplink to the gateway, or replication to a peer.
+    pub scheme: proto::Scheme,
     pub site: String,
     pub origin: String,
-    pub log: Log,
-    /// The first uncommitted offset, updated by the writer after every commit.
+    pub source: Arc<dyn Source>,
+    /// The first offset not yet stored, updated by whoever writes the log.
     pub head: watch::Receiver<u64>,
     pub shared: Arc<Shared>,
+    /// When set, the uplink only connects while this holds (the site leader's lease).
+    pub active: Option<watch::Receiver<bool>>,
+}
+
+/// Why a session ended without an error.
+enum End {
+    Shutdown,
+    Inactive,
 }
 
 fn split_host_port(addr: &str) -> Option<(String, u16)> {
@@ -154,12 +190,12 @@ fn split_host_port(addr: &str) -> Option<(String, u16)> {
 impl Uplink {
     /// Runs until `shutdown` turns true.
     pub async fn run(mut self, mut shutdown: watch::Receiver<bool>) {
-        let Some((host, port)) = split_host_port(&self.config.gateway) else {
-            tracing::error!(gateway = %self.config.gateway, "uplink.gateway is not HOST:PORT; uplink off");
+        let Some((host, port)) = split_host_port(&self.destination) else {
+            tracing::error!(destination = %self.destination, "not HOST:PORT; uplink off");
             return;
         };
         self.shared.update(|s| {
-            s.gateway = self.config.gateway.clone();
+            s.gateway = self.destination.clone();
             s.link = "connecting";
         });
         let mut backoff = backoff::Backoff::new(
@@ -170,16 +206,27 @@ impl Uplink {
             if *shutdown.borrow() {
                 return;
             }
+            if let Some(active) = self.active.as_mut() {
+                self.shared.update(|s| s.link = "standby");
+                tokio::select! {
+                    r = active.wait_for(|a| *a) => if r.is_err() { return },
+                    _ = shutdown.changed() => return,
+                }
+            }
             self.shared.update(|s| s.link = "connecting");
             let result = self.session(&host, port, &mut backoff, &mut shutdown).await;
             match result {
-                Ok(()) => return,
+                Ok(End::Shutdown) => return,
+                Ok(End::Inactive) => {
+                    tracing::info!(destination = %self.destination, origin = %self.origin, "no longer the site leader: uplink stopped");
+                }
                 Err(e) => {
                     let delay = backoff.next_delay(fastrand::f64());
                     tracing::warn!(
-                        gateway = %self.config.gateway,
+                        destination = %self.destination,
+                        origin = %self.origin,
                         retry_in_ms = delay.as_millis() as u64,
-                        "uplink down: {e}"
+                        "link down: {e}"
                     );
                     self.shared.update(|s| {
                         s.link = "backoff";
@@ -201,8 +248,13 @@ impl Uplink {
         port: u16,
         backoff: &mut backoff::Backoff,
         shutdown: &mut watch::Receiver<bool>,
-    ) -> anyhow::Result<()> {
-        let client_id = format!("fogline-uplink-{}-{}", self.site, self.origin);
+    ) -> anyhow::Result<End> {
+        let client_id = format!(
+            "fogline-{}-{}-{}",
+            self.scheme.name(),
+            self.site,
+            self.origin
+        );
         let mut options = MqttOptions::new(client_id, host, port);
         options
             .set_keep_alive(Duration::from_secs(self.config.keepalive_secs.max(5)))
@@ -215,8 +267,9 @@ impl Uplink {
         net.set_connection_timeout(5);
         eventloop.set_network_options(net);
 
-        let ack_topic = proto::ack_topic(&self.site, &self.origin);
-        let log_topic = proto::log_topic(&self.site, &self.origin);
+        let ack_topic = self.scheme.ack_topic(&self.site, &self.origin);
+        let log_topic = self.scheme.log_topic(&self.site, &self.origin);
+        let mut active = self.active.clone();
         let mut acked: Option<u64> = None;
         let mut sent = 0u64;
         let mut connected = false;
@@ -236,9 +289,9 @@ impl Uplink {
                             connected = true;
                             backoff.reset();
                             self.shared.update(|s| { s.link = "connected"; s.connects += 1; s.last_error = None; });
-                            tracing::info!(gateway = %self.config.gateway, "uplink connected");
+                            tracing::info!(destination = %self.destination, origin = %self.origin, "{} connected", self.scheme.name());
                             client.try_subscribe(ack_topic.clone(), QoS::AtLeastOnce)?;
-                            client.try_publish(proto::sync_topic(&self.site, &self.origin), QoS::AtLeastOnce, false, Vec::new())?;
+                            client.try_publish(self.scheme.sync_topic(&self.site, &self.origin), QoS::AtLeastOnce, false, Vec::new())?;
                             // Live view first: every aggregate, before any backlog.
                             for (topic, json) in self.shared.relay.all() {
                                 self.relay_one(&client, &topic, json);
@@ -269,7 +322,17 @@ impl Uplink {
                 _ = self.head.changed() => {}
                 _ = self.shared.relay.changed.notified() => {}
                 _ = tick.tick() => {}
-                _ = shutdown.changed() => return Ok(()),
+                _ = shutdown.changed() => return Ok(End::Shutdown),
+                Some(()) = async {
+                    match active.as_mut() {
+                        Some(a) => a.changed().await.ok(),
+                        None => std::future::pending().await,
+                    }
+                } => {
+                    if active.as_ref().is_some_and(|a| !*a.borrow()) {
+                        return Ok(End::Inactive);
+                    }
+                }
             }
             if !connected {
                 continue;
@@ -304,7 +367,7 @@ impl Uplink {
                     .config
                     .batch_readings
                     .min(self.config.max_inflight_readings - (sent - acked));
-                let blocks = self.log.blocks_from(sent, want.max(1), head)?;
+                let blocks = self.source.blocks_from(sent, want.max(1), head)?;
                 if blocks.is_empty() {
                     break;
                 }
@@ -341,7 +404,7 @@ impl Uplink {
     }
 
     fn relay_one(&self, client: &AsyncClient, topic: &str, json: String) {
-        if let Some(up) = proto::agg_relay_topic(&self.site, &self.origin, topic) {
+        if let Some(up) = self.scheme.agg_relay_topic(&self.site, &self.origin, topic) {
             // QoS 0: a newer value supersedes a lost one, and the full set goes again on
             // every reconnect.
             let _ = client.try_publish(up, QoS::AtMostOnce, false, json);

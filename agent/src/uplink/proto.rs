@@ -16,9 +16,6 @@ use serde::{Deserialize, Serialize};
 
 /// First byte of every batch frame.
 pub const VERSION: u8 = 1;
-/// What the gateway subscribes to.
-pub const GATEWAY_FILTER: &str = "fogline/uplink/#";
-const PREFIX: &str = "fogline/uplink/";
 
 /// One batch of an origin's log.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -74,7 +71,7 @@ pub fn decode_batch(bytes: &[u8]) -> Result<BatchFrame<'_>, FrameError> {
     Ok(frame)
 }
 
-/// What an uplink topic is about.
+/// What an uplink (or replication) topic is about.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Topic<'a> {
     Log {
@@ -89,6 +86,12 @@ pub enum Topic<'a> {
         site: &'a str,
         origin: &'a str,
     },
+    /// Replication only: the site leader tells a peer the gateway's ack of `origin`, so
+    /// that it may delete what the gateway has.
+    GatewayAck {
+        site: &'a str,
+        origin: &'a str,
+    },
     /// `rest` is `<device>/<metric>/<len>s`.
     Agg {
         site: &'a str,
@@ -97,48 +100,92 @@ pub enum Topic<'a> {
     },
 }
 
-pub fn log_topic(site: &str, origin: &str) -> String {
-    format!("{PREFIX}{site}/{origin}/log")
+/// A family of log-shipping topics: the same frames and acks serve the uplink to the
+/// gateway (`fogline/uplink/…`) and replication to a site's peers (`fogline/repl/…`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Scheme {
+    prefix: &'static str,
 }
 
-pub fn sync_topic(site: &str, origin: &str) -> String {
-    format!("{PREFIX}{site}/{origin}/sync")
+/// Agent → gateway.
+pub const UPLINK: Scheme = Scheme {
+    prefix: "fogline/uplink/",
+};
+/// Agent → the other agents of its site.
+pub const REPLICATION: Scheme = Scheme {
+    prefix: "fogline/repl/",
+};
+
+/// An origin is a node id, a dot and the 8 hex digits of its buffer's incarnation.
+pub fn valid_origin(origin: &str) -> bool {
+    origin.len() <= 48
+        && !origin.is_empty()
+        && origin
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'))
 }
 
-pub fn ack_topic(site: &str, origin: &str) -> String {
-    format!("{PREFIX}{site}/{origin}/ack")
-}
-
-/// `agg/<device>/<metric>/<len>s` at the agent → its uplink topic.
-pub fn agg_relay_topic(site: &str, origin: &str, local_topic: &str) -> Option<String> {
-    let rest = local_topic.strip_prefix("agg/")?;
-    Some(format!("{PREFIX}{site}/{origin}/agg/{rest}"))
-}
-
-/// Parses an uplink topic; ids are checked with the sensor id rules.
-pub fn parse_topic(topic: &str) -> Option<Topic<'_>> {
-    let rest = topic.strip_prefix(PREFIX)?;
-    let mut parts = rest.splitn(4, '/');
-    let (site, origin, kind) = (parts.next()?, parts.next()?, parts.next()?);
-    if !fogline_firmware::wire::valid_id(site) || !fogline_firmware::wire::valid_id(origin) {
-        return None;
+impl Scheme {
+    /// "uplink" or "repl", for client ids and logs.
+    pub fn name(self) -> &'static str {
+        self.prefix
+            .trim_start_matches("fogline/")
+            .trim_end_matches('/')
     }
-    match (kind, parts.next()) {
-        ("log", None) => Some(Topic::Log { site, origin }),
-        ("sync", None) => Some(Topic::Sync { site, origin }),
-        ("ack", None) => Some(Topic::Ack { site, origin }),
-        ("agg", Some(rest)) => {
-            let mut p = rest.split('/');
-            let ok = matches!(
-                (p.next(), p.next(), p.next(), p.next()),
-                (Some(d), Some(m), Some(w), None)
-                    if fogline_firmware::wire::valid_id(d)
-                        && fogline_firmware::wire::valid_id(m)
-                        && w.strip_suffix('s').is_some_and(|n| n.parse::<u32>().is_ok())
-            );
-            ok.then_some(Topic::Agg { site, origin, rest })
+
+    /// The filter a receiver subscribes to.
+    pub fn filter(self) -> String {
+        format!("{}#", self.prefix)
+    }
+
+    pub fn log_topic(self, site: &str, origin: &str) -> String {
+        format!("{}{site}/{origin}/log", self.prefix)
+    }
+
+    pub fn sync_topic(self, site: &str, origin: &str) -> String {
+        format!("{}{site}/{origin}/sync", self.prefix)
+    }
+
+    pub fn ack_topic(self, site: &str, origin: &str) -> String {
+        format!("{}{site}/{origin}/ack", self.prefix)
+    }
+
+    pub fn gateway_ack_topic(self, site: &str, origin: &str) -> String {
+        format!("{}{site}/{origin}/gwack", self.prefix)
+    }
+
+    /// `agg/<device>/<metric>/<len>s` at the agent → its relay topic.
+    pub fn agg_relay_topic(self, site: &str, origin: &str, local_topic: &str) -> Option<String> {
+        let rest = local_topic.strip_prefix("agg/")?;
+        Some(format!("{}{site}/{origin}/agg/{rest}", self.prefix))
+    }
+
+    /// Parses a topic of this scheme; ids are checked with the sensor id rules.
+    pub fn parse_topic(self, topic: &str) -> Option<Topic<'_>> {
+        let rest = topic.strip_prefix(self.prefix)?;
+        let mut parts = rest.splitn(4, '/');
+        let (site, origin, kind) = (parts.next()?, parts.next()?, parts.next()?);
+        if !fogline_firmware::wire::valid_id(site) || !valid_origin(origin) {
+            return None;
         }
-        _ => None,
+        match (kind, parts.next()) {
+            ("log", None) => Some(Topic::Log { site, origin }),
+            ("sync", None) => Some(Topic::Sync { site, origin }),
+            ("ack", None) => Some(Topic::Ack { site, origin }),
+            ("gwack", None) => Some(Topic::GatewayAck { site, origin }),
+            ("agg", Some(rest)) => {
+                let mut p = rest.split('/');
+                let ok = matches!(
+                    (p.next(), p.next(), p.next(), p.next()),
+                    (Some(d), Some(m), Some(w), None)
+                        if fogline_firmware::wire::valid_id(d)
+                            && fogline_firmware::wire::valid_id(m)
+                            && w.strip_suffix('s').is_some_and(|n| n.parse::<u32>().is_ok())
+                );
+                ok.then_some(Topic::Agg { site, origin, rest })
+            }
+            _ => None,
+        }
     }
 }
 
@@ -169,14 +216,14 @@ mod tests {
     #[test]
     fn topics_parse_and_refuse_strangers() {
         assert_eq!(
-            parse_topic(&log_topic("s1", "a1")),
+            UPLINK.parse_topic(&UPLINK.log_topic("s1", "a1")),
             Some(Topic::Log {
                 site: "s1",
                 origin: "a1"
             })
         );
         assert_eq!(
-            parse_topic("fogline/uplink/s1/a1/agg/d1/temp/60s"),
+            UPLINK.parse_topic("fogline/uplink/s1/a1/agg/d1/temp/60s"),
             Some(Topic::Agg {
                 site: "s1",
                 origin: "a1",
@@ -184,13 +231,23 @@ mod tests {
             })
         );
         assert_eq!(
-            agg_relay_topic("s1", "a1", "agg/d1/temp/60s").as_deref(),
+            UPLINK
+                .agg_relay_topic("s1", "a1", "agg/d1/temp/60s")
+                .as_deref(),
             Some("fogline/uplink/s1/a1/agg/d1/temp/60s")
         );
-        assert_eq!(parse_topic("fogline/uplink/s1/a1/agg/d1/temp"), None);
-        assert_eq!(parse_topic("fogline/uplink/s 1/a1/log"), None);
-        assert_eq!(parse_topic("fogline/uplink/s1/a1/log/x"), None);
-        assert_eq!(parse_topic("sensors/d/m"), None);
+        assert_eq!(UPLINK.parse_topic("fogline/uplink/s1/a1/agg/d1/temp"), None);
+        assert_eq!(UPLINK.parse_topic("fogline/uplink/s 1/a1/log"), None);
+        assert_eq!(UPLINK.parse_topic("fogline/uplink/s1/a1/log/x"), None);
+        assert_eq!(UPLINK.parse_topic("sensors/d/m"), None);
+        assert_eq!(
+            REPLICATION.parse_topic("fogline/repl/s1/a1.0badf00d/gwack"),
+            Some(Topic::GatewayAck {
+                site: "s1",
+                origin: "a1.0badf00d"
+            })
+        );
+        assert_eq!(REPLICATION.parse_topic(&UPLINK.log_topic("s1", "a1")), None);
     }
 
     proptest! {

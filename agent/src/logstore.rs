@@ -1,6 +1,7 @@
-//! The gateway's store: every site's origin logs, complete and in offset order, the
-//! per-(site, origin) watermark that is acked back to the agents, and the newest
-//! aggregate per dashboard topic (republished after a restart).
+//! A store of shipped origin logs: every (site, origin) log complete and in offset order,
+//! the per-(site, origin) watermark that is acked back to the sender, and the newest
+//! aggregate per topic (republished after a restart). The gateway keeps its store in one;
+//! a site agent keeps its replicas of its peers' logs in another.
 //!
 //! A batch is accepted only if it joins its origin's log without a hole (see
 //! [`Store::apply`]); re-sent batches are recognised by their offsets and stored once.
@@ -8,8 +9,9 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
-use fogline_agent::buffer::block::{self, Record};
-use fogline_agent::uplink::proto::BatchFrame;
+use crate::buffer::block::{self, Record};
+use crate::buffer::StoredBlock;
+use crate::uplink::proto::BatchFrame;
 use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinition};
 
 const LOG: TableDefinition<(&str, &str, u64), &[u8]> = TableDefinition::new("log");
@@ -19,9 +21,11 @@ const AGGREGATES: TableDefinition<&str, &str> = TableDefinition::new("aggregates
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum StoreError {
-    #[error("cannot create data directory {0}: {1}")]
+    #[error("cannot create directory {0}: {1}")]
     DataDir(PathBuf, std::io::Error),
-    #[error("the store {0} is in use by another process (is a gateway running on it?)")]
+    #[error(
+        "the store {0} is in use by another process (is a gateway or an agent running on it?)"
+    )]
     Locked(PathBuf),
     #[error("storage: {0}")]
     Storage(#[from] redb::Error),
@@ -95,10 +99,12 @@ pub struct Store {
 }
 
 impl Store {
-    pub fn open(data_dir: &Path, cache_bytes: usize) -> Result<Store, StoreError> {
-        std::fs::create_dir_all(data_dir)
-            .map_err(|e| StoreError::DataDir(data_dir.to_path_buf(), e))?;
-        let path = crate::config::store_path(data_dir);
+    /// Opens (or creates) the store file at `path`.
+    pub fn open(path: &Path, cache_bytes: usize) -> Result<Store, StoreError> {
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).map_err(|e| StoreError::DataDir(dir.to_path_buf(), e))?;
+        }
+        let path = path.to_path_buf();
         let db = Database::builder()
             .set_cache_size(cache_bytes)
             .create(&path)
@@ -211,6 +217,78 @@ impl Store {
         Ok(())
     }
 
+    /// Blocks of one origin holding offsets from `from` on, oldest first, until about
+    /// `max_readings` readings or `head`.
+    pub fn blocks_from(
+        &self,
+        site: &str,
+        origin: &str,
+        from: u64,
+        max_readings: u64,
+        head: u64,
+    ) -> Result<Vec<StoredBlock>, StoreError> {
+        let read = self.db.begin_read()?;
+        let log = read.open_table(LOG)?;
+        // The block holding `from` may start below it.
+        let start = match log
+            .range((site, origin, 0)..=(site, origin, from))?
+            .next_back()
+        {
+            Some(row) => row?.0.value().2,
+            None => from,
+        };
+        let mut out = Vec::new();
+        let mut readings = 0;
+        for row in log.range((site, origin, start)..(site, origin, head))? {
+            let (k, v) = row?;
+            let first = k.value().2;
+            let n = block::count(v.value())
+                .map_err(|e| StoreError::Corrupt(format!("block {site}/{origin}@{first}: {e}")))?
+                as u64;
+            out.push(StoredBlock {
+                first_offset: first,
+                end_offset: first + n,
+                bytes: v.value().to_vec(),
+            });
+            readings += n;
+            if readings >= max_readings {
+                break;
+            }
+        }
+        Ok(out)
+    }
+
+    /// Deletes an origin's blocks that lie wholly below `upto`; returns the readings
+    /// deleted. The watermark stays: a re-sent batch below it is still a duplicate.
+    pub fn delete_below(&mut self, site: &str, origin: &str, upto: u64) -> Result<u64, StoreError> {
+        let mut w = self.db.begin_write()?;
+        w.set_durability(Durability::Immediate)?;
+        let mut deleted = 0;
+        {
+            let mut log = w.open_table(LOG)?;
+            let mut doomed = Vec::new();
+            for row in log.range((site, origin, 0)..(site, origin, upto))? {
+                let (k, v) = row?;
+                let first = k.value().2;
+                let n = block::count(v.value()).map_err(|e| {
+                    StoreError::Corrupt(format!("block {site}/{origin}@{first}: {e}"))
+                })? as u64;
+                if first + n > upto {
+                    break;
+                }
+                doomed.push(first);
+                deleted += n;
+            }
+            for first in doomed {
+                log.remove((site, origin, first))?;
+            }
+        }
+        if deleted > 0 {
+            w.commit()?;
+        }
+        Ok(deleted)
+    }
+
     /// Every stored aggregate (to republish them retained at start-up).
     pub fn aggregates(&self) -> Result<Vec<(String, String)>, StoreError> {
         let read = self.db.begin_read()?;
@@ -274,7 +352,8 @@ mod tests {
     #[test]
     fn batches_are_stored_once_in_order_without_holes() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let mut s = Store::open(dir.path(), 1 << 20).expect("open");
+        let path = dir.path().join("store.redb");
+        let mut s = Store::open(&path, 1 << 20).expect("open");
         let b0 = block_of(10, 1);
         let b1 = block_of(5, 11);
         assert_eq!(apply(&mut s, 0, 0, &b0), Applied::Stored(10));
@@ -292,7 +371,7 @@ mod tests {
         assert_eq!(apply(&mut s, 20, 25, &block_of(3, 100)), Applied::Stored(3));
         assert_eq!(apply(&mut s, 0, 0, b"\x09garbage"), Applied::Malformed);
         drop(s);
-        let s = Store::open(dir.path(), 1 << 20).expect("reopen");
+        let mut s = Store::open(&path, 1 << 20).expect("reopen");
         let state = s.origins()[&("s".to_owned(), "a".to_owned())];
         assert_eq!(
             state,
@@ -307,5 +386,27 @@ mod tests {
             .expect("read");
         let expected: Vec<u64> = (0..20).chain(25..28).collect();
         assert_eq!(offsets, expected);
+
+        // Reading back in blocks, and deleting what lies wholly below a watermark.
+        let blocks = s.blocks_from("s", "a", 12, 100, 28).expect("blocks");
+        let spans: Vec<(u64, u64)> = blocks
+            .iter()
+            .map(|b| (b.first_offset, b.end_offset))
+            .collect();
+        assert_eq!(spans, vec![(10, 15), (15, 20), (25, 28)]);
+        assert_eq!(s.blocks_from("s", "a", 0, 1, 28).expect("blocks").len(), 1);
+        assert_eq!(
+            s.delete_below("s", "a", 17).expect("delete"),
+            15,
+            "0..10 and 10..15"
+        );
+        let left: Vec<u64> = s
+            .blocks_from("s", "a", 0, 100, 28)
+            .expect("blocks")
+            .iter()
+            .map(|b| b.first_offset)
+            .collect();
+        assert_eq!(left, vec![15, 25]);
+        assert_eq!(s.origins()[&("s".to_owned(), "a".to_owned())].next, 28);
     }
 }
