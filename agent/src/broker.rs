@@ -302,6 +302,9 @@ impl Publisher {
 /// Starts the agent's broker and the ingest thread that parses every publish on
 /// `sensors/#` and queues valid readings on `queue`. Returns once every listener accepts
 /// connections. Stopping the returned worker closes the queue.
+/// Both ends of an in-process link to the broker.
+pub type Link = (LinkTx, LinkRx);
+
 /// Starts the agent's broker with its ingest thread and publishing link, plus one link
 /// per entry of `extra` (name, filters), returned in that order.
 pub fn start(
@@ -309,7 +312,7 @@ pub fn start(
     queue: SyncSender<Incoming>,
     metrics: Arc<Metrics>,
     extra: &[(&str, &[&str])],
-) -> Result<(Worker, Publisher, Vec<(LinkTx, LinkRx)>), BrokerError> {
+) -> Result<(Worker, Publisher, Vec<Link>), BrokerError> {
     let mut wanted: Vec<(&str, &[&str])> = vec![
         ("fogline-ingest", &[ingest::SENSOR_FILTER]),
         ("fogline-publish", &[]),

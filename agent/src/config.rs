@@ -35,7 +35,87 @@ pub struct Config {
     pub buffer: BufferConfig,
     pub aggregate: AggregateConfig,
     pub uplink: UplinkConfig,
+    pub cluster: ClusterConfig,
     pub log: LogConfig,
+}
+
+/// When the ack on `fogline/ack/<device>` is published.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AckAfter {
+    /// `replicated` when the site has peers, `local` otherwise.
+    Auto,
+    /// Once the reading is committed on this agent.
+    Local,
+    /// Once the reading is durable on `cluster.min_insync` agents.
+    Replicated,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClusterConfig {
+    /// The other agents of the site, `ID=HOST:PORT` (their MQTT 3.1.1 listener).
+    pub peers: Vec<String>,
+    pub ack_after: AckAfter,
+    pub min_insync: usize,
+    /// Agents holding each origin's log, the origin included; 0: every agent.
+    pub replication_factor: usize,
+    pub tick_ms: u64,
+    pub election_timeout_min_ticks: u64,
+    pub election_timeout_max_ticks: u64,
+    pub heartbeat_ticks: u64,
+    pub lease_ticks: u64,
+}
+
+/// One peer from `cluster.peers`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Peer {
+    pub id: String,
+    /// `HOST:PORT` of its MQTT listener.
+    pub addr: String,
+}
+
+impl ClusterConfig {
+    /// The peers, parsed and checked.
+    pub fn peers(&self) -> Result<Vec<Peer>, ConfigError> {
+        let mut out: Vec<Peer> = Vec::new();
+        for entry in &self.peers {
+            let bad = || {
+                ConfigError::Invalid(format!(
+                    "cluster.peers entry {entry:?}: expected ID=HOST:PORT"
+                ))
+            };
+            let (id, addr) = entry.split_once('=').ok_or_else(bad)?;
+            let (host, port) = addr.rsplit_once(':').ok_or_else(bad)?;
+            if host.is_empty() || port.parse::<u16>().is_err() {
+                return Err(bad());
+            }
+            if !fogline_firmware::wire::valid_id(id) {
+                return Err(ConfigError::Invalid(format!(
+                    "cluster.peers: peer id {id:?}: use 1-32 characters of [A-Za-z0-9_.-]"
+                )));
+            }
+            if out.iter().any(|p| p.id == id) {
+                return Err(ConfigError::Invalid(format!(
+                    "cluster.peers: peer {id} is listed twice"
+                )));
+            }
+            out.push(Peer {
+                id: id.to_owned(),
+                addr: addr.to_owned(),
+            });
+        }
+        Ok(out)
+    }
+
+    /// Whether device acks wait for replication.
+    pub fn replicated_acks(&self) -> bool {
+        match self.ack_after {
+            AckAfter::Auto => !self.peers.is_empty(),
+            AckAfter::Local => false,
+            AckAfter::Replicated => true,
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -149,6 +229,8 @@ pub struct Overrides {
     pub node_id: Option<String>,
     pub site: Option<String>,
     pub gateway: Option<String>,
+    /// `ID=HOST:PORT,…`
+    pub peers: Option<Vec<String>>,
 }
 
 impl Default for Config {
@@ -200,6 +282,9 @@ impl Config {
         if let Some(v) = &o.gateway {
             self.uplink.gateway = v.clone();
         }
+        if let Some(v) = &o.peers {
+            self.cluster.peers = v.clone();
+        }
     }
 
     /// The MQTT 5 listen address, if that listener is on.
@@ -218,6 +303,45 @@ impl Config {
             }
         }
         self.listen_v5()?;
+        let peers = self.cluster.peers()?;
+        if peers.iter().any(|p| p.id == self.node.id) {
+            return bad(format!(
+                "cluster.peers lists this agent ({}) itself; list only the others",
+                self.node.id
+            ));
+        }
+        let c = &self.cluster;
+        let members = peers.len() + 1;
+        if c.min_insync == 0 || (c.replicated_acks() && c.min_insync > members) {
+            return bad(format!(
+                "cluster.min_insync = {} must be between 1 and the number of agents ({members})",
+                c.min_insync
+            ));
+        }
+        if c.replication_factor > members {
+            return bad(format!(
+                "cluster.replication_factor = {} is more than the number of agents ({members})",
+                c.replication_factor
+            ));
+        }
+        if c.replicated_acks() && c.replication_factor != 0 && c.min_insync > c.replication_factor {
+            return bad(format!(
+                "cluster.min_insync = {} can never be reached with replication_factor = {}",
+                c.min_insync, c.replication_factor
+            ));
+        }
+        if c.tick_ms == 0
+            || c.heartbeat_ticks == 0
+            || c.lease_ticks >= c.election_timeout_min_ticks
+            || c.election_timeout_min_ticks > c.election_timeout_max_ticks
+            || c.heartbeat_ticks >= c.lease_ticks
+        {
+            return bad(
+                "cluster timing: need tick_ms > 0 and 0 < heartbeat_ticks < lease_ticks < \
+                 election_timeout_min_ticks <= election_timeout_max_ticks"
+                    .into(),
+            );
+        }
         if self.mqtt.max_connections == 0 {
             return bad("mqtt.max_connections must be at least 1".into());
         }

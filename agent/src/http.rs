@@ -20,6 +20,10 @@ pub struct AppState {
     pub metrics: Arc<Metrics>,
     pub buffer: Arc<Mutex<BufferStatus>>,
     pub uplink: Option<Arc<crate::uplink::Shared>>,
+    /// The site cluster, when the agent has peers.
+    pub site_status: Option<Arc<Mutex<crate::site::SiteStatus>>>,
+    /// This agent's log id (`<node>.<incarnation>`).
+    pub origin: String,
     pub started: Instant,
 }
 
@@ -47,14 +51,40 @@ async fn metrics(State(s): State<Arc<AppState>>) -> impl IntoResponse {
 async fn status(State(s): State<Arc<AppState>>) -> Json<serde_json::Value> {
     let b = s.buffer.lock().map(|b| *b).unwrap_or_default();
     let m = &s.metrics;
+    let site = s
+        .site_status
+        .as_ref()
+        .and_then(|st| st.lock().ok().map(|st| st.clone()));
+    let (role, term, leader, peers, cluster) = match site {
+        Some(st) => (
+            st.role,
+            st.term,
+            st.leader.clone(),
+            serde_json::to_value(&st.peers).unwrap_or_default(),
+            serde_json::json!({
+                "lease": st.lease,
+                "insync_offset": st.insync,
+                "replicas": st.replicas,
+            }),
+        ),
+        // A lone agent is its own site's leader.
+        None => (
+            "leader",
+            0,
+            Some(s.node_id.clone()),
+            serde_json::json!([]),
+            serde_json::Value::Null,
+        ),
+    };
     Json(serde_json::json!({
         "node_id": s.node_id,
         "site": s.site,
-        // A lone agent is its own site's leader until the site cluster lands.
-        "role": "leader",
-        "term": 0,
-        "leader": s.node_id,
-        "peers": [],
+        "origin": s.origin,
+        "role": role,
+        "term": term,
+        "leader": leader,
+        "peers": peers,
+        "cluster": cluster,
         "uptime_secs": s.started.elapsed().as_secs(),
         "devices": b.devices,
         "buffer": {

@@ -20,6 +20,7 @@ pub mod nodelay;
 pub mod pipeline;
 pub mod process;
 pub mod receiver;
+pub mod site;
 pub mod uplink;
 
 use std::future::Future;
@@ -40,7 +41,13 @@ pub fn now_ms() -> i64 {
 /// Runs the agent until `shutdown` completes, then stops ingest, commits what is queued,
 /// checkpoints the aggregates and returns.
 pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
-    let metrics = Arc::new(metrics::Metrics::new());
+    let cluster_on = !config.cluster.peers.is_empty();
+    let replica_counters = Arc::new(receiver::Counters::default());
+    let mut metrics = metrics::Metrics::new();
+    if cluster_on {
+        metrics.register_replica(&replica_counters);
+    }
+    let metrics = Arc::new(metrics);
     let status = Arc::new(Mutex::new(pipeline::BufferStatus::default()));
 
     let open_cfg = config.clone();
@@ -63,9 +70,23 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
         .await
         .with_context(|| format!("cannot listen for HTTP on {}", config.http.listen))?;
 
+    let origin = buffer.origin(&config.node.id);
     let (queue_tx, queue_rx) = std::sync::mpsc::sync_channel(config.ingest.queue_readings);
-    let (mut running, publisher, _links) =
-        tokio::task::block_in_place(|| broker::start(&config, queue_tx, metrics.clone(), &[]))
+    let cluster_filter = site::cluster_topic(&config.node.site, &config.node.id);
+    let repl_filter = uplink::proto::REPLICATION.filter();
+    let cluster_filters = [cluster_filter.as_str()];
+    let repl_filters = [repl_filter.as_str()];
+    let extra: Vec<(&str, &[&str])> = if cluster_on {
+        vec![
+            ("fogline-cluster", &cluster_filters),
+            ("fogline-repl-in", &repl_filters),
+            ("fogline-repl-out", &[]),
+        ]
+    } else {
+        Vec::new()
+    };
+    let (mut running, publisher, links) =
+        tokio::task::block_in_place(|| broker::start(&config, queue_tx, metrics.clone(), &extra))
             .context("starting the MQTT broker")?;
     tracing::info!(
         mqtt = %config.mqtt.listen,
@@ -73,6 +94,8 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
         http = %config.http.listen,
         node = %config.node.id,
         site = %config.node.site,
+        %origin,
+        peers = config.cluster.peers.len(),
         "fogline-agent ready"
     );
 
@@ -80,22 +103,69 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let uplink_shared = Arc::new(uplink::Shared::default());
     let uplink_on = !config.uplink.gateway.is_empty();
+    let site = if cluster_on {
+        let mut links = links.into_iter();
+        let (Some(cluster_link), Some(repl_link), Some((repl_out, _))) =
+            (links.next(), links.next(), links.next())
+        else {
+            anyhow::bail!("broker links missing");
+        };
+        Some(
+            site::start(site::SiteParts {
+                config: config.clone(),
+                origin: origin.clone(),
+                log: buffer.log(),
+                head: head_rx.clone(),
+                own_gateway: uplink_shared.clone(),
+                cluster_link,
+                repl_link,
+                repl_out,
+                counters: replica_counters,
+                shutdown: stop_rx.clone(),
+            })
+            .context("starting the site cluster")?,
+        )
+    } else {
+        None
+    };
     let uplink_task = uplink_on.then(|| {
         let up = uplink::Uplink {
             config: config.uplink.clone(),
             destination: config.uplink.gateway.clone(),
             scheme: uplink::proto::UPLINK,
             site: config.node.site.clone(),
-            origin: config.node.id.clone(),
+            origin: origin.clone(),
             source: Arc::new(buffer.log()),
             head: head_rx,
             shared: uplink_shared.clone(),
-            active: None,
+            // In a site, only the leader holding its lease uplinks.
+            active: site.as_ref().map(|s| s.lease.clone()),
         };
         tokio::spawn(up.run(stop_rx))
     });
     if !uplink_on {
-        tracing::info!("no uplink.gateway configured: readings stay on this agent");
+        tracing::info!("no uplink.gateway configured: readings stay on this site");
+    }
+    let mut relays = Vec::new();
+    if uplink_on {
+        relays.push(uplink_shared.clone());
+    }
+    let mut insync: Option<Box<dyn Fn(u64) -> u64 + Send>> = None;
+    if let Some(site) = &site {
+        relays.extend(site.replicators.iter().cloned());
+        if config.cluster.replicated_acks() {
+            let replicators = site.replicators.clone();
+            let min_insync = config.cluster.min_insync;
+            insync = Some(Box::new(move |head| {
+                site::insync_offset(
+                    head,
+                    replicators
+                        .iter()
+                        .map(|r| r.acked.load(std::sync::atomic::Ordering::SeqCst)),
+                    min_insync,
+                )
+            }));
+        }
     }
     let pipe = pipeline::Pipeline::new(
         buffer,
@@ -104,7 +174,12 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
         metrics.clone(),
         status.clone(),
         head_tx,
-        uplink_on.then(|| uplink_shared.clone()),
+        pipeline::Links {
+            // Followers learn the gateway's ack of their log from the leader.
+            gateway: (uplink_on || site.is_some()).then(|| uplink_shared.clone()),
+            relays,
+            insync,
+        },
     );
     let writer = std::thread::Builder::new()
         .name("buffer-writer".into())
@@ -117,6 +192,8 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
         metrics,
         buffer: status,
         uplink: uplink_on.then_some(uplink_shared),
+        site_status: site.as_ref().map(|s| s.status.clone()),
+        origin,
         started: Instant::now(),
     });
     let (stop_http, http_stopped) = tokio::sync::oneshot::channel::<()>();
@@ -130,6 +207,9 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
     let _ = stop_tx.send(true);
     if let Some(task) = uplink_task {
         let _ = task.await;
+    }
+    if let Some(site) = site {
+        site.stop().await;
     }
     tokio::task::spawn_blocking(move || {
         running.stop();

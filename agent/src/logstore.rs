@@ -8,6 +8,7 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use crate::buffer::block::{self, Record};
 use crate::buffer::StoredBlock;
@@ -94,8 +95,14 @@ pub struct Txn {
 }
 
 pub struct Store {
-    db: Database,
+    db: Arc<Database>,
     origins: HashMap<Key, OriginState>,
+}
+
+/// Reads a store while its writer goes on (redb readers see the last commit).
+#[derive(Clone)]
+pub struct StoreReader {
+    db: Arc<Database>,
 }
 
 impl Store {
@@ -128,7 +135,16 @@ impl Store {
                 .map_err(|e| StoreError::Corrupt(format!("origin {site}/{origin}: {e}")))?;
             origins.insert((site.to_owned(), origin.to_owned()), state);
         }
-        Ok(Store { db, origins })
+        Ok(Store {
+            db: Arc::new(db),
+            origins,
+        })
+    }
+
+    pub fn reader(&self) -> StoreReader {
+        StoreReader {
+            db: self.db.clone(),
+        }
     }
 
     pub fn origins(&self) -> &HashMap<Key, OriginState> {
@@ -217,8 +233,7 @@ impl Store {
         Ok(())
     }
 
-    /// Blocks of one origin holding offsets from `from` on, oldest first, until about
-    /// `max_readings` readings or `head`.
+    /// See [`StoreReader::blocks_from`].
     pub fn blocks_from(
         &self,
         site: &str,
@@ -227,35 +242,8 @@ impl Store {
         max_readings: u64,
         head: u64,
     ) -> Result<Vec<StoredBlock>, StoreError> {
-        let read = self.db.begin_read()?;
-        let log = read.open_table(LOG)?;
-        // The block holding `from` may start below it.
-        let start = match log
-            .range((site, origin, 0)..=(site, origin, from))?
-            .next_back()
-        {
-            Some(row) => row?.0.value().2,
-            None => from,
-        };
-        let mut out = Vec::new();
-        let mut readings = 0;
-        for row in log.range((site, origin, start)..(site, origin, head))? {
-            let (k, v) = row?;
-            let first = k.value().2;
-            let n = block::count(v.value())
-                .map_err(|e| StoreError::Corrupt(format!("block {site}/{origin}@{first}: {e}")))?
-                as u64;
-            out.push(StoredBlock {
-                first_offset: first,
-                end_offset: first + n,
-                bytes: v.value().to_vec(),
-            });
-            readings += n;
-            if readings >= max_readings {
-                break;
-            }
-        }
-        Ok(out)
+        self.reader()
+            .blocks_from(site, origin, from, max_readings, head)
     }
 
     /// Deletes an origin's blocks that lie wholly below `upto`; returns the readings
@@ -316,6 +304,49 @@ impl Store {
             }
         }
         Ok(())
+    }
+}
+
+impl StoreReader {
+    /// Blocks of one origin holding offsets from `from` on, oldest first, until about
+    /// `max_readings` readings or `head`.
+    pub fn blocks_from(
+        &self,
+        site: &str,
+        origin: &str,
+        from: u64,
+        max_readings: u64,
+        head: u64,
+    ) -> Result<Vec<StoredBlock>, StoreError> {
+        let read = self.db.begin_read()?;
+        let log = read.open_table(LOG)?;
+        // The block holding `from` may start below it.
+        let start = match log
+            .range((site, origin, 0)..=(site, origin, from))?
+            .next_back()
+        {
+            Some(row) => row?.0.value().2,
+            None => from,
+        };
+        let mut out = Vec::new();
+        let mut readings = 0;
+        for row in log.range((site, origin, start)..(site, origin, head))? {
+            let (k, v) = row?;
+            let first = k.value().2;
+            let n = block::count(v.value())
+                .map_err(|e| StoreError::Corrupt(format!("block {site}/{origin}@{first}: {e}")))?
+                as u64;
+            out.push(StoredBlock {
+                first_offset: first,
+                end_offset: first + n,
+                bytes: v.value().to_vec(),
+            });
+            readings += n;
+            if readings >= max_readings {
+                break;
+            }
+        }
+        Ok(out)
     }
 }
 

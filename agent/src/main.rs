@@ -60,6 +60,9 @@ struct RunArgs {
     /// The gateway's MQTT address HOST:PORT for the uplink (uplink.gateway).
     #[arg(long)]
     gateway: Option<String>,
+    /// The other agents of the site (cluster.peers): ID=HOST:PORT,… of their MQTT listeners.
+    #[arg(long, value_delimiter = ',')]
+    peers: Option<Vec<String>>,
 }
 
 #[derive(Subcommand)]
@@ -139,6 +142,7 @@ fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         node_id: args.node_id,
         site: args.site,
         gateway: args.gateway,
+        peers: args.peers,
     };
     let config = Config::load(args.config.as_deref(), &overrides)?;
     process::init_logging(&config.log);

@@ -252,6 +252,11 @@ impl Metrics {
     }
 
     /// The Prometheus text exposition.
+    /// Adds the replica receiver's counters as `fogline_replica_*`.
+    pub fn register_replica(&mut self, counters: &crate::receiver::Counters) {
+        counters.register(self.registry.sub_registry_with_prefix("replica"));
+    }
+
     pub fn render(&self) -> String {
         let mut out = String::new();
         // Writing into a String cannot fail.

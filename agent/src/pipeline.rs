@@ -4,10 +4,12 @@
 //! within its capacity. When the queue closes it commits what is left, writes the window
 //! checkpoint and publishes the last aggregates, so a clean stop loses nothing.
 
+use std::collections::HashMap;
 use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use fogline_firmware::wire::Ack;
 use tokio::sync::watch;
 
 use crate::broker::Publisher;
@@ -19,6 +21,22 @@ use crate::uplink;
 
 /// How often the changed windows are written to disk (with the next commit).
 const CHECKPOINT_EVERY: Duration = Duration::from_secs(1);
+/// Commits whose device acks may wait for replication at once; older ones are merged.
+const MAX_PENDING_ACKS: usize = 4096;
+/// How often the writer looks for replication progress while acks wait for it.
+const REPLICATION_POLL: Duration = Duration::from_millis(2);
+
+/// What the writer shares with the uplink and the site.
+#[derive(Default)]
+pub struct Links {
+    /// Where the gateway's ack of this agent's log shows up.
+    pub gateway: Option<Arc<uplink::Shared>>,
+    /// Every new aggregate is offered to each of these (the uplink, replication).
+    pub relays: Vec<Arc<uplink::Shared>>,
+    /// With `ack_after = "replicated"`: given the local head, the offset below which this
+    /// agent's log is durable on enough agents. Device acks wait for it.
+    pub insync: Option<Box<dyn Fn(u64) -> u64 + Send>>,
+}
 
 /// What `/status` shows about the buffer, refreshed after every commit.
 #[derive(Debug, Clone, Copy, Default, serde::Serialize)]
@@ -41,7 +59,9 @@ pub struct Pipeline {
     last_error_log: Option<Instant>,
     /// The first uncommitted offset, for the uplink.
     head: watch::Sender<u64>,
-    uplink: Option<Arc<uplink::Shared>>,
+    links: Links,
+    /// Device acks waiting for replication: (offset after the commit, newest ack per device).
+    pending_acks: std::collections::VecDeque<(u64, HashMap<String, Ack>)>,
     retention: Duration,
     /// (when, gateway ack) samples; blocks below an ack older than `retention` go.
     acks_seen: std::collections::VecDeque<(Instant, u64)>,
@@ -55,7 +75,7 @@ impl Pipeline {
         metrics: Arc<Metrics>,
         status: Arc<Mutex<BufferStatus>>,
         head: watch::Sender<u64>,
-        uplink: Option<Arc<uplink::Shared>>,
+        links: Links,
     ) -> Pipeline {
         let p = Pipeline {
             buffer,
@@ -68,7 +88,8 @@ impl Pipeline {
             quantiles: config.aggregate.quantiles.clone(),
             last_error_log: None,
             head,
-            uplink,
+            links,
+            pending_acks: std::collections::VecDeque::new(),
             retention: Duration::from_secs(config.uplink.retention_secs),
             acks_seen: std::collections::VecDeque::new(),
         };
@@ -86,7 +107,12 @@ impl Pipeline {
         // Publish what was restored or replayed at start-up.
         self.publish_aggregates();
         loop {
-            let first = match queue.recv_timeout(self.publish_every.min(CHECKPOINT_EVERY)) {
+            let wait = if self.pending_acks.is_empty() {
+                self.publish_every.min(CHECKPOINT_EVERY)
+            } else {
+                REPLICATION_POLL
+            };
+            let first = match queue.recv_timeout(wait) {
                 Ok(r) => Some(r),
                 Err(RecvTimeoutError::Timeout) => None,
                 Err(RecvTimeoutError::Disconnected) => break,
@@ -104,6 +130,7 @@ impl Pipeline {
                     "batch"
                 );
             }
+            self.flush_acks();
             if last_checkpoint.elapsed() >= CHECKPOINT_EVERY {
                 self.buffer.request_checkpoint();
                 self.delete_delivered();
@@ -181,18 +208,7 @@ impl Pipeline {
                 self.metrics.aggregates_too_late.inc_by(done.too_late);
                 let t1 = Instant::now();
                 let acks = done.acks.len();
-                for (device, ack) in done.acks {
-                    let payload = serde_json::json!({"boot": ack.boot, "seq": ack.seq});
-                    match self
-                        .publisher
-                        .retained(format!("fogline/ack/{device}"), payload.to_string())
-                    {
-                        Ok(()) => {
-                            self.metrics.acks_published.inc();
-                        }
-                        Err(e) => tracing::warn!("could not publish the ack of {device}: {e}"),
-                    };
-                }
+                self.ack(done.acks);
                 tracing::trace!(
                     readings = n,
                     acks,
@@ -226,9 +242,74 @@ impl Pipeline {
         self.refresh_status();
     }
 
+    /// Publishes device acks now, or queues them until replication catches up.
+    fn ack(&mut self, acks: Vec<(String, Ack)>) {
+        if acks.is_empty() {
+            return;
+        }
+        if self.links.insync.is_none() {
+            for (device, ack) in acks {
+                self.publish_ack(&device, ack);
+            }
+            return;
+        }
+        let end = self.buffer.meta().next_offset;
+        self.pending_acks
+            .push_back((end, acks.into_iter().collect()));
+        if self.pending_acks.len() > MAX_PENDING_ACKS {
+            // Merge the newest into the one before: those acks only wait a little longer.
+            if let Some((end, newest)) = self.pending_acks.pop_back() {
+                if let Some(prev) = self.pending_acks.back_mut() {
+                    prev.0 = end;
+                    prev.1.extend(newest);
+                }
+            }
+        }
+        self.flush_acks();
+    }
+
+    /// Publishes the acks whose readings are now durable on enough agents.
+    fn flush_acks(&mut self) {
+        let Some(insync) = &self.links.insync else {
+            return;
+        };
+        if self.pending_acks.is_empty() {
+            return;
+        }
+        let covered = insync(self.buffer.meta().next_offset);
+        let mut ready: HashMap<String, Ack> = HashMap::new();
+        while self
+            .pending_acks
+            .front()
+            .is_some_and(|(end, _)| *end <= covered)
+        {
+            if let Some((_, acks)) = self.pending_acks.pop_front() {
+                ready.extend(acks);
+            }
+        }
+        for (device, ack) in ready {
+            self.publish_ack(&device, ack);
+        }
+    }
+
+    fn publish_ack(&mut self, device: &str, ack: Ack) {
+        let payload = serde_json::json!({"boot": ack.boot, "seq": ack.seq});
+        match self
+            .publisher
+            .retained(format!("fogline/ack/{device}"), payload.to_string())
+        {
+            Ok(()) => {
+                self.metrics.acks_published.inc();
+            }
+            Err(e) => tracing::warn!("could not publish the ack of {device}: {e}"),
+        }
+    }
+
     /// Takes the gateway's ack and deletes what it covers once the retention has passed.
     fn delete_delivered(&mut self) {
-        let Some(up) = &self.uplink else { return };
+        let Some(up) = &self.links.gateway else {
+            return;
+        };
         let acked = up.acked.load(std::sync::atomic::Ordering::SeqCst);
         self.buffer.set_uplink_acked(acked);
         let now = Instant::now();
@@ -270,8 +351,8 @@ impl Pipeline {
 
     fn publish_aggregates(&mut self) {
         for (topic, json) in self.buffer.take_aggregates(&self.quantiles) {
-            if let Some(up) = &self.uplink {
-                up.relay.offer(&topic, &json);
+            for relay in &self.links.relays {
+                relay.relay.offer(&topic, &json);
             }
             match self.publisher.retained(topic, json) {
                 Ok(()) => {

@@ -182,14 +182,24 @@ impl Gateway {
     }
 
     /// The next offset the gateway expects from (site, origin): everything below is stored.
+    /// The gateway's watermark of an origin log: `origin` is a full origin id
+    /// (`<node>.<incarnation>`) or a node id, which matches that node's logs (the
+    /// highest watermark if a wiped data directory gave it several).
     pub fn next_offset(&self, site: &str, origin: &str) -> anyhow::Result<u64> {
         let status = self.status()?;
+        let prefix = format!("{origin}.");
         let next = status["origins"]
             .as_array()
             .into_iter()
             .flatten()
-            .find(|o| o["site"] == site && o["origin"] == origin)
-            .and_then(|o| o["next_offset"].as_u64())
+            .filter(|o| {
+                o["site"] == site
+                    && o["origin"]
+                        .as_str()
+                        .is_some_and(|id| id == origin || id.starts_with(&prefix))
+            })
+            .filter_map(|o| o["next_offset"].as_u64())
+            .max()
             .unwrap_or(0);
         Ok(next)
     }

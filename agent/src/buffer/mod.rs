@@ -120,6 +120,14 @@ pub struct Meta {
     pub delivered_deleted: u64,
 }
 
+/// Meta key of the buffer's incarnation (not part of [`Meta`]: it never changes).
+const INCARNATION: &str = "incarnation";
+
+/// `<node>.<incarnation as 8 hex digits>`.
+pub fn origin_id(node: &str, incarnation: u32) -> String {
+    format!("{node}.{incarnation:08x}")
+}
+
 const META_KEYS: [&str; 10] = [
     "next_offset",
     "raw_bytes",
@@ -324,6 +332,8 @@ pub struct Buffer {
     /// A failed checkpoint lost track of which windows changed: write them all next time.
     checkpoint_all: bool,
     evicted: Vec<WindowKey>,
+    /// Random id of this buffer's log, fixed when the buffer was created.
+    incarnation: u32,
     reserve: Reserve,
     /// While the disk is short of `min_free_disk_bytes`: the logical size the buffer is
     /// held at, so that redb reuses the pages it frees instead of growing the file.
@@ -418,13 +428,24 @@ impl Buffer {
         let path = crate::config::buffer_path(&cfg.data_dir);
         let db = open_db(&path, cfg.cache_bytes)?;
         let txn = db.begin_write()?;
-        {
+        let incarnation = {
             txn.open_table(BLOCKS)?;
             txn.open_table(DEVICES)?;
             txn.open_table(WINDOWS)?;
             txn.open_table(ROLLUPS)?;
-            txn.open_table(META)?;
-        }
+            let mut meta = txn.open_table(META)?;
+            let existing = meta.get(INCARNATION)?.map(|v| v.value());
+            match existing {
+                Some(v) => v,
+                None => {
+                    // A new buffer starts a new log: its offsets must never be taken
+                    // for those of a log that lived in a wiped data directory.
+                    let v = u64::from(fastrand::u32(..));
+                    meta.insert(INCARNATION, v)?;
+                    v
+                }
+            }
+        };
         txn.commit()?;
 
         let mut agg = Aggregator::new(&agg_cfg.windows_secs, agg_cfg.lateness_secs);
@@ -478,6 +499,7 @@ impl Buffer {
         }
         Ok(Buffer {
             db: Arc::new(RwLock::new(db)),
+            incarnation: incarnation as u32,
             reserve,
             disk_cap: None,
             file_len_at_pressure: 0,
@@ -496,6 +518,13 @@ impl Buffer {
 
     pub fn meta(&self) -> Meta {
         self.meta
+    }
+
+    /// The id of this buffer's log upstream and at peers: `<node>.<incarnation>`. A
+    /// wiped data directory gets a new incarnation, so a new log never collides with
+    /// the offsets of the old one, which may still be on its way from peers.
+    pub fn origin(&self, node: &str) -> String {
+        origin_id(node, self.incarnation)
     }
 
     pub fn devices(&self) -> usize {
