@@ -80,6 +80,10 @@ pub struct AgentOptions {
     pub bin: Option<PathBuf>,
     /// A label for log lines printed by the harness (defaults to "agent").
     pub name: Option<String>,
+    /// Listen for MQTT 3.1.1 on this port instead of a free one (peers need it up front).
+    pub mqtt_port: Option<u16>,
+    /// Extra command-line arguments after `run`, e.g. `--peers …`.
+    pub args: Vec<String>,
 }
 
 impl AgentOptions {
@@ -124,6 +128,7 @@ impl Agent {
             .data_dir
             .clone()
             .unwrap_or_else(|| root_path.join("data"));
+        let agent_opts_port = opts.mqtt_port;
         let mqtt_v5_port = if opts.mqtt_v5 {
             Some(free_port()?)
         } else {
@@ -136,7 +141,10 @@ impl Agent {
             root: Some(root),
             root_path,
             data_dir,
-            mqtt_port: free_port()?,
+            mqtt_port: match agent_opts_port {
+                Some(p) => p,
+                None => free_port()?,
+            },
             mqtt_v5_port,
             http_port: free_port()?,
             child: None,
@@ -185,7 +193,8 @@ impl Agent {
                     .unwrap_or_default(),
             )
             .arg("--http-listen")
-            .arg(local(self.http_port).to_string());
+            .arg(local(self.http_port).to_string())
+            .args(&self.opts.args);
         // The caller's own FOGLINE_<SECTION>__<KEY> settings must not leak into tests.
         for (key, _) in std::env::vars_os() {
             let key = key.to_string_lossy();

@@ -17,6 +17,7 @@ mod http;
 pub mod mosquitto;
 mod proc;
 mod proxy;
+mod site;
 
 pub use agent::{agent_bin, find_bin, Agent, AgentOptions, ExportedReading};
 pub use fleet::{Device, DeviceSnapshot, DeviceSpec, Fleet, PayloadFn, RawPublisher};
@@ -24,6 +25,7 @@ pub use gateway::{Gateway, GatewayReading};
 pub use http::{http_get, metric};
 pub use proc::{run_bounded, BoundedOutput};
 pub use proxy::TcpProxy;
+pub use site::{Site, SiteOptions};
 
 use std::net::{Ipv4Addr, SocketAddr, TcpListener};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};

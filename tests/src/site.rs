@@ -1,0 +1,294 @@
+//! A site of several real agents and a real gateway, with every link between them running
+//! through a [`TcpProxy`] the test controls: `links[i][j]` carries what agent `i` sends
+//! to agent `j`'s broker, `cloud[i]` carries agent `i`'s uplink to the gateway. Cutting
+//! both directions between one agent and the rest partitions it; cutting every `cloud`
+//! link takes the site offline.
+
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+
+use crate::{free_port, local, Agent, AgentOptions, DeviceSpec, Fleet, Gateway, TcpProxy};
+
+/// How to start a [`Site`].
+#[derive(Debug, Clone)]
+pub struct SiteOptions {
+    pub site: String,
+    pub agents: usize,
+    /// Extra environment for every agent.
+    pub env: Vec<(String, String)>,
+}
+
+impl SiteOptions {
+    pub fn new(site: &str, agents: usize) -> SiteOptions {
+        SiteOptions {
+            site: site.to_owned(),
+            agents,
+            env: Vec::new(),
+        }
+    }
+
+    pub fn env(mut self, key: &str, value: impl ToString) -> Self {
+        self.env.push((key.to_owned(), value.to_string()));
+        self
+    }
+}
+
+pub struct Site {
+    pub site: String,
+    pub ids: Vec<String>,
+    pub agents: Vec<Agent>,
+    /// `links[i][j]`: agent `i` → agent `j` (`None` on the diagonal).
+    pub links: Vec<Vec<Option<TcpProxy>>>,
+    /// Agent `i` → the gateway.
+    pub cloud: Vec<TcpProxy>,
+    pub gateway: Gateway,
+}
+
+impl Site {
+    /// Starts a gateway and `opts.agents` agents named `a1`, `a2`, … that know each other
+    /// through proxies; waits until every agent is ready (not for a leader).
+    pub fn start(opts: &SiteOptions) -> anyhow::Result<Site> {
+        let gateway = Gateway::start(&[])?;
+        let n = opts.agents;
+        let ids: Vec<String> = (1..=n).map(|i| format!("a{i}")).collect();
+        let ports: Vec<u16> = (0..n).map(|_| free_port()).collect::<anyhow::Result<_>>()?;
+        let mut links = Vec::with_capacity(n);
+        for i in 0..n {
+            let mut row = Vec::with_capacity(n);
+            for (j, port) in ports.iter().enumerate() {
+                row.push(if i == j {
+                    None
+                } else {
+                    Some(TcpProxy::start(local(*port))?)
+                });
+            }
+            links.push(row);
+        }
+        let cloud: Vec<TcpProxy> = (0..n)
+            .map(|_| TcpProxy::start(gateway.mqtt_addr()))
+            .collect::<anyhow::Result<_>>()?;
+        let mut agents = Vec::with_capacity(n);
+        for i in 0..n {
+            let peers: Vec<String> = (0..n)
+                .filter_map(|j| {
+                    let proxy = links[i][j].as_ref()?;
+                    Some(format!("{}={}", ids[j], proxy.addr()))
+                })
+                .collect();
+            let mut agent_opts = AgentOptions {
+                name: Some(ids[i].clone()),
+                mqtt_port: Some(ports[i]),
+                args: vec![
+                    "--node-id".into(),
+                    ids[i].clone(),
+                    "--site".into(),
+                    opts.site.clone(),
+                    "--peers".into(),
+                    peers.join(","),
+                    "--gateway".into(),
+                    cloud[i].addr().to_string(),
+                ],
+                ..AgentOptions::default()
+            };
+            for (k, v) in &opts.env {
+                agent_opts = agent_opts.env(k.clone(), v);
+            }
+            agents.push(Agent::spawn(agent_opts)?);
+        }
+        for a in &mut agents {
+            a.wait_ready(Duration::from_secs(30))?;
+        }
+        Ok(Site {
+            site: opts.site.clone(),
+            ids,
+            agents,
+            links,
+            cloud,
+            gateway,
+        })
+    }
+
+    /// The agents that run and say they are leader.
+    pub fn leaders(&mut self) -> Vec<usize> {
+        let mut out = Vec::new();
+        for i in 0..self.agents.len() {
+            if !self.agents[i].is_running() {
+                continue;
+            }
+            if let Ok(s) = self.agents[i].status() {
+                if s["role"] == "leader" {
+                    out.push(i);
+                }
+            }
+        }
+        out
+    }
+
+    /// Waits until exactly one running agent other than those in `not` leads, and every
+    /// other running agent in `agree` names it as leader.
+    pub fn wait_leader(
+        &mut self,
+        timeout: Duration,
+        not: &[usize],
+        agree: &[usize],
+    ) -> anyhow::Result<usize> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let leaders: Vec<usize> = self
+                .leaders()
+                .into_iter()
+                .filter(|l| !not.contains(l))
+                .collect();
+            if let [l] = leaders[..] {
+                let id = &self.ids[l];
+                let agreed = agree.iter().all(|&a| {
+                    a == l
+                        || self.agents[a]
+                            .status()
+                            .is_ok_and(|s| s["leader"].as_str() == Some(id))
+                });
+                if agreed {
+                    return Ok(l);
+                }
+            }
+            if Instant::now() >= deadline {
+                bail!("no single leader within {timeout:?} (leaders: {leaders:?})");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// One fleet per agent, `per_agent` devices each (`<agent>-d<k>`, metric `temp`), a
+    /// reading every `interval`, connected.
+    pub fn fleets(
+        &self,
+        per_agent: u32,
+        interval: Duration,
+        boot: u32,
+    ) -> anyhow::Result<Vec<Fleet>> {
+        let mut fleets = Vec::with_capacity(self.agents.len());
+        for (i, agent) in self.agents.iter().enumerate() {
+            let mut fleet = Fleet::new(agent.mqtt_addr())?;
+            for k in 0..per_agent {
+                let mut spec = DeviceSpec::json(format!("{}-d{k}", self.ids[i]), "temp", boot);
+                spec.interval = Some(interval);
+                spec.window = 200;
+                fleet.add(spec)?;
+            }
+            fleet.wait_connected(Duration::from_secs(10))?;
+            fleets.push(fleet);
+        }
+        Ok(fleets)
+    }
+
+    /// Cuts every link between agent `i` and the other agents (not its uplink).
+    pub fn isolate(&self, i: usize) {
+        for j in 0..self.agents.len() {
+            for (a, b) in [(i, j), (j, i)] {
+                if let Some(p) = &self.links[a][b] {
+                    p.cut();
+                }
+            }
+        }
+    }
+
+    /// Restores what [`Site::isolate`] cut.
+    pub fn heal(&self, i: usize) {
+        for j in 0..self.agents.len() {
+            for (a, b) in [(i, j), (j, i)] {
+                if let Some(p) = &self.links[a][b] {
+                    p.restore();
+                }
+            }
+        }
+    }
+
+    pub fn cut_cloud(&self) {
+        for p in &self.cloud {
+            p.cut();
+        }
+    }
+
+    pub fn restore_cloud(&self) {
+        for p in &self.cloud {
+            p.restore();
+        }
+    }
+
+    /// Agent `i`'s origin id, from its `/status`.
+    pub fn origin(&self, i: usize) -> anyhow::Result<String> {
+        let s = self.agents[i].status()?;
+        s["origin"]
+            .as_str()
+            .map(str::to_owned)
+            .context("status has no origin")
+    }
+
+    /// The gateway's watermark of an origin id.
+    pub fn gateway_next(&self, origin: &str) -> anyhow::Result<u64> {
+        self.gateway.next_offset(&self.site, origin)
+    }
+
+    /// Waits until the gateway holds every origin in `heads` up to its head.
+    pub fn wait_gateway_has(
+        &self,
+        heads: &[(String, u64)],
+        timeout: Duration,
+    ) -> anyhow::Result<()> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let mut behind = Vec::new();
+            for (origin, head) in heads {
+                let at = self.gateway_next(origin)?;
+                if at < *head {
+                    behind.push(format!("{origin}: {at} < {head}"));
+                }
+            }
+            if behind.is_empty() {
+                return Ok(());
+            }
+            if Instant::now() >= deadline {
+                bail!(
+                    "the gateway did not catch up within {timeout:?}: {}",
+                    behind.join(", ")
+                );
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Every origin log the running agents know of, with the highest offset any of them
+    /// holds: their own heads and their replicas.
+    pub fn known_heads(&mut self) -> anyhow::Result<Vec<(String, u64)>> {
+        let mut heads: std::collections::BTreeMap<String, u64> = std::collections::BTreeMap::new();
+        for i in 0..self.agents.len() {
+            if !self.agents[i].is_running() {
+                continue;
+            }
+            let s = self.agents[i].status()?;
+            if let (Some(o), Some(h)) = (s["origin"].as_str(), s["buffer"]["next_offset"].as_u64())
+            {
+                let e = heads.entry(o.to_owned()).or_default();
+                *e = (*e).max(h);
+            }
+            for r in s["cluster"]["replicas"].as_array().into_iter().flatten() {
+                if let (Some(o), Some(n)) = (r["origin"].as_str(), r["next"].as_u64()) {
+                    let e = heads.entry(o.to_owned()).or_default();
+                    *e = (*e).max(n);
+                }
+            }
+        }
+        Ok(heads.into_iter().collect())
+    }
+
+    /// Stops every agent and the gateway (SIGTERM, then SIGKILL after the timeout).
+    pub fn stop(&mut self) -> anyhow::Result<()> {
+        for a in &mut self.agents {
+            if a.is_running() {
+                a.stop(Duration::from_secs(15))?;
+            }
+        }
+        self.gateway.stop(Duration::from_secs(15))
+    }
+}

@@ -1,0 +1,86 @@
+//! Promise: a leader cut off from the rest of its site stops forwarding within its lease
+//! (while its own link to the gateway stays up), the majority elects a new leader, the
+//! gateway stores nothing twice, and after the partition heals the old leader follows
+//! and its buffered readings reach the gateway.
+
+use std::time::{Duration, Instant};
+
+use fogline_tests::{check_gateway_log, test_seed, Site, SiteOptions};
+
+#[test]
+fn a_partitioned_leader_steps_down_and_follows_after_healing() -> anyhow::Result<()> {
+    let seed = test_seed("site_partition");
+    let mut rng = fastrand::Rng::with_seed(seed);
+    let mut site = Site::start(&SiteOptions::new("site-p", 3))?;
+    let old = site.wait_leader(Duration::from_secs(20), &[], &[0, 1, 2])?;
+    let mut fleets = site.fleets(2, Duration::from_millis(3), 1 + (seed % 50) as u32)?;
+    std::thread::sleep(Duration::from_millis(rng.u64(1000..2500)));
+
+    site.isolate(old);
+    let cut = Instant::now();
+    // The lease is 16 ticks of 50 ms: the old leader must give up its uplink by then.
+    let mut stepped_down = None;
+    while cut.elapsed() < Duration::from_secs(5) {
+        let s = site.agents[old].status()?;
+        if s["cluster"]["lease"] == false && s["backlog"]["gateway"]["link"] != "connected" {
+            stepped_down = Some(cut.elapsed());
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let stepped_down = stepped_down.ok_or_else(|| {
+        anyhow::anyhow!("seed {seed}: the isolated leader still held its uplink 5 s later")
+    })?;
+    let majority: Vec<usize> = (0..3).filter(|&i| i != old).collect();
+    let new = site.wait_leader(Duration::from_secs(15), &[old], &majority)?;
+    eprintln!(
+        "[site_partition] seed {seed}: {} isolated; it released the uplink after {:.0} ms; \
+         {} leads after {:.0} ms",
+        site.ids[old],
+        stepped_down.as_secs_f64() * 1000.0,
+        site.ids[new],
+        cut.elapsed().as_secs_f64() * 1000.0
+    );
+    // While cut off, the old leader must not lead again (it cannot win a majority).
+    std::thread::sleep(Duration::from_secs(3));
+    let s = site.agents[old].status()?;
+    assert_ne!(s["role"], "leader", "an isolated agent leads: {s}");
+    assert_eq!(
+        s["cluster"]["lease"], false,
+        "an isolated agent holds a lease: {s}"
+    );
+
+    site.heal(old);
+    let healed = Instant::now();
+    let all: Vec<usize> = (0..3).collect();
+    let leader = site.wait_leader(Duration::from_secs(20), &[], &all)?;
+    eprintln!(
+        "[site_partition] healed: {} follows {} after {:.0} ms",
+        site.ids[old],
+        site.ids[leader],
+        healed.elapsed().as_secs_f64() * 1000.0
+    );
+    let mut expect = Vec::new();
+    for f in &mut fleets {
+        f.stop_publishing();
+        f.wait_all_acked(Duration::from_secs(60))?;
+        expect.extend(
+            f.snapshots()
+                .iter()
+                .map(|s| (s.device.clone(), s.boot, s.sent)),
+        );
+        f.shutdown();
+    }
+    let heads = site.known_heads()?;
+    site.wait_gateway_has(&heads, Duration::from_secs(60))?;
+    site.stop()?;
+    let stored = site.gateway.export()?;
+    let problems = check_gateway_log(&stored, &expect);
+    assert!(
+        problems.is_empty(),
+        "seed {seed}: {} readings at the gateway; problems:\n{}",
+        stored.len(),
+        problems.join("\n")
+    );
+    Ok(())
+}
