@@ -193,7 +193,7 @@ dpkg -L systemd | grep -E '^/(usr/)?lib/systemd/system/[^/]+$' | while read -r f
     if [ ! -d "$f" ]; then cp -P "$f" "$root/lib/systemd/system/"; fi
 done
 bash deploy/install.sh --root "$root" --component agent --package "$debs/fogline-agent_${version}_amd64.deb" \
-    --site ci-site --node-id ci-pi-1 --gateway 192.0.2.10:1883 --peers ci-pi-2:1883,ci-pi-3:1883 \
+    --site ci-site --node-id ci-pi-1 --gateway 192.0.2.10:1883 --peers ci-pi-2=ci-pi-2:1883,ci-pi-3=ci-pi-3:1883 \
     --set aggregate.publish_interval_ms=500
 bash deploy/install.sh --root "$root" --component gateway \
     --package "$debs/fogline-gateway_${version}_amd64.deb" --set 'mqtt.listen="0.0.0.0:8883"'
@@ -207,7 +207,7 @@ grep -qx 'id = "ci-pi-1"' "$conf" || fail "node id not written"
 grep -qx 'site = "ci-site"' "$conf" || fail "site not written"
 grep -qx 'gateway = "192.0.2.11:1883"' "$conf" || fail "gateway not written"
 grep -qx 'publish_interval_ms = 500' "$conf" || fail "--set not written"
-grep -q 'ci-pi-2:1883' "$conf" || fail "peers not recorded"
+grep -q '^peers = \["ci-pi-2=ci-pi-2:1883", "ci-pi-3=ci-pi-3:1883"\]' "$conf" || fail "cluster.peers not written"
 grep -qx 'listen = "0.0.0.0:8883"' "$root/etc/fogline/gateway.toml" || fail "gateway config not written"
 env -i PATH=/usr/bin:/bin "$root/usr/bin/fogline-agent" config check --config "$conf" >/dev/null ||
     fail "the installed agent config does not check"

@@ -14,8 +14,8 @@
 #   --node-id ID               agent: node.id (default over ssh: the device's short host
 #                              name while the config still has the shipped "agent-1")
 #   --gateway HOST:PORT        agent: uplink.gateway ("" for none)
-#   --peers HOST:PORT,...      agent: the other agents of the site (written once the agent
-#                              has a peers setting; until then recorded as a comment)
+#   --peers ID=HOST:PORT,...   agent: cluster.peers, the other agents of the site (their
+#                              node ids and MQTT addresses; leave out the device itself)
 #   --set SECTION.KEY=VALUE    any other key of the config, VALUE in TOML ('"text"', 42)
 #   --no-start                 enable the service but do not (re)start it now
 #   --ssh-option OPTION        passed to ssh as -o OPTION (e.g. Port=2222), repeatable
@@ -89,7 +89,8 @@ peer_list=()
 if [ "$peers_set" -eq 1 ] && [ -n "$peers" ]; then
     IFS=, read -r -a peer_list <<<"$peers"
     for p in "${peer_list[@]}"; do
-        [[ "$p" =~ $addr_re ]] || fl_die "--peers: $p is not HOST:PORT"
+        [[ "${p%%=*}" =~ ^[A-Za-z0-9_.-]{1,32}$ && "$p" == *=* && "${p#*=}" =~ $addr_re ]] ||
+            fl_die "--peers: $p is not ID=HOST:PORT"
     done
 fi
 for s in "${sets[@]}"; do
@@ -160,14 +161,6 @@ toml_get() {
 
 toml_str() { printf '"%s"' "$1"; }
 
-# section_of KEY FILE: the section of the defaults where KEY is, if any.
-section_of() {
-    awk -v key="$1" '
-        /^[ \t]*\[/ { sec = $0; sub(/^[ \t]*\[/, "", sec); sub(/\].*$/, "", sec); next }
-        $0 ~ "^[ \t]*" key "[ \t]*=" { print sec; exit }
-    ' "$2"
-}
-
 edit_config() {
     local file="$1" defaults="$2" host_id="$3" s sec key val peers_toml p
     for s in "${sets[@]}"; do
@@ -196,17 +189,7 @@ edit_config() {
         peers_toml="["
         for p in "${peer_list[@]}"; do peers_toml="$peers_toml\"$p\", "; done
         peers_toml="${peers_toml%, }]"
-        sec="$(section_of peers "$defaults")"
-        if [ -n "$sec" ]; then
-            toml_set "$file" "$sec" peers "$peers_toml"
-        else
-            # This agent version has no site cluster yet: keep the list for the upgrade
-            # that brings it, but do not write a key the agent would reject.
-            fl_warn "this $pkg_name has no peers setting yet: recorded as a comment only"
-            grep -v '^# fogline-install peers:' "$file" >"$file.tmp" || true
-            printf '# fogline-install peers: %s\n' "$peers_toml" >>"$file.tmp"
-            mv "$file.tmp" "$file"
-        fi
+        toml_set "$file" cluster peers "$peers_toml"
     fi
 }
 

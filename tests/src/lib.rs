@@ -11,6 +11,7 @@
 //! `cargo build --workspace --bins`.
 
 mod agent;
+pub mod bench;
 mod fleet;
 mod gateway;
 mod http;

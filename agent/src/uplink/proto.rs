@@ -1,4 +1,6 @@
-//! The uplink protocol between a site's leader agent and the gateway, over MQTT.
+//! The log-shipping protocol over MQTT: between a site's leader agent and the gateway
+//! ([`UPLINK`], topics below) and, with the same frames and acks, from each agent to its
+//! peers ([`REPLICATION`], `fogline/repl/…`, plus `gwack` for the gateway's ack).
 //!
 //! | topic | from | payload |
 //! |---|---|---|

@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use clap::Parser;
+use fogline_tests::bench::{machine, percentile};
 use fogline_tests::{Agent, AgentOptions, DeviceSpec, Fleet, Gateway, TcpProxy};
 use rumqttc::{Client, Event, MqttOptions, Packet, QoS};
 
@@ -42,28 +43,11 @@ fn agent_for(gateway: impl ToString, site: &str, node: &str) -> AgentOptions {
         .env("FOGLINE_BUFFER__MAX_BYTES", 1u64 << 30)
 }
 
-fn percentile(sorted: &[f64], p: f64) -> f64 {
-    if sorted.is_empty() {
-        return f64::NAN;
-    }
-    let i = ((sorted.len() - 1) as f64 * p).round() as usize;
-    sorted[i.min(sorted.len() - 1)]
-}
-
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    let cpu = std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("model name"))
-                .and_then(|l| l.split(':').nth(1))
-                .map(|m| m.trim().to_owned())
-        })
-        .unwrap_or_default();
     println!(
-        "machine: {} CPUs, {cpu}\ncommand: {}",
-        std::thread::available_parallelism().map_or(0, |n| n.get()),
+        "machine: {}\ncommand: {}",
+        machine(),
         std::env::args().collect::<Vec<_>>().join(" ")
     );
     println!("\n| backlog | drain_rate | drain s | readings/s | MB/s | live p50 ms | live p99 ms | live samples |");
