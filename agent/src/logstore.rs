@@ -84,7 +84,8 @@ impl Applied {
     }
 }
 
-type Key = (String, String);
+/// (site, origin).
+pub type Key = (String, String);
 
 /// A batch of work for one commit.
 #[derive(Default)]
@@ -97,6 +98,8 @@ pub struct Txn {
 pub struct Store {
     db: Arc<Database>,
     origins: HashMap<Key, OriginState>,
+    /// Stored bytes per origin, once [`Store::track_sizes`] was called.
+    sizes: Option<HashMap<Key, u64>>,
 }
 
 /// Reads a store while its writer goes on (redb readers see the last commit).
@@ -138,6 +141,7 @@ impl Store {
         Ok(Store {
             db: Arc::new(db),
             origins,
+            sizes: None,
         })
     }
 
@@ -229,6 +233,11 @@ impl Store {
             }
         }
         w.commit()?;
+        if let Some(sizes) = self.sizes.as_mut() {
+            for (key, _, bytes) in &txn.blocks {
+                *sizes.entry(key.clone()).or_default() += bytes.len() as u64;
+            }
+        }
         self.origins.extend(txn.origins);
         Ok(())
     }
@@ -249,32 +258,89 @@ impl Store {
     /// Deletes an origin's blocks that lie wholly below `upto`; returns the readings
     /// deleted. The watermark stays: a re-sent batch below it is still a duplicate.
     pub fn delete_below(&mut self, site: &str, origin: &str, upto: u64) -> Result<u64, StoreError> {
+        Ok(self.delete_oldest(site, origin, |_, end, _| end <= upto)?.0)
+    }
+
+    /// Deletes an origin's oldest blocks while `take(first, end, bytes)` says so; returns
+    /// the readings and bytes deleted.
+    fn delete_oldest(
+        &mut self,
+        site: &str,
+        origin: &str,
+        mut take: impl FnMut(u64, u64, u64) -> bool,
+    ) -> Result<(u64, u64), StoreError> {
         let mut w = self.db.begin_write()?;
         w.set_durability(Durability::Immediate)?;
-        let mut deleted = 0;
+        let (mut readings, mut bytes) = (0, 0);
         {
             let mut log = w.open_table(LOG)?;
             let mut doomed = Vec::new();
-            for row in log.range((site, origin, 0)..(site, origin, upto))? {
+            for row in log.range((site, origin, 0)..=(site, origin, u64::MAX))? {
                 let (k, v) = row?;
                 let first = k.value().2;
                 let n = block::count(v.value()).map_err(|e| {
                     StoreError::Corrupt(format!("block {site}/{origin}@{first}: {e}"))
                 })? as u64;
-                if first + n > upto {
+                let len = v.value().len() as u64;
+                if !take(first, first + n, len) {
                     break;
                 }
                 doomed.push(first);
-                deleted += n;
+                readings += n;
+                bytes += len;
             }
             for first in doomed {
                 log.remove((site, origin, first))?;
             }
         }
-        if deleted > 0 {
+        if readings > 0 {
             w.commit()?;
+            if let Some(sizes) = self.sizes.as_mut() {
+                if let Some(size) = sizes.get_mut(&(site.to_owned(), origin.to_owned())) {
+                    *size = size.saturating_sub(bytes);
+                }
+            }
         }
-        Ok(deleted)
+        Ok((readings, bytes))
+    }
+
+    /// Starts keeping the stored bytes of every origin (one scan), for [`Store::trim`].
+    pub fn track_sizes(&mut self) -> Result<(), StoreError> {
+        let mut sizes: HashMap<Key, u64> = HashMap::new();
+        let read = self.db.begin_read()?;
+        for row in read.open_table(LOG)?.iter()? {
+            let (k, v) = row?;
+            let (site, origin, _) = k.value();
+            *sizes
+                .entry((site.to_owned(), origin.to_owned()))
+                .or_default() += v.value().len() as u64;
+        }
+        self.sizes = Some(sizes);
+        Ok(())
+    }
+
+    /// Keeps every origin within `max_bytes` (after [`Store::track_sizes`]): an origin
+    /// above it loses its oldest blocks until it is below nine tenths of it. Returns the
+    /// readings dropped per origin.
+    pub fn trim(&mut self, max_bytes: u64) -> Result<Vec<(Key, u64)>, StoreError> {
+        let over: Vec<(Key, u64)> = self
+            .sizes
+            .iter()
+            .flatten()
+            .filter(|(_, &size)| size > max_bytes)
+            .map(|(k, &size)| (k.clone(), size))
+            .collect();
+        let mut out = Vec::new();
+        for ((site, origin), size) in over {
+            let mut excess = size - max_bytes + max_bytes / 10;
+            let (readings, _) = self.delete_oldest(&site, &origin, |_, _, bytes| {
+                let go = excess > 0;
+                excess = excess.saturating_sub(bytes);
+                go
+            })?;
+            out.push(((site, origin), readings));
+        }
+        Ok(out)
     }
 
     /// Every stored aggregate (to republish them retained at start-up).
@@ -439,5 +505,28 @@ mod tests {
             .collect();
         assert_eq!(left, vec![15, 25]);
         assert_eq!(s.origins()[&("s".to_owned(), "a".to_owned())].next, 28);
+
+        // A budget per origin drops the oldest blocks first.
+        s.track_sizes().expect("sizes");
+        let left_bytes: u64 = s
+            .blocks_from("s", "a", 0, 100, 28)
+            .expect("blocks")
+            .iter()
+            .map(|b| b.bytes.len() as u64)
+            .sum();
+        assert_eq!(s.trim(left_bytes).expect("trim"), vec![], "within budget");
+        let dropped = s.trim(left_bytes - 1).expect("trim");
+        assert_eq!(
+            dropped,
+            vec![(("s".to_owned(), "a".to_owned()), 5)],
+            "15..20 went"
+        );
+        let first: Vec<u64> = s
+            .blocks_from("s", "a", 0, 100, 28)
+            .expect("blocks")
+            .iter()
+            .map(|b| b.first_offset)
+            .collect();
+        assert_eq!(first, vec![25]);
     }
 }

@@ -40,6 +40,7 @@ pub struct Counters {
     commit_failures: Counter,
     aggregates_relayed: Counter,
     rejected: Counter,
+    dropped: Counter,
     origins: Gauge,
     stored_total: Gauge,
 }
@@ -79,6 +80,11 @@ impl Counters {
             "rejected",
             "Publishes with a bad topic or frame",
             self.rejected.clone(),
+        );
+        registry.register(
+            "dropped",
+            "Readings dropped to keep an origin within its budget (replicas only)",
+            self.dropped.clone(),
         );
         registry.register("origins", "(site, origin) logs known", self.origins.clone());
         registry.register(
@@ -121,6 +127,8 @@ pub struct Receiver<H: Hooks> {
     pub agg_out: AggOut,
     pub batch_max: usize,
     pub batch_delay: Duration,
+    /// Most bytes kept per origin (the oldest go first); `None`: no limit.
+    pub budget: Option<u64>,
     pub hooks: H,
 }
 

@@ -452,6 +452,8 @@ pub fn start(parts: SiteParts) -> anyhow::Result<SiteHandle> {
         agg_out: AggOut::Local,
         batch_max: 256,
         batch_delay: Duration::from_millis(config.buffer.batch_max_delay_ms),
+        // Each peer's log gets as much room here as the peer gives it itself.
+        budget: Some(config.buffer.max_bytes),
         hooks: ReplicaHooks {
             site: site.clone(),
             own_origin: origin.clone(),

@@ -105,6 +105,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
         agg_out: AggOut::PerSite,
         batch_max: config.store.batch_max_messages,
         batch_delay: Duration::from_millis(config.store.batch_max_delay_ms),
+        budget: None,
         hooks: StatusHooks {
             state: state.clone(),
         },
