@@ -68,6 +68,32 @@ fn killing_the_leader_loses_no_acked_reading() -> anyhow::Result<()> {
     );
 
     std::thread::sleep(Duration::from_secs(2));
+    // /status tells who leads, in which term, and how far each peer holds this log.
+    for &i in &survivors {
+        let s = site.agents[i].status()?;
+        assert_eq!(s["leader"], site.ids[new_leader].as_str(), "{s}");
+        assert!(
+            s["term"].as_u64() >= Some(2),
+            "a new term after the kill: {s}"
+        );
+        let peers = s["peers"].as_array().cloned().unwrap_or_default();
+        assert_eq!(peers.len(), 2, "{s}");
+        for p in &peers {
+            let live = survivors.iter().any(|&j| p["id"] == site.ids[j].as_str());
+            assert!(p["lag"].is_u64(), "{p}");
+            if live {
+                assert!(
+                    p["acked"].as_u64() > Some(0),
+                    "the live peer holds this log: {p}"
+                );
+            } else {
+                assert_ne!(
+                    p["link"], "connected",
+                    "the dead leader is not reachable: {p}"
+                );
+            }
+        }
+    }
     for &i in &survivors {
         fleets[i].stop_publishing();
         fleets[i].wait_all_acked(Duration::from_secs(60))?;
