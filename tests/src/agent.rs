@@ -456,21 +456,7 @@ impl Agent {
 
     /// Resident memory of the running agent from `/proc/<pid>/status`: (VmRSS, VmHWM) in KiB.
     pub fn rss_kib(&self) -> anyhow::Result<(u64, u64)> {
-        let pid = self.pid().context("agent is not running")?;
-        let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-        let field = |name: &str| -> anyhow::Result<u64> {
-            let line = status
-                .lines()
-                .find(|l| l.starts_with(name))
-                .with_context(|| format!("no {name} in /proc/{pid}/status"))?;
-            line[name.len()..]
-                .trim()
-                .trim_end_matches("kB")
-                .trim()
-                .parse()
-                .with_context(|| format!("bad {line}"))
-        };
-        Ok((field("VmRSS:")?, field("VmHWM:")?))
+        crate::proc::rss_kib(self.pid().context("agent is not running")?)
     }
 }
 
