@@ -178,16 +178,9 @@ impl Broker {
         local(self.port)
     }
 
-    /// The config file as written.
-    pub fn config_text(&self) -> String {
-        std::fs::read_to_string(&self.config).unwrap_or_default()
-    }
-
     /// The last `lines` lines of the broker's log.
     pub fn log_tail(&self, lines: usize) -> String {
-        let text = std::fs::read_to_string(&self.log_path).unwrap_or_default();
-        let all: Vec<&str> = text.lines().collect();
-        all[all.len().saturating_sub(lines)..].join("\n")
+        crate::proc::tail(&self.log_path, lines)
     }
 }
 

@@ -114,3 +114,10 @@ fn clock_ticks_per_sec() -> f64 {
         .unwrap_or(100.0)
     })
 }
+
+/// The last `lines` lines of a (log) file; empty when it cannot be read.
+pub(crate) fn tail(path: &std::path::Path, lines: usize) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let all: Vec<&str> = text.lines().collect();
+    all[all.len().saturating_sub(lines)..].join("\n")
+}

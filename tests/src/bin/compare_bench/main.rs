@@ -338,6 +338,30 @@ fn wait_caught_up(rig: &Rig, target: &Target, timeout: Duration) -> Option<Durat
     None
 }
 
+/// Restores the cut link and waits (at most `timeout`) until the upstream caught up with
+/// `target`. Returns the seconds that took from the restore and from the edge's reconnect
+/// (the first new connection through the proxy); `None` when it did not happen.
+fn restore_and_drain(rig: &Rig, target: &Target, timeout: Duration) -> (Option<f64>, Option<f64>) {
+    let conns = rig.proxy.connections();
+    rig.proxy.restore();
+    let restored = Instant::now();
+    let mut reconnected = None;
+    while restored.elapsed() < timeout {
+        if reconnected.is_none() && rig.proxy.connections() > conns {
+            reconnected = Some(Instant::now());
+        }
+        if caught_up(rig, target) {
+            let done = Instant::now();
+            return (
+                Some((done - restored).as_secs_f64()),
+                reconnected.map(|r| done.saturating_duration_since(r).as_secs_f64()),
+            );
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    (None, None)
+}
+
 /// Fixed moderate rate: publish-to-upstream latency, edge memory and CPU.
 fn steady(args: &Args, sys: System) -> anyhow::Result<Steady> {
     let devices = args.rate_devices;
@@ -505,27 +529,9 @@ fn outage(args: &Args, sys: System, kill_halfway: bool) -> anyhow::Result<Loss> 
         std::thread::sleep(args.outage());
     }
     let target = target_now(&rig, Some(&fleet))?;
-    let conns = rig.proxy.connections();
-    rig.proxy.restore();
-    let restored = Instant::now();
-    let mut reconnected = None;
-    let mut drained = None;
-    while restored.elapsed() < Duration::from_secs(180) {
-        if reconnected.is_none() && rig.proxy.connections() > conns {
-            reconnected = Some(Instant::now());
-        }
-        if caught_up(&rig, &target) {
-            drained = Some(Instant::now());
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(5));
-    }
+    let drain = restore_and_drain(&rig, &target, Duration::from_secs(180));
     let mut loss = settle_and_count(&mut rig, fleet, devices)?;
-    loss.drain_from_restore = drained.map(|d| (d - restored).as_secs_f64());
-    loss.drain_from_reconnect = match (drained, reconnected) {
-        (Some(d), Some(r)) => Some(d.saturating_duration_since(r).as_secs_f64()),
-        _ => None,
-    };
+    (loss.drain_from_restore, loss.drain_from_reconnect) = drain;
     eprintln!("  {loss:?}");
     Ok(loss)
 }
@@ -556,30 +562,14 @@ fn backlog(args: &Args, sys: System, readings: u64) -> anyhow::Result<Backlog> {
         Some(head) => Target::Head(head),
         None => Target::Watermarks(vec![per_device; devices as usize]),
     };
-    let conns = rig.proxy.connections();
-    rig.proxy.restore();
-    let restored = Instant::now();
-    let mut reconnected = None;
-    let mut drained = None;
-    while restored.elapsed() < Duration::from_secs(600) {
-        if reconnected.is_none() && rig.proxy.connections() > conns {
-            reconnected = Some(Instant::now());
-        }
-        if caught_up(&rig, &target) {
-            drained = Some(Instant::now());
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(5));
-    }
+    let (drain_from_restore, drain_from_reconnect) =
+        restore_and_drain(&rig, &target, Duration::from_secs(600));
     let b = Backlog {
         readings,
         fill_secs,
         rss_mib,
-        drain_from_restore: drained.map(|d| (d - restored).as_secs_f64()),
-        drain_from_reconnect: match (drained, reconnected) {
-            (Some(d), Some(r)) => Some(d.saturating_duration_since(r).as_secs_f64()),
-            _ => None,
-        },
+        drain_from_restore,
+        drain_from_reconnect,
         drained: rig.received(),
     };
     eprintln!("  {b:?}");

@@ -218,6 +218,16 @@ pub fn markdown(
             ratio(f.upstream_rate, m.upstream_rate)
         );
     }
+    for (f, m) in fog.scale.iter().zip(&mosq.scale) {
+        let _ = writeln!(
+            md,
+            "| edge RSS at saturation, {} devices (MiB) | {} | {} | {} |",
+            f.devices,
+            f1(f.rss_mib),
+            f1(m.rss_mib),
+            ratio(f.rss_mib, m.rss_mib)
+        );
+    }
     let _ = writeln!(
         md,
         "| latency publish → upstream at {rate}: p50 / p99 / max (ms) | {} / {} / {} | {} / {} / {} | {} (p99) |",

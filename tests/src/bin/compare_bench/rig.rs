@@ -375,21 +375,27 @@ fn count(rx: &mut DeviceRx, seq: u32) {
     rx.max_seen = rx.max_seen.max(seq);
 }
 
-fn observer_client(id: &str, port: u16, clean: bool) -> (Client, rumqttc::Connection) {
+/// Connects a client to the upstream at `port`, subscribes to `filter`, and hands every
+/// publish (with its arrival time) to `on_publish` on a thread of its own, until the rig
+/// is dropped. `ready` is set once the subscription is acknowledged.
+fn observe(
+    id: &str,
+    port: u16,
+    persistent: bool,
+    filter: &str,
+    qos: QoS,
+    observed: Arc<Observed>,
+    mut on_publish: impl FnMut(&Observed, rumqttc::Publish, Instant) + Send + 'static,
+) -> anyhow::Result<Client> {
     let mut opts = MqttOptions::new(id, "127.0.0.1", port);
     opts.set_keep_alive(Duration::from_secs(30))
-        .set_clean_session(clean)
+        .set_clean_session(!persistent)
         .set_max_packet_size(1 << 20, 1 << 20);
     let (client, mut conn) = Client::new(opts, 1000);
     let mut net = conn.eventloop.network_options();
     net.set_tcp_nodelay(true);
     conn.eventloop.set_network_options(net);
-    (client, conn)
-}
-
-fn observe_fogline(gateway_port: u16, observed: Arc<Observed>) -> anyhow::Result<Client> {
-    let (client, mut conn) = observer_client("bench-ack-observer", gateway_port, true);
-    client.subscribe("fogline/uplink/bench/edge/ack", QoS::AtMostOnce)?;
+    client.subscribe(filter, qos)?;
     std::thread::Builder::new()
         .name("observer".into())
         .spawn(move || {
@@ -402,17 +408,7 @@ fn observe_fogline(gateway_port: u16, observed: Arc<Observed>) -> anyhow::Result
                         observed.ready.store(true, Ordering::SeqCst);
                     }
                     Ok(Event::Incoming(Packet::Publish(p))) => {
-                        let now = Instant::now();
-                        let json: serde_json::Value =
-                            serde_json::from_slice(&p.payload).unwrap_or_default();
-                        if let Some(next) = json["next"].as_u64() {
-                            observed.received.fetch_max(next, Ordering::SeqCst);
-                            if observed.recording.load(Ordering::Relaxed) {
-                                if let Ok(mut acks) = observed.acks.lock() {
-                                    acks.push((now, next));
-                                }
-                            }
-                        }
+                        on_publish(&observed, p, Instant::now());
                     }
                     Ok(_) => {}
                     Err(_) => std::thread::sleep(Duration::from_millis(50)),
@@ -420,6 +416,30 @@ fn observe_fogline(gateway_port: u16, observed: Arc<Observed>) -> anyhow::Result
             }
         })?;
     Ok(client)
+}
+
+/// The gateway's uplink ack: every reading below `next` is durable there.
+fn observe_fogline(gateway_port: u16, observed: Arc<Observed>) -> anyhow::Result<Client> {
+    let filter = "fogline/uplink/bench/edge/ack";
+    observe(
+        "bench-ack-observer",
+        gateway_port,
+        false,
+        filter,
+        QoS::AtMostOnce,
+        observed,
+        |observed, p, now| {
+            let json: serde_json::Value = serde_json::from_slice(&p.payload).unwrap_or_default();
+            if let Some(next) = json["next"].as_u64() {
+                observed.received.fetch_max(next, Ordering::SeqCst);
+                if observed.recording.load(Ordering::Relaxed) {
+                    if let Ok(mut acks) = observed.acks.lock() {
+                        acks.push((now, next));
+                    }
+                }
+            }
+        },
+    )
 }
 
 /// `{"value":..,"seq":N,...}` → N, without a full JSON parse.
@@ -434,63 +454,54 @@ fn seq_of(payload: &[u8]) -> Option<u32> {
     std::str::from_utf8(&digits).ok()?.parse().ok()
 }
 
+/// A QoS 1 subscriber with a persistent session at the upstream broker, counting every
+/// (device, seq) it receives.
 fn observe_mosquitto(
     port: u16,
     observed: Arc<Observed>,
     sends: Arc<SendTable>,
 ) -> anyhow::Result<Client> {
-    let (client, mut conn) = observer_client("bench-upstream-observer", port, false);
-    client.subscribe("sensors/#", QoS::AtLeastOnce)?;
-    std::thread::Builder::new()
-        .name("observer".into())
-        .spawn(move || {
-            for event in conn.iter() {
-                if observed.stop.load(Ordering::SeqCst) {
-                    break;
+    let id = "bench-upstream-observer";
+    observe(
+        id,
+        port,
+        true,
+        "sensors/#",
+        QoS::AtLeastOnce,
+        observed,
+        move |observed, p, now| {
+            observed.messages.fetch_add(1, Ordering::SeqCst);
+            let device = p
+                .topic
+                .strip_prefix("sensors/")
+                .and_then(|t| t.split('/').next())
+                .map_or(u32::MAX, device_index);
+            let Some(seq) = seq_of(&p.payload) else {
+                return;
+            };
+            let mut first = false;
+            if let Ok(mut per) = observed.per_device.lock() {
+                let i = device as usize;
+                if i < 1_000_000 && per.len() <= i {
+                    per.resize(i + 1, DeviceRx::default());
                 }
-                match event {
-                    Ok(Event::Incoming(Packet::SubAck(_))) => {
-                        observed.ready.store(true, Ordering::SeqCst);
-                    }
-                    Ok(Event::Incoming(Packet::Publish(p))) => {
-                        let now = Instant::now();
-                        observed.messages.fetch_add(1, Ordering::SeqCst);
-                        let device = p
-                            .topic
-                            .strip_prefix("sensors/")
-                            .and_then(|t| t.split('/').next())
-                            .map_or(u32::MAX, device_index);
-                        let Some(seq) = seq_of(&p.payload) else {
-                            continue;
-                        };
-                        let mut first = false;
-                        if let Ok(mut per) = observed.per_device.lock() {
-                            let i = device as usize;
-                            if i < 1_000_000 && per.len() <= i {
-                                per.resize(i + 1, DeviceRx::default());
-                            }
-                            if let Some(rx) = per.get_mut(i) {
-                                count(rx, seq);
-                                first = rx.counts[seq as usize] == 1;
-                            }
-                        }
-                        if !first {
-                            continue;
-                        }
-                        observed.received.fetch_add(1, Ordering::SeqCst);
-                        if let Some(at) = sends.get(device, seq) {
-                            if let Ok(mut l) = observed.latencies_us.lock() {
-                                let us = now.duration_since(at).as_micros();
-                                l.push(u64::try_from(us).unwrap_or(u64::MAX));
-                            }
-                        }
-                    }
-                    Ok(_) => {}
-                    Err(_) => std::thread::sleep(Duration::from_millis(50)),
+                if let Some(rx) = per.get_mut(i) {
+                    count(rx, seq);
+                    first = rx.counts[seq as usize] == 1;
                 }
             }
-        })?;
-    Ok(client)
+            if !first {
+                return;
+            }
+            observed.received.fetch_add(1, Ordering::SeqCst);
+            if let Some(at) = sends.get(device, seq) {
+                if let Ok(mut l) = observed.latencies_us.lock() {
+                    let us = now.duration_since(at).as_micros();
+                    l.push(u64::try_from(us).unwrap_or(u64::MAX));
+                }
+            }
+        },
+    )
 }
 
 #[cfg(test)]
