@@ -449,6 +449,13 @@ fn scale(args: &Args, sys: System, devices: u32) -> anyhow::Result<ScalePoint> {
     sleep_sampling_rss(&rig, Duration::from_secs(args.scale_secs), &mut peak);
     let (a1, r1) = (acked_total(&fleet), rig.received());
     let secs = t0.elapsed().as_secs_f64();
+    let snaps = fleet.snapshots();
+    let reconnects: u32 = snaps.iter().map(|s| s.connects.saturating_sub(1)).sum();
+    let errors: u32 = snaps.iter().map(|s| s.connection_errors).sum();
+    let behind = snaps.iter().filter(|s| s.acked < s.sent).count();
+    eprintln!(
+        "  devices: {reconnects} reconnects, {errors} connection errors, {behind} waiting for an ack at the end"
+    );
     fleet.stop_publishing();
     fleet.shutdown();
     let p = ScalePoint {
