@@ -12,7 +12,7 @@
 //!
 //! ```text
 //! cargo build --profile bench-fast -p fogline-agent -p fogline-gateway -p fogline-tests
-//! target/bench-fast/compare-bench            # the whole comparison, ~15 minutes
+//! target/bench-fast/compare-bench            # the whole comparison, ~12 minutes
 //! target/bench-fast/compare-bench --quick    # a smoke run, ~2 minutes
 //! target/bench-fast/compare-bench --write    # also update BENCHMARKS.md, docs/bench/*.svg
 //! ```
