@@ -356,9 +356,7 @@ impl Agent {
 
     /// The last `lines` lines of the agent's log.
     pub fn log_tail(&self, lines: usize) -> String {
-        let text = std::fs::read_to_string(&self.log_path).unwrap_or_default();
-        let all: Vec<&str> = text.lines().collect();
-        all[all.len().saturating_sub(lines)..].join("\n")
+        crate::proc::tail(&self.log_path, lines)
     }
 
     /// `GET path`, failing on a non-200 answer.
@@ -465,21 +463,7 @@ impl Agent {
 
     /// Resident memory of the running agent from `/proc/<pid>/status`: (VmRSS, VmHWM) in KiB.
     pub fn rss_kib(&self) -> anyhow::Result<(u64, u64)> {
-        let pid = self.pid().context("agent is not running")?;
-        let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-        let field = |name: &str| -> anyhow::Result<u64> {
-            let line = status
-                .lines()
-                .find(|l| l.starts_with(name))
-                .with_context(|| format!("no {name} in /proc/{pid}/status"))?;
-            line[name.len()..]
-                .trim()
-                .trim_end_matches("kB")
-                .trim()
-                .parse()
-                .with_context(|| format!("bad {line}"))
-        };
-        Ok((field("VmRSS:")?, field("VmHWM:")?))
+        crate::proc::rss_kib(self.pid().context("agent is not running")?)
     }
 }
 

@@ -15,6 +15,19 @@ use tokio::sync::Notify;
 /// Makes the topic and payload of reading `seq` of a device: `(device, boot, seq)`.
 pub type PayloadFn = Arc<dyn Fn(&str, u32, u32) -> (String, Vec<u8>) + Send + Sync>;
 
+/// What a device takes as "this reading is acknowledged".
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum AckSource {
+    /// fogline's end-to-end ack: the retained `fogline/ack/<device>` watermark, published
+    /// after the reading is on disk.
+    #[default]
+    Watermark,
+    /// The broker's PUBACK (what a plain MQTT broker promises). A broker acknowledges the
+    /// QoS 1 publishes of one connection in order, so the n-th PUBACK of a connection
+    /// belongs to the n-th reading published on it.
+    PubAck,
+}
+
 /// What one simulated device does.
 #[derive(Clone)]
 pub struct DeviceSpec {
@@ -35,6 +48,8 @@ pub struct DeviceSpec {
     pub record_latency: bool,
     /// Longest wait between two connection attempts (the wait doubles from 20 ms).
     pub max_backoff: Duration,
+    /// What counts as acknowledged.
+    pub ack: AckSource,
 }
 
 impl DeviceSpec {
@@ -56,6 +71,7 @@ impl DeviceSpec {
             }),
             record_latency: false,
             max_backoff: Duration::from_millis(500),
+            ack: AckSource::Watermark,
         }
     }
 }
@@ -95,6 +111,52 @@ struct State {
     generation: u64,
     send_times: VecDeque<(u32, Instant)>,
     latencies_us: Vec<u32>,
+    /// [`AckSource::PubAck`]: readings published on this connection and not yet PUBACKed,
+    /// oldest first, and PUBACKed ones above a gap in the watermark.
+    awaiting_puback: VecDeque<u32>,
+    pubacked_above: std::collections::BTreeSet<u32>,
+}
+
+impl State {
+    /// Every reading up to `seq` is acknowledged: move the watermark and take latencies.
+    fn acked_up_to(&mut self, seq: u32, now: Instant, measuring: bool) {
+        if seq < self.snap.acked {
+            self.snap.ack_regressions += 1;
+            let low = self.snap.lowest_regressed_ack.map_or(seq, |l| l.min(seq));
+            self.snap.lowest_regressed_ack = Some(low);
+            return;
+        }
+        self.snap.acked = seq;
+        while let Some(&(sent, at)) = self.send_times.front() {
+            if sent > seq {
+                break;
+            }
+            self.send_times.pop_front();
+            if measuring {
+                let us = now.duration_since(at).as_micros();
+                self.latencies_us
+                    .push(u32::try_from(us).unwrap_or(u32::MAX));
+            }
+        }
+    }
+
+    /// The broker acknowledged the oldest reading published on this connection.
+    fn puback(&mut self, now: Instant, measuring: bool) {
+        let Some(seq) = self.awaiting_puback.pop_front() else {
+            return;
+        };
+        if seq <= self.snap.acked {
+            return;
+        }
+        self.pubacked_above.insert(seq);
+        let mut upto = self.snap.acked;
+        while self.pubacked_above.remove(&(upto + 1)) {
+            upto += 1;
+        }
+        if upto > self.snap.acked {
+            self.acked_up_to(upto, now, measuring);
+        }
+    }
 }
 
 struct Shared {
@@ -193,6 +255,7 @@ impl Fleet {
             ack_topic.clone(),
             spec.boot,
             spec.max_backoff,
+            spec.ack,
         ));
         rt.spawn(publish_loop(client, shared.clone(), ack_topic, spec));
         let device = Device { shared };
@@ -398,6 +461,7 @@ async fn poll_loop(
     ack_topic: String,
     boot: u32,
     max_backoff: Duration,
+    ack_source: AckSource,
 ) {
     let first_backoff = Duration::from_millis(20).min(max_backoff);
     let mut backoff = first_backoff;
@@ -420,29 +484,15 @@ async fn poll_loop(
                 if ack.boot != boot {
                     continue;
                 }
-                let now = Instant::now();
-                let mut st = shared.lock();
-                if ack.seq < st.snap.acked {
-                    st.snap.ack_regressions += 1;
-                    let low = st
-                        .snap
-                        .lowest_regressed_ack
-                        .map_or(ack.seq, |l| l.min(ack.seq));
-                    st.snap.lowest_regressed_ack = Some(low);
-                } else {
-                    st.snap.acked = ack.seq;
-                    while let Some(&(seq, at)) = st.send_times.front() {
-                        if seq > ack.seq {
-                            break;
-                        }
-                        st.send_times.pop_front();
-                        if shared.measuring.load(Ordering::Relaxed) {
-                            let us = now.duration_since(at).as_micros();
-                            st.latencies_us.push(u32::try_from(us).unwrap_or(u32::MAX));
-                        }
-                    }
-                }
-                drop(st);
+                let measuring = shared.measuring.load(Ordering::Relaxed);
+                shared
+                    .lock()
+                    .acked_up_to(ack.seq, Instant::now(), measuring);
+                shared.notify.notify_one();
+            }
+            Ok(Event::Incoming(Packet::PubAck(_))) if ack_source == AckSource::PubAck => {
+                let measuring = shared.measuring.load(Ordering::Relaxed);
+                shared.lock().puback(Instant::now(), measuring);
                 shared.notify.notify_one();
             }
             Ok(_) => {}
@@ -450,6 +500,9 @@ async fn poll_loop(
                 {
                     let mut st = shared.lock();
                     st.snap.connected = false;
+                    // A clean session forgets what was in flight: it is published again.
+                    st.awaiting_puback.clear();
+                    st.pubacked_above.clear();
                     st.snap.connection_errors += 1;
                     st.snap.last_error = Some(e.to_string());
                 }
@@ -487,10 +540,11 @@ async fn publish_loop(
             // A new connection (clean session): subscribe to our ack again, then re-send
             // everything the agent has not acked yet, oldest first.
             my_generation = generation;
-            if client
-                .subscribe(&ack_topic, QoS::AtLeastOnce)
-                .await
-                .is_err()
+            if spec.ack == AckSource::Watermark
+                && client
+                    .subscribe(&ack_topic, QoS::AtLeastOnce)
+                    .await
+                    .is_err()
             {
                 return;
             }
@@ -500,6 +554,9 @@ async fn publish_loop(
                     break;
                 }
                 let (topic, payload) = (spec.payload)(&spec.device, spec.boot, seq);
+                if spec.ack == AckSource::PubAck {
+                    shared.lock().awaiting_puback.push_back(seq);
+                }
                 if client
                     .publish(topic, QoS::AtLeastOnce, false, payload)
                     .await
@@ -538,6 +595,9 @@ async fn publish_loop(
             st.snap.sent = seq;
             if spec.record_latency {
                 st.send_times.push_back((seq, Instant::now()));
+            }
+            if spec.ack == AckSource::PubAck {
+                st.awaiting_puback.push_back(seq);
             }
         }
         if client

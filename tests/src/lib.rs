@@ -21,10 +21,10 @@ mod proxy;
 mod site;
 
 pub use agent::{agent_bin, find_bin, Agent, AgentOptions, ExportedReading};
-pub use fleet::{Device, DeviceSnapshot, DeviceSpec, Fleet, PayloadFn, RawPublisher};
+pub use fleet::{AckSource, Device, DeviceSnapshot, DeviceSpec, Fleet, PayloadFn, RawPublisher};
 pub use gateway::{Gateway, GatewayReading};
 pub use http::{http_get, metric};
-pub use proc::{run_bounded, BoundedOutput};
+pub use proc::{cpu_secs, rss_kib, run_bounded, BoundedOutput};
 pub use proxy::TcpProxy;
 pub use site::{Site, SiteOptions};
 

@@ -1,13 +1,197 @@
-//! The Debian `mosquitto-clients` tools (`mosquitto_pub`, `mosquitto_sub`), as an operator
-//! would use them against the agent's broker.
+//! Debian's Mosquitto: the `mosquitto-clients` tools (`mosquitto_pub`, `mosquitto_sub`), as
+//! an operator would use them against the agent's broker, and [`Broker`], a `mosquitto`
+//! process with its own config file and persistence directory (the setup fogline is
+//! compared with: an edge broker bridged to an upstream one).
 
-use std::path::Path;
-use std::process::Command;
-use std::time::Duration;
+use std::fs::OpenOptions;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
 
-use anyhow::bail;
+use anyhow::{bail, Context};
 
-use crate::run_bounded;
+use crate::{local, run_bounded};
+
+/// Where Debian installs the broker.
+const MOSQUITTO: &str = "/usr/sbin/mosquitto";
+
+/// Installs Debian's `mosquitto` and `mosquitto-clients` with apt when the broker or the
+/// clients are missing (non-interactive; does nothing when both are there).
+pub fn ensure_installed() -> anyhow::Result<()> {
+    if Path::new(MOSQUITTO).is_file() && require_clients().is_ok() {
+        return Ok(());
+    }
+    let root = run_bounded(Command::new("id").arg("-u"), Duration::from_secs(5))
+        .map(|out| out.stdout.trim() == "0")
+        .unwrap_or(false);
+    let apt = |args: &[&str]| -> anyhow::Result<()> {
+        let mut cmd = if root {
+            Command::new("apt-get")
+        } else {
+            let mut c = Command::new("sudo");
+            c.arg("apt-get");
+            c
+        };
+        cmd.args(args).env("DEBIAN_FRONTEND", "noninteractive");
+        eprintln!("running {cmd:?}");
+        let out = run_bounded(&mut cmd, Duration::from_secs(600))?;
+        if !out.status.success() {
+            bail!("{cmd:?} failed ({}): {}", out.status, out.stderr.trim());
+        }
+        Ok(())
+    };
+    apt(&["update"])?;
+    apt(&[
+        "install",
+        "-y",
+        "--no-install-recommends",
+        "mosquitto",
+        "mosquitto-clients",
+    ])?;
+    if !Path::new(MOSQUITTO).is_file() {
+        bail!("{MOSQUITTO} is still missing after installing the mosquitto package");
+    }
+    require_clients()
+}
+
+/// The broker's version line, e.g. `mosquitto version 2.0.11`.
+pub fn version() -> anyhow::Result<String> {
+    // `mosquitto -h` prints its usage (version first) and exits non-zero.
+    let out = run_bounded(Command::new(MOSQUITTO).arg("-h"), Duration::from_secs(5))?;
+    let text = format!("{}{}", out.stdout, out.stderr);
+    text.lines()
+        .find(|l| l.contains("version"))
+        .map(|l| l.trim().to_owned())
+        .context("no version line in `mosquitto -h`")
+}
+
+/// A `mosquitto` process listening on a free 127.0.0.1 port, with a config file, a
+/// persistence directory and a log in its own temp dir. It is stopped by its pid: SIGKILL
+/// (as a crash) with [`Broker::kill9`], and when dropped.
+pub struct Broker {
+    name: String,
+    _root: tempfile::TempDir,
+    config: PathBuf,
+    log_path: PathBuf,
+    port: u16,
+    child: Option<Child>,
+}
+
+impl Broker {
+    /// Starts a broker whose config is `listener PORT 127.0.0.1`, persistence in its temp
+    /// dir, then `extra` (more lines: limits, a bridge). Waits until it accepts connections.
+    pub fn start(name: &str, extra: &str) -> anyhow::Result<Broker> {
+        let root = tempfile::Builder::new()
+            .prefix("fogline-mosquitto-")
+            .tempdir()
+            .context("creating a temp dir")?;
+        let port = crate::free_port()?;
+        let data = root.path().join("data");
+        std::fs::create_dir_all(&data)?;
+        let config = root.path().join("mosquitto.conf");
+        let text = format!(
+            "# {name}: written by the fogline benchmark\n\
+             listener {port} 127.0.0.1\n\
+             allow_anonymous true\n\
+             persistence true\n\
+             persistence_location {}/\n\
+             log_dest stderr\n\
+             log_type error\n\
+             log_type warning\n\
+             log_type notice\n\
+             {extra}\n",
+            data.display()
+        );
+        std::fs::write(&config, text).with_context(|| format!("writing {}", config.display()))?;
+        let mut broker = Broker {
+            name: name.to_owned(),
+            log_path: root.path().join("mosquitto.log"),
+            _root: root,
+            config,
+            port,
+            child: None,
+        };
+        broker.restart()?;
+        Ok(broker)
+    }
+
+    /// Starts the process (again) with the same config, port and persistence directory;
+    /// waits up to 30 s until the port accepts connections.
+    pub fn restart(&mut self) -> anyhow::Result<()> {
+        if self.child.is_some() {
+            bail!("{} is already running", self.name);
+        }
+        let log = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log_path)
+            .with_context(|| format!("opening {}", self.log_path.display()))?;
+        let child = Command::new(MOSQUITTO)
+            .arg("-c")
+            .arg(&self.config)
+            .stdin(Stdio::null())
+            .stdout(Stdio::from(log.try_clone()?))
+            .stderr(Stdio::from(log))
+            .spawn()
+            .with_context(|| format!("starting {MOSQUITTO} for {}", self.name))?;
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(child) = self.child.as_mut() {
+                if let Some(status) = child.try_wait()? {
+                    self.child = None;
+                    bail!(
+                        "{} exited with {status}; log tail:\n{}",
+                        self.name,
+                        self.log_tail(20)
+                    );
+                }
+            }
+            if std::net::TcpStream::connect_timeout(&self.addr(), Duration::from_millis(200))
+                .is_ok()
+            {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!("{} not listening within 30 s", self.name);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// SIGKILL, then reap.
+    pub fn kill9(&mut self) -> anyhow::Result<()> {
+        if let Some(mut child) = self.child.take() {
+            child.kill().context("SIGKILL")?;
+            child.wait().context("reaping mosquitto")?;
+        }
+        Ok(())
+    }
+
+    /// The process id, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// `127.0.0.1:<port>`.
+    pub fn addr(&self) -> std::net::SocketAddr {
+        local(self.port)
+    }
+
+    /// The last `lines` lines of the broker's log.
+    pub fn log_tail(&self, lines: usize) -> String {
+        crate::proc::tail(&self.log_path, lines)
+    }
+}
+
+impl Drop for Broker {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
 
 /// Fails with a clear message when `mosquitto_pub` / `mosquitto_sub` are not installed.
 pub fn require_clients() -> anyhow::Result<()> {
