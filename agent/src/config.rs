@@ -36,6 +36,13 @@ pub struct Config {
     pub aggregate: AggregateConfig,
     pub uplink: UplinkConfig,
     pub log: LogConfig,
+    // Security (issue 8): each section lives in its own module.
+    #[serde(default)]
+    pub tls: crate::tls::TlsConfig,
+    #[serde(default)]
+    pub auth: crate::auth::AuthConfig,
+    #[serde(default)]
+    pub limits: crate::limits::LimitsConfig,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -292,6 +299,9 @@ impl Config {
                 self.log.level
             ));
         }
+        self.tls.validate().map_err(ConfigError::Invalid)?;
+        self.auth.validate().map_err(ConfigError::Invalid)?;
+        self.limits.validate().map_err(ConfigError::Invalid)?;
         Ok(())
     }
 

@@ -9,15 +9,20 @@
 //! [`metrics`].
 
 pub mod aggregate;
+pub mod auth;
 pub mod broker;
 pub mod buffer;
+pub mod certs;
 pub mod config;
+pub mod frontend;
 pub mod http;
 pub mod ingest;
+pub mod limits;
 pub mod metrics;
 pub mod nodelay;
 pub mod pipeline;
 pub mod process;
+pub mod tls;
 pub mod uplink;
 
 use std::future::Future;
@@ -74,6 +79,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
         "fogline-agent ready"
     );
 
+    let uplink_tls = tls::uplink_tls(&config).context("loading the TLS files (tls.*)")?;
     let (head_tx, head_rx) = tokio::sync::watch::channel(meta.next_offset);
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let uplink_shared = Arc::new(uplink::Shared::default());
@@ -86,6 +92,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
             log: buffer.log(),
             head: head_rx,
             shared: uplink_shared.clone(),
+            tls: uplink_tls.clone(),
         };
         tokio::spawn(up.run(stop_rx))
     });

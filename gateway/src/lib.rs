@@ -53,6 +53,8 @@ pub struct Metrics {
     commit_failures: Counter,
     aggregates_relayed: Counter,
     rejected: Counter,
+    /// Node links refused at TLS (no certificate, another CA, …) and over the limit.
+    links_refused: Arc<fogline_agent::frontend::FrontMetrics>,
     origins: Gauge,
     stored_total: Gauge,
 }
@@ -68,6 +70,7 @@ impl Metrics {
             commit_failures: Counter::default(),
             aggregates_relayed: Counter::default(),
             rejected: Counter::default(),
+            links_refused: fogline_agent::frontend::FrontMetrics::new(Duration::from_secs(10)),
             origins: Gauge::default(),
             stored_total: Gauge::default(),
         };
@@ -99,6 +102,11 @@ impl Metrics {
             "rejected",
             "Uplink publishes with a bad topic or frame",
             m.rejected.clone(),
+        );
+        registry.register(
+            "links_refused",
+            "Connections refused at the TLS front end, by reason",
+            m.links_refused.refused.clone(),
         );
         registry.register("origins", "(site, origin) logs known", m.origins.clone());
         registry.register(
@@ -138,7 +146,8 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
         .await
         .with_context(|| format!("cannot listen for HTTP on {}", config.http.listen))?;
 
-    let mqtt = config.mqtt.clone();
+    let mut mqtt = config.mqtt.clone();
+    let front = tls_front(&config, &mut mqtt, &metrics)?;
     let mut links = tokio::task::block_in_place(|| {
         broker::embed(
             &mqtt,
@@ -154,6 +163,9 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
     let (Some((in_tx, in_rx)), Some((out_tx, _))) = (links.next(), links.next()) else {
         anyhow::bail!("broker links missing");
     };
+    if let Some(front) = front {
+        front.spawn().context("starting the TLS front end")?;
+    }
     let (queue_tx, queue_rx) = std::sync::mpsc::sync_channel::<Message>(4096);
     let rejected = metrics.clone();
     let mut receiver = Worker::spawn("uplink-in", move |stop| {
@@ -225,6 +237,44 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
     let _ = http.await;
     tracing::info!("stopped");
     Ok(())
+}
+
+/// With `[tls]`: the public MQTT listener becomes a TLS front end that requires a client
+/// certificate signed by the site CA, and rumqttd moves to a loopback-only port.
+fn tls_front(
+    config: &Config,
+    mqtt: &mut fogline_agent::config::MqttConfig,
+    metrics: &Metrics,
+) -> anyhow::Result<Option<fogline_agent::frontend::Front>> {
+    use fogline_agent::frontend::{internal_addr, Front, Guard};
+    if !config.tls.enabled() {
+        tracing::warn!(
+            "tls is off: any client can connect to the gateway and uplink for any site; \
+             set [tls] outside a lab"
+        );
+        return Ok(None);
+    }
+    let identity = fogline_agent::tls::NodeIdentity::load(&config.tls)
+        .context("loading the TLS files (tls.*)")?;
+    let acceptor = tokio_rustls::TlsAcceptor::from(identity.server_config()?);
+    if !mqtt.listen_v5.is_empty() {
+        anyhow::bail!("mqtt.listen_v5 is not served over TLS yet: set it to \"\" with [tls]");
+    }
+    let listener = std::net::TcpListener::bind(mqtt.listen)
+        .with_context(|| format!("cannot listen on {}", mqtt.listen))?;
+    let backend = internal_addr().context("no loopback port for the broker")?;
+    tracing::info!(listen = %mqtt.listen, "node links need a client certificate signed by the site CA");
+    let front = Front {
+        listener,
+        backend,
+        guard: Guard::Tls(acceptor),
+        max_connections: mqtt.max_connections,
+        max_packet: mqtt.max_packet_bytes,
+        connect_timeout: Duration::from_millis(u64::from(mqtt.connect_timeout_ms)),
+        metrics: metrics.links_refused.clone(),
+    };
+    mqtt.listen = backend;
+    Ok(Some(front))
 }
 
 fn enqueue(queue: &SyncSender<Message>, m: Message) -> bool {

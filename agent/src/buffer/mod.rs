@@ -770,7 +770,10 @@ impl Buffer {
         if free >= min_free {
             self.reserve.ensure(free - min_free);
             if self.disk_cap.take().is_some() {
-                tracing::info!(free_bytes = free, "the disk has room again: buffer cap lifted");
+                tracing::info!(
+                    free_bytes = free,
+                    "the disk has room again: buffer cap lifted"
+                );
             }
             self.file_len_at_pressure = 0;
             return Ok(0);
@@ -778,7 +781,8 @@ impl Buffer {
         let len = std::fs::metadata(&self.path).map_or(0, |m| m.len());
         let grew = len > self.file_len_at_pressure;
         let critical = free < min_free / 4 && grew;
-        let lowered = self.disk_cap.is_none() || (grew && self.file_len_at_pressure > 0) || critical;
+        let lowered =
+            self.disk_cap.is_none() || (grew && self.file_len_at_pressure > 0) || critical;
         self.file_len_at_pressure = self.file_len_at_pressure.max(len);
         let cap = if lowered {
             self.lower_disk_cap()

@@ -143,6 +143,8 @@ pub struct Uplink {
     /// The first uncommitted offset, updated by the writer after every commit.
     pub head: watch::Receiver<u64>,
     pub shared: Arc<Shared>,
+    /// TLS with this node's client certificate (`[tls]`); None: plain MQTT.
+    pub tls: Option<Arc<rustls::ClientConfig>>,
 }
 
 fn split_host_port(addr: &str) -> Option<(String, u16)> {
@@ -209,6 +211,11 @@ impl Uplink {
             .set_clean_session(true)
             .set_max_packet_size(1 << 20, 8 << 20)
             .set_inflight(self.config.max_inflight_batches.clamp(1, 1000));
+        if let Some(tls) = &self.tls {
+            options.set_transport(rumqttc::Transport::tls_with_config(
+                rumqttc::TlsConfiguration::Rustls(tls.clone()),
+            ));
+        }
         let (client, mut eventloop) = AsyncClient::new(options, 1024);
         let mut net = eventloop.network_options();
         net.set_tcp_nodelay(true);
