@@ -72,7 +72,12 @@ pub fn init(out: &Path, name: &str) -> Result<Written, CertsError> {
     let mut params = CertificateParams::default();
     let mut dn = DistinguishedName::new();
     dn.push(DnType::OrganizationName, "fogline");
-    dn.push(DnType::CommonName, format!("fogline site CA {name}"));
+    // A random suffix keeps two sites' CAs apart by name too, so a certificate from the
+    // wrong site is reported as "unknown issuer" rather than a bad signature.
+    dn.push(
+        DnType::CommonName,
+        format!("fogline site CA {name} {:08x}", fastrand::u32(..)),
+    );
     params.distinguished_name = dn;
     params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
     params.key_usages = vec![

@@ -37,7 +37,7 @@ pub struct RefusedLabel {
 }
 
 /// Every reason a front end refuses a connection, exported from the start.
-pub const REFUSALS: [&str; 14] = [
+pub const REFUSALS: [&str; 15] = [
     "no_credentials",
     "unknown_device",
     "bad_password",
@@ -51,6 +51,7 @@ pub const REFUSALS: [&str; 14] = [
     "max_connections",
     "no_certificate",
     "unknown_ca",
+    "bad_certificate",
     "tls_handshake",
 ];
 
@@ -362,9 +363,15 @@ fn classify_tls(e: &std::io::Error) -> (&'static str, String) {
             "no_certificate",
             "the node presented no client certificate".into(),
         ),
-        Some(rustls::Error::InvalidCertificate(rustls::CertificateError::UnknownIssuer)) => (
+        Some(rustls::Error::InvalidCertificate(
+            rustls::CertificateError::UnknownIssuer | rustls::CertificateError::BadSignature,
+        )) => (
             "unknown_ca",
             "the client certificate is not signed by this site's CA".into(),
+        ),
+        Some(rustls::Error::InvalidCertificate(e)) => (
+            "bad_certificate",
+            format!("the client certificate is not acceptable: {e}"),
         ),
         Some(other) => ("tls_handshake", other.to_string()),
         None => ("tls_handshake", e.to_string()),

@@ -17,6 +17,7 @@ mod http;
 pub mod mosquitto;
 mod proc;
 mod proxy;
+pub mod secure;
 
 pub use agent::{agent_bin, find_bin, Agent, AgentOptions, ExportedReading};
 pub use fleet::{Device, DeviceSnapshot, DeviceSpec, Fleet, PayloadFn, RawPublisher};
