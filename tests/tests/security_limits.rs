@@ -39,7 +39,11 @@ fn floods_oversize_garbage_and_extra_devices_are_refused_while_others_flow() -> 
     // Oversized and garbage from good-1's neighbour, and a fourth device.
     let big = format!("{{\"value\":1,\"pad\":\"{}\"}}", "x".repeat(400));
     mosquitto::publish(port, "sensors/good-1/temp", mosquitto::Message::Text(&big))?;
-    mosquitto::publish(port, "sensors/good-1/temp", mosquitto::Message::Text("not a number"))?;
+    mosquitto::publish(
+        port,
+        "sensors/good-1/temp",
+        mosquitto::Message::Text("not a number"),
+    )?;
     mosquitto::publish(port, "sensors/extra/temp", mosquitto::Message::Text("1.0"))?;
 
     let seen = poll_until(Duration::from_secs(20), Duration::from_millis(100), || {
@@ -51,11 +55,22 @@ fn floods_oversize_garbage_and_extra_devices_are_refused_while_others_flow() -> 
             && r("too_many_devices") >= 1.0)
             .then_some(m)
     });
-    let m = seen.ok_or_else(|| anyhow::anyhow!("refusals not counted:\n{}", agent.metrics().unwrap_or_default()))?;
+    let m = seen.ok_or_else(|| {
+        anyhow::anyhow!(
+            "refusals not counted:\n{}",
+            agent.metrics().unwrap_or_default()
+        )
+    })?;
     let rate_limited = metric(&m, REJECTED, &[("reason", "rate_limited")]);
-    assert!(rate_limited >= 1000.0, "most of the flood is refused: {rate_limited}");
+    assert!(
+        rate_limited >= 1000.0,
+        "most of the flood is refused: {rate_limited}"
+    );
     let log = agent.log_tail(400);
-    assert!(log.contains("reason=\"rate_limited\"") || log.contains("rate_limited"), "{log}");
+    assert!(
+        log.contains("reason=\"rate_limited\"") || log.contains("rate_limited"),
+        "{log}"
+    );
 
     // The good devices' acks cover everything they sent.
     for device in ["good-1", "good-2"] {
@@ -71,6 +86,9 @@ fn floods_oversize_garbage_and_extra_devices_are_refused_while_others_flow() -> 
     assert!(problems.is_empty(), "{problems:?}");
     assert!(!readings.iter().any(|r| r.device == "extra"));
     let flood_stored = readings.iter().filter(|r| r.device == "flood").count();
-    assert!(flood_stored < 1000, "the flood was held to its rate: {flood_stored} stored");
+    assert!(
+        flood_stored < 1000,
+        "the flood was held to its rate: {flood_stored} stored"
+    );
     Ok(())
 }

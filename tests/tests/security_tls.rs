@@ -13,7 +13,11 @@ use fogline_tests::{mosquitto, poll_until, Agent, AgentOptions, Gateway};
 
 const REFUSED: &str = "fogline_gateway_links_refused_total";
 
-fn agent_with(gw: &Gateway, id: &str, tls: Option<(&std::path::Path, &std::path::Path, &std::path::Path)>) -> anyhow::Result<Agent> {
+fn agent_with(
+    gw: &Gateway,
+    id: &str,
+    tls: Option<(&std::path::Path, &std::path::Path, &std::path::Path)>,
+) -> anyhow::Result<Agent> {
     let mut opts = AgentOptions::default()
         .env("FOGLINE_NODE__ID", id)
         .env("FOGLINE_NODE__SITE", "farm")
@@ -47,7 +51,10 @@ fn only_nodes_with_a_site_certificate_can_uplink() -> anyhow::Result<()> {
 
     let gw_env = [
         ("FOGLINE_GW_TLS__CA", ca.to_string_lossy().into_owned()),
-        ("FOGLINE_GW_TLS__CERT", gw_cert.to_string_lossy().into_owned()),
+        (
+            "FOGLINE_GW_TLS__CERT",
+            gw_cert.to_string_lossy().into_owned(),
+        ),
         ("FOGLINE_GW_TLS__KEY", gw_key.to_string_lossy().into_owned()),
     ];
     let gw_env: Vec<(&str, &str)> = gw_env.iter().map(|(k, v)| (*k, v.as_str())).collect();
@@ -62,25 +69,40 @@ fn only_nodes_with_a_site_certificate_can_uplink() -> anyhow::Result<()> {
     for agent in [&good, &evil, &plain] {
         for i in 1..=5 {
             let msg = format!("{{\"value\":{i},\"seq\":{i},\"boot\":1}}");
-            mosquitto::publish(agent.mqtt_port(), "sensors/d1/temp", mosquitto::Message::Text(&msg))?;
+            mosquitto::publish(
+                agent.mqtt_port(),
+                "sensors/d1/temp",
+                mosquitto::Message::Text(&msg),
+            )?;
         }
     }
 
     let stored = poll_until(Duration::from_secs(30), Duration::from_millis(200), || {
         (gw.next_offset("farm", "pi-1").ok()? >= 5).then_some(())
     });
-    assert!(stored.is_some(), "the good agent's readings did not arrive:\n{}", gw.log_tail(40));
+    assert!(
+        stored.is_some(),
+        "the good agent's readings did not arrive:\n{}",
+        gw.log_tail(40)
+    );
 
     let refused = poll_until(Duration::from_secs(20), Duration::from_millis(200), || {
         (gw.metric(REFUSED, &[("reason", "unknown_ca")]).ok()? >= 1.0
             && gw.metric(REFUSED, &[("reason", "tls_handshake")]).ok()? >= 1.0)
             .then_some(())
     });
-    assert!(refused.is_some(), "refusals not counted:\n{}", gw.log_tail(40));
+    assert!(
+        refused.is_some(),
+        "refusals not counted:\n{}",
+        gw.log_tail(40)
+    );
     let log = gw.log_tail(400);
     assert!(log.contains("refused a connection: unknown_ca"), "{log}");
     assert!(log.contains("refused a connection: tls_handshake"), "{log}");
-    assert!(log.contains("pi-1"), "the authenticated node is named in the log: {log}");
+    assert!(
+        log.contains("pi-1"),
+        "the authenticated node is named in the log: {log}"
+    );
     assert_eq!(gw.next_offset("farm", "pi-evil")?, 0);
     assert_eq!(gw.next_offset("farm", "pi-plain")?, 0);
 
@@ -95,14 +117,21 @@ fn only_nodes_with_a_site_certificate_can_uplink() -> anyhow::Result<()> {
     )?;
     let status = loose.wait_exit(Duration::from_secs(30))?;
     assert!(!status.success());
-    assert!(loose.log_tail(20).contains("chmod 600"), "{}", loose.log_tail(20));
+    assert!(
+        loose.log_tail(20).contains("chmod 600"),
+        "{}",
+        loose.log_tail(20)
+    );
 
     for agent in [&mut good, &mut evil, &mut plain] {
         agent.stop(Duration::from_secs(30))?;
     }
     gw.stop(Duration::from_secs(30))?;
     let stored = gw.export()?;
-    assert!(stored.iter().all(|r| r.origin == "pi-1"), "only pi-1 is stored");
+    assert!(
+        stored.iter().all(|r| r.origin == "pi-1"),
+        "only pi-1 is stored"
+    );
     assert_eq!(stored.len(), 5);
     Ok(())
 }
