@@ -728,4 +728,35 @@ mod tests {
             Err(PacketError::Malformed)
         ));
     }
+
+    #[tokio::test]
+    async fn connections_beyond_the_limit_are_closed_and_counted() {
+        let backend = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let listener = StdListener::bind("127.0.0.1:0").expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let metrics = FrontMetrics::new(Duration::from_secs(10));
+        let auth = Arc::new(Authenticator::new(&crate::auth::AuthConfig::default()));
+        let front = Front {
+            listener,
+            backend: backend.local_addr().expect("addr"),
+            guard: Guard::Devices(auth),
+            max_connections: 1,
+            max_packet: 1024,
+            connect_timeout: Duration::from_secs(5),
+            metrics: metrics.clone(),
+        };
+        let task = front.spawn().expect("spawn");
+        // The first connection holds the only slot while it waits for its CONNECT.
+        let _first = TcpStream::connect(addr).await.expect("connect");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let mut second = TcpStream::connect(addr).await.expect("connect");
+        let mut buf = [0u8; 1];
+        let n = tokio::time::timeout(Duration::from_secs(5), second.read(&mut buf))
+            .await
+            .expect("closed in time")
+            .unwrap_or(0);
+        assert_eq!(n, 0, "the second connection is closed");
+        assert_eq!(metrics.refused_total("max_connections"), 1);
+        task.abort();
+    }
 }
