@@ -4,7 +4,8 @@
 # Uses the nightly toolchain with AddressSanitizer when rustup has one; otherwise the
 # stable compiler with RUSTC_BOOTSTRAP=1 and no sanitizer (coverage-guided libFuzzer
 # still; panics and overflow checks still fail the run). Corpora stay in tests/fuzz/corpus/
-# (ignored by git) so later runs continue where earlier ones stopped.
+# (ignored by git) so later runs continue where earlier ones stopped; seeds/ holds a few
+# hand-made inputs per target.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")"
 
@@ -34,10 +35,13 @@ fi
 mkdir -p logs
 for target in "${targets[@]}"; do
     mkdir -p "corpus/$target"
+    # Hand-made seeds (committed) start the search from real inputs.
+    seeds=()
+    if [ -d "seeds/$target" ]; then seeds=("seeds/$target"); fi
     echo "fuzzing $target for ${secs}s"
     start=$(date +%s)
     set +e
-    "${fuzz[@]}" run -O "${sanitizer[@]}" "$target" "corpus/$target" -- \
+    "${fuzz[@]}" run -O "${sanitizer[@]}" "$target" "corpus/$target" "${seeds[@]}" -- \
         -max_total_time="$secs" -max_len=4096 -rss_limit_mb=2048 -print_final_stats=1 \
         >"logs/$target.log" 2>&1
     status=$?
