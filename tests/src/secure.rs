@@ -93,6 +93,19 @@ pub fn pub_as(
     topic: &str,
     msg: &str,
 ) -> anyhow::Result<BoundedOutput> {
+    pub_as_version(port, false, id, user, pass, topic, msg)
+}
+
+/// [`pub_as`] with MQTT 5 (`-V mqttv5`) when `v5`.
+pub fn pub_as_version(
+    port: u16,
+    v5: bool,
+    id: Option<&str>,
+    user: Option<&str>,
+    pass: Option<&str>,
+    topic: &str,
+    msg: &str,
+) -> anyhow::Result<BoundedOutput> {
     let mut cmd = Command::new("mosquitto_pub");
     cmd.args([
         "-h",
@@ -106,6 +119,9 @@ pub fn pub_as(
         "-m",
         msg,
     ]);
+    if v5 {
+        cmd.args(["-V", "mqttv5"]);
+    }
     if let Some(id) = id {
         cmd.args(["-i", id]);
     }

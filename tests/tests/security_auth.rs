@@ -7,7 +7,7 @@
 
 use std::time::Duration;
 
-use fogline_tests::secure::{auth_hash, pub_as};
+use fogline_tests::secure::{auth_hash, pub_as, pub_as_version};
 use fogline_tests::{metric, mosquitto, poll_until, Agent, AgentOptions};
 
 const REFUSED: &str = "fogline_connections_refused_total";
@@ -26,6 +26,7 @@ fn devices_need_credentials_and_can_speak_only_for_themselves() -> anyhow::Resul
     )?;
     let mut agent = Agent::start(AgentOptions {
         config: Some(config.clone()),
+        mqtt_v5: true,
         ..Default::default()
     })?;
     let port = agent.mqtt_port();
@@ -110,16 +111,44 @@ fn devices_need_credentials_and_can_speak_only_for_themselves() -> anyhow::Resul
     )?;
     assert!(ok.status.success(), "d2: {}", ok.stderr);
 
+    // The MQTT 5 listener is behind the same front end.
+    let v5 = agent
+        .mqtt_v5_addr()
+        .ok_or_else(|| anyhow::anyhow!("no MQTT 5 listener"))?
+        .port();
+    let out = pub_as_version(
+        v5,
+        true,
+        Some("d2"),
+        Some("d2"),
+        Some("pw-one"),
+        "sensors/d2/temp",
+        &reading(3.5),
+    )?;
+    assert!(
+        !out.status.success(),
+        "MQTT 5 with a wrong password was accepted"
+    );
+    let _ = pub_as_version(
+        v5,
+        true,
+        Some("d2"),
+        Some("d2"),
+        Some("pw-two"),
+        "sensors/d1/temp",
+        &reading(66.6),
+    )?;
+
     let counted = poll_until(Duration::from_secs(10), Duration::from_millis(100), || {
         let m = agent.metrics().ok()?;
         let accepted = metric(&m, "fogline_ingest_accepted_total", &[]);
         let r = |reason| metric(&m, REFUSED, &[("reason", reason)]);
         (accepted >= 2.0
             && r("no_credentials") >= 1.0
-            && r("bad_password") >= 1.0
+            && r("bad_password") >= 2.0
             && r("unknown_device") >= 1.0
             && r("client_id_mismatch") >= 1.0
-            && r("foreign_topic") >= 2.0
+            && r("foreign_topic") >= 3.0
             && r("foreign_will") >= 1.0)
             .then_some(m)
     });
