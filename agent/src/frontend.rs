@@ -142,7 +142,11 @@ impl Front {
     pub fn spawn(self) -> std::io::Result<tokio::task::JoinHandle<()>> {
         self.listener.set_nonblocking(true)?;
         let listener = TcpListener::from_std(self.listener)?;
+        // Argon2 takes ~19 MiB and tens of ms per check: bound the checks running at once,
+        // so a flood of bad CONNECTs costs a queue, not the Pi's memory.
+        let hashing = std::thread::available_parallelism().map_or(2, |n| n.get().min(4));
         let shared = Arc::new(Shared {
+            hashing: tokio::sync::Semaphore::new(hashing),
             backend: self.backend,
             guard: self.guard,
             max_packet: self.max_packet,
@@ -185,6 +189,7 @@ impl Front {
 }
 
 struct Shared {
+    hashing: tokio::sync::Semaphore,
     backend: SocketAddr,
     guard: Guard,
     max_packet: usize,
@@ -275,11 +280,13 @@ impl Shared {
             connect.username.clone(),
             connect.password.clone(),
         );
+        let permit = self.hashing.acquire().await;
         let mut verdict = tokio::task::spawn_blocking(move || {
             checker.check(&client_id, user.as_deref(), password.as_deref())
         })
         .await
         .unwrap_or(Err(Refusal::BadPassword));
+        drop(permit);
         let device = connect.username.clone().unwrap_or_default();
         if verdict.is_ok() {
             if let Some(topic) = &connect.will_topic {
