@@ -44,4 +44,9 @@ cargo build --workspace --bins
 RUSTC_BOOTSTRAP=1 RUSTC=/usr/bin/rustc /usr/bin/cargo build -Zbuild-std=core \
     --target thumbv7em-none-eabihf --release -p fogline-firmware --target-dir target/thumbv7em
 cargo test --workspace
+# Each fuzz target for a short bounded time (FOGLINE_FUZZ_SECS per target, 0 skips):
+# installs cargo-fuzz from crates.io if missing; see docs/agent.md, "Fuzzing".
+if [ "${FOGLINE_FUZZ_SECS:-20}" -gt 0 ]; then
+    bash tests/fuzz/run.sh "${FOGLINE_FUZZ_SECS:-20}"
+fi
 bash deploy/ci.sh # aarch64 build + qemu smoke test, .deb checks, install into a throwaway root

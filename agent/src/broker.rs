@@ -313,6 +313,14 @@ pub fn start(
     metrics: Arc<Metrics>,
     extra: &[(&str, &[&str])],
 ) -> Result<(Worker, Publisher, Vec<Link>), BrokerError> {
+    // With device authentication, the public listeners belong to the front end and
+    // rumqttd listens on loopback only (see `frontend`).
+    let fronts = device_fronts(config, &metrics)?;
+    let mut mqtt = config.mqtt.clone();
+    if let Some((v4, v5)) = fronts.as_ref().map(|f| f.backends) {
+        mqtt.listen = v4;
+        mqtt.listen_v5 = v5.map(|a| a.to_string()).unwrap_or_default();
+    }
     let mut wanted: Vec<(&str, &[&str])> = vec![
         ("fogline-ingest", &[ingest::SENSOR_FILTER]),
         ("fogline-publish", &[]),
@@ -320,23 +328,33 @@ pub fn start(
     wanted.extend_from_slice(extra);
     let mut bulk: Vec<&str> = vec![ingest::SENSOR_FILTER, "agg/#"];
     bulk.extend(extra.iter().flat_map(|(_, f)| f.iter().copied()));
-    let mut links = embed(&config.mqtt, &bulk, &wanted)?.into_iter();
+    let mut links = embed(&mqtt, &bulk, &wanted)?.into_iter();
     let (Some((ingest_tx, ingest_rx)), Some((publish_tx, _))) = (links.next(), links.next()) else {
         return Err(BrokerError::Config("broker links missing".into()));
     };
+    if let Some(fronts) = fronts {
+        for front in fronts.fronts {
+            front.spawn().map_err(|e| {
+                BrokerError::Config(format!("cannot start the MQTT front end: {e}"))
+            })?;
+        }
+    }
     let max_payload = config.ingest.max_payload_bytes;
+    let mut limiter = crate::limits::Limiter::new(config.limits.clone());
     let mut rejects = RejectLog::new(Duration::from_millis(config.ingest.reject_log_interval_ms));
     let worker = Worker::spawn("ingest", move |stop| {
         // Keep the ingest link's sender alive as long as we receive on it.
         let _ingest_tx = ingest_tx;
         receive(ingest_rx, stop, |publish| {
             metrics.received.inc();
-            match ingest::parse(
+            let parsed = ingest::parse(
                 &publish.topic,
                 &publish.payload,
                 max_payload,
                 crate::now_ms(),
-            ) {
+            )
+            .and_then(|r| limiter.admit(&r.device, Instant::now()).map(|()| r));
+            match parsed {
                 Ok(reading) => enqueue(&queue, reading, &metrics),
                 Err(reason) => {
                     metrics.reject(reason);
@@ -348,6 +366,62 @@ pub fn start(
     })
     .map_err(|e| BrokerError::Config(format!("cannot start the ingest thread: {e}")))?;
     Ok((worker, Publisher::new(publish_tx), links.collect()))
+}
+
+struct DeviceFronts {
+    fronts: Vec<crate::frontend::Front>,
+    /// Where rumqttd listens instead: v4, and v5 if that listener is on.
+    backends: (SocketAddr, Option<SocketAddr>),
+}
+
+/// In `auth.mode = "credentials"`: binds the public listeners for the front end and picks
+/// loopback addresses for rumqttd. In `open` mode: None, and a warning.
+fn device_fronts(config: &Config, metrics: &Metrics) -> Result<Option<DeviceFronts>, BrokerError> {
+    use crate::auth::{AuthMode, Authenticator};
+    use crate::frontend::{internal_addr, Front, Guard};
+    if config.auth.mode == AuthMode::Open {
+        tracing::warn!(
+            "auth.mode = \"open\": any client can connect and publish readings for any device; \
+             set auth.mode = \"credentials\" outside a lab"
+        );
+        return Ok(None);
+    }
+    let auth = Arc::new(Authenticator::new(&config.auth));
+    tracing::info!(
+        devices = auth.device_count(),
+        "device authentication on: each device publishes only under sensors/<its id>/"
+    );
+    metrics
+        .front
+        .set_log_every(Duration::from_millis(config.ingest.reject_log_interval_ms));
+    let mqtt = &config.mqtt;
+    let v5 = mqtt
+        .listen_v5_addr()
+        .map_err(|e| BrokerError::Config(e.to_string()))?;
+    let internal =
+        || internal_addr().map_err(|e| BrokerError::Config(format!("no loopback port: {e}")));
+    let backend_v4 = internal()?;
+    let backend_v5 = v5.map(|_| internal()).transpose()?;
+    let mut fronts = Vec::new();
+    for (public, backend) in std::iter::once((mqtt.listen, backend_v4)).chain(v5.zip(backend_v5)) {
+        let listener = TcpListener::bind(public).map_err(|source| BrokerError::Bind {
+            addr: public,
+            source,
+        })?;
+        fronts.push(Front {
+            listener,
+            backend,
+            guard: Guard::Devices(auth.clone()),
+            max_connections: mqtt.max_connections,
+            max_packet: mqtt.max_packet_bytes,
+            connect_timeout: Duration::from_millis(u64::from(mqtt.connect_timeout_ms)),
+            metrics: metrics.front.clone(),
+        });
+    }
+    Ok(Some(DeviceFronts {
+        fronts,
+        backends: (backend_v4, backend_v5),
+    }))
 }
 
 /// Queues a reading, waiting if the pipeline is behind. False when the pipeline is gone.

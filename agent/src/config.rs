@@ -37,6 +37,13 @@ pub struct Config {
     pub uplink: UplinkConfig,
     pub cluster: ClusterConfig,
     pub log: LogConfig,
+    // Security (issue 8): each section lives in its own module.
+    #[serde(default)]
+    pub tls: crate::tls::TlsConfig,
+    #[serde(default)]
+    pub auth: crate::auth::AuthConfig,
+    #[serde(default)]
+    pub limits: crate::limits::LimitsConfig,
 }
 
 /// When the ack on `fogline/ack/<device>` is published.
@@ -416,6 +423,9 @@ impl Config {
                 self.log.level
             ));
         }
+        self.tls.validate().map_err(ConfigError::Invalid)?;
+        self.auth.validate().map_err(ConfigError::Invalid)?;
+        self.limits.validate().map_err(ConfigError::Invalid)?;
         Ok(())
     }
 

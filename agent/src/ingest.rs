@@ -51,10 +51,14 @@ pub enum Reject {
     NonFinite,
     UnsupportedVersion,
     TopicMismatch,
+    /// More than `limits.device_rate` readings/s (after the burst) from one device.
+    RateLimited,
+    /// A new device beyond `limits.max_devices`.
+    TooManyDevices,
 }
 
 impl Reject {
-    pub const ALL: [Reject; 7] = [
+    pub const ALL: [Reject; 9] = [
         Reject::MalformedTopic,
         Reject::InvalidId,
         Reject::Oversized,
@@ -62,6 +66,8 @@ impl Reject {
         Reject::NonFinite,
         Reject::UnsupportedVersion,
         Reject::TopicMismatch,
+        Reject::RateLimited,
+        Reject::TooManyDevices,
     ];
 
     /// The metric label.
@@ -74,6 +80,8 @@ impl Reject {
             Reject::NonFinite => "non_finite",
             Reject::UnsupportedVersion => "unsupported_version",
             Reject::TopicMismatch => "topic_mismatch",
+            Reject::RateLimited => "rate_limited",
+            Reject::TooManyDevices => "too_many_devices",
         }
     }
 
@@ -88,6 +96,8 @@ impl Reject {
             Reject::NonFinite => "value is NaN or infinite",
             Reject::UnsupportedVersion => "binary frame with an unknown version byte",
             Reject::TopicMismatch => "frame's device/metric differ from the topic's",
+            Reject::RateLimited => "device publishes faster than limits.device_rate",
+            Reject::TooManyDevices => "a new device beyond limits.max_devices",
         }
     }
 }

@@ -9,11 +9,15 @@
 //! [`metrics`].
 
 pub mod aggregate;
+pub mod auth;
 pub mod broker;
 pub mod buffer;
+pub mod certs;
 pub mod config;
+pub mod frontend;
 pub mod http;
 pub mod ingest;
+pub mod limits;
 pub mod logstore;
 pub mod metrics;
 pub mod nodelay;
@@ -21,6 +25,7 @@ pub mod pipeline;
 pub mod process;
 pub mod receiver;
 pub mod site;
+pub mod tls;
 pub mod uplink;
 
 use std::future::Future;
@@ -99,6 +104,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
         "fogline-agent ready"
     );
 
+    let uplink_tls = tls::uplink_tls(&config).context("loading the TLS files (tls.*)")?;
     let (head_tx, head_rx) = tokio::sync::watch::channel(meta.next_offset);
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let uplink_shared = Arc::new(uplink::Shared::default());
@@ -121,6 +127,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
                 repl_link,
                 repl_out,
                 counters: replica_counters,
+                gateway_tls: uplink_tls.clone(),
                 shutdown: stop_rx.clone(),
             })
             .context("starting the site cluster")?,
@@ -140,6 +147,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
             shared: uplink_shared.clone(),
             // In a site, only the leader holding its lease uplinks.
             active: site.as_ref().map(|s| s.lease.clone()),
+            tls: uplink_tls.clone(),
         };
         tokio::spawn(up.run(stop_rx))
     });

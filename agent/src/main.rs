@@ -32,6 +32,49 @@ enum Command {
     /// Inspect the buffer of a stopped agent.
     #[command(subcommand)]
     Buffer(BufferCommand),
+    /// Create a site CA and node certificates for TLS node links.
+    #[command(subcommand)]
+    Certs(CertsCommand),
+    /// Device credentials for `auth.devices`.
+    #[command(subcommand)]
+    Auth(AuthCommand),
+}
+
+#[derive(Subcommand)]
+enum CertsCommand {
+    /// Create a site CA: DIR/ca.pem and DIR/ca.key (mode 0600). Keep ca.key off the nodes.
+    Init {
+        /// Directory to write into (created if missing; existing files are never overwritten).
+        #[arg(long)]
+        out: PathBuf,
+        /// A name for the CA's common name, e.g. the site id.
+        #[arg(long, default_value = "site")]
+        name: String,
+    },
+    /// Create a node certificate signed by the site CA: OUT/ID.pem and OUT/ID.key (0600).
+    /// Usable as server and client certificate by agents and the gateway.
+    Node {
+        /// Directory holding ca.pem and ca.key.
+        #[arg(long)]
+        ca: PathBuf,
+        /// The node id (also the certificate's common name and first DNS name).
+        #[arg(long)]
+        node_id: String,
+        /// Extra names or IP addresses others use to reach this node (repeatable), e.g.
+        /// --host gw.example.net --host 127.0.0.1.
+        #[arg(long)]
+        host: Vec<String>,
+        /// Directory to write into.
+        #[arg(long)]
+        out: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
+enum AuthCommand {
+    /// Read a password from standard input (one line; the newline is dropped) and print
+    /// its argon2 hash for `auth.devices.<id>`.
+    Hash,
 }
 
 #[derive(clap::Args)]
@@ -123,6 +166,8 @@ fn main() -> ExitCode {
                 })
         }
         Command::Buffer(cmd) => buffer(cmd),
+        Command::Certs(cmd) => certs(cmd),
+        Command::Auth(AuthCommand::Hash) => auth_hash(),
     };
     match result {
         Ok(code) => code,
@@ -147,6 +192,38 @@ fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     let config = Config::load(args.config.as_deref(), &overrides)?;
     process::init_logging(&config.log);
     process::block_on(fogline_agent::run(config, process::shutdown_signal()))?;
+    Ok(ExitCode::SUCCESS)
+}
+
+fn certs(cmd: CertsCommand) -> anyhow::Result<ExitCode> {
+    let written = match cmd {
+        CertsCommand::Init { out, name } => fogline_agent::certs::init(&out, &name)?,
+        CertsCommand::Node {
+            ca,
+            node_id,
+            host,
+            out,
+        } => fogline_agent::certs::node(&ca, &node_id, &host, &out)?,
+    };
+    process::print(&format!(
+        "wrote {} and {} (mode 0600)\n",
+        written.cert.display(),
+        written.key.display()
+    ))?;
+    Ok(ExitCode::SUCCESS)
+}
+
+fn auth_hash() -> anyhow::Result<ExitCode> {
+    let mut line = String::new();
+    std::io::stdin().read_line(&mut line)?;
+    let password = line.strip_suffix('\n').unwrap_or(&line);
+    let password = password.strip_suffix('\r').unwrap_or(password);
+    if password.is_empty() {
+        anyhow::bail!("no password on standard input");
+    }
+    let hash =
+        fogline_agent::auth::hash_password(password.as_bytes()).map_err(anyhow::Error::msg)?;
+    process::print(&format!("{hash}\n"))?;
     Ok(ExitCode::SUCCESS)
 }
 

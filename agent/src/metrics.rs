@@ -41,6 +41,8 @@ pub struct Metrics {
     pub uplink_connects: Gauge,
     pub uplink_batches: Gauge,
     pub uplink_bytes: Gauge,
+    /// Connections refused by the MQTT front end (device auth, limits).
+    pub front: std::sync::Arc<crate::frontend::FrontMetrics>,
 }
 
 impl Default for Metrics {
@@ -78,6 +80,7 @@ impl Metrics {
             uplink_connects: Gauge::default(),
             uplink_batches: Gauge::default(),
             uplink_bytes: Gauge::default(),
+            front: crate::frontend::FrontMetrics::new(std::time::Duration::from_secs(10)),
             registry: Registry::default(),
         };
         for r in Reject::ALL {
@@ -87,6 +90,11 @@ impl Metrics {
             let _ = m.dropped.get_or_create(&Reason { reason });
         }
         let r = &mut registry;
+        r.register(
+            "connections_refused",
+            "MQTT connections refused by the front end, by reason",
+            m.front.refused.clone(),
+        );
         r.register(
             "ingest_received",
             "Publishes seen on sensors/#",

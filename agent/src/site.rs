@@ -373,6 +373,8 @@ pub struct SiteParts {
     pub repl_link: (LinkTx, LinkRx),
     pub repl_out: LinkTx,
     pub counters: Arc<Counters>,
+    /// TLS for the leader's uplinks to the gateway (`[tls]`).
+    pub gateway_tls: Option<Arc<rustls::ClientConfig>>,
     pub shutdown: watch::Receiver<bool>,
 }
 
@@ -389,6 +391,7 @@ pub fn start(parts: SiteParts) -> anyhow::Result<SiteHandle> {
         repl_link,
         repl_out,
         counters,
+        gateway_tls,
         shutdown,
     } = parts;
     let site = config.node.site.clone();
@@ -432,6 +435,7 @@ pub fn start(parts: SiteParts) -> anyhow::Result<SiteHandle> {
                     head,
                     shared,
                     active: Some(lease_rx.clone()),
+                    tls: gateway_tls.clone(),
                 };
                 let task = rt.spawn(up.run(shutdown.clone()));
                 if let Ok(mut u) = uplinks.lock() {
@@ -488,6 +492,8 @@ pub fn start(parts: SiteParts) -> anyhow::Result<SiteHandle> {
             head: head.clone(),
             shared: shared.clone(),
             active: Some(active_rx),
+            // Peer links are plain MQTT for now (see docs/agent.md).
+            tls: None,
         };
         tasks.push(tokio::spawn(up.run(shutdown.clone())));
         replicators.push(shared);

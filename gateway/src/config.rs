@@ -17,6 +17,9 @@ pub struct Config {
     pub http: HttpConfig,
     pub store: StoreConfig,
     pub log: LogConfig,
+    /// Agents' uplinks over TLS with client certificates signed by the site CA.
+    #[serde(default)]
+    pub tls: fogline_agent::tls::TlsConfig,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -62,6 +65,7 @@ impl Config {
         if self.mqtt.max_packet_bytes < 64 * 1024 {
             return bad("mqtt.max_packet_bytes must be at least 65536 (uplink batches)".into());
         }
+        self.tls.validate().map_err(ConfigError::Invalid)?;
         if self.store.batch_max_messages == 0 {
             return bad("store.batch_max_messages must be at least 1".into());
         }

@@ -33,6 +33,8 @@ use store::Store;
 pub struct Metrics {
     registry: Registry,
     counters: Arc<Counters>,
+    /// Node links refused at TLS (no certificate, another CA, …) and over the limit.
+    links_refused: Arc<fogline_agent::frontend::FrontMetrics>,
 }
 
 impl Metrics {
@@ -40,7 +42,17 @@ impl Metrics {
         let mut registry = Registry::with_prefix("fogline_gateway");
         let counters = Arc::new(Counters::default());
         counters.register(&mut registry);
-        Metrics { registry, counters }
+        let links_refused = fogline_agent::frontend::FrontMetrics::new(Duration::from_secs(10));
+        registry.register(
+            "links_refused",
+            "Connections refused at the TLS front end, by reason",
+            links_refused.refused.clone(),
+        );
+        Metrics {
+            registry,
+            counters,
+            links_refused,
+        }
     }
 
     fn render(&self) -> String {
@@ -72,7 +84,8 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
         .await
         .with_context(|| format!("cannot listen for HTTP on {}", config.http.listen))?;
 
-    let mqtt = config.mqtt.clone();
+    let mut mqtt = config.mqtt.clone();
+    let front = tls_front(&config, &mut mqtt, &metrics)?;
     let filter = proto::UPLINK.filter();
     let mut links = tokio::task::block_in_place(|| {
         broker::embed(
@@ -86,6 +99,9 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
     let (Some(link_in), Some((out_tx, _))) = (links.next(), links.next()) else {
         anyhow::bail!("broker links missing");
     };
+    if let Some(front) = front {
+        front.spawn().context("starting the TLS front end")?;
+    }
     let (queue_tx, queue_rx) = std::sync::mpsc::sync_channel(4096);
     let mut reader =
         receiver::spawn_reader("uplink-in", link_in, queue_tx, metrics.counters.clone())
@@ -147,6 +163,44 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
     let _ = http.await;
     tracing::info!("stopped");
     Ok(())
+}
+
+/// With `[tls]`: the public MQTT listener becomes a TLS front end that requires a client
+/// certificate signed by the site CA, and rumqttd moves to a loopback-only port.
+fn tls_front(
+    config: &Config,
+    mqtt: &mut fogline_agent::config::MqttConfig,
+    metrics: &Metrics,
+) -> anyhow::Result<Option<fogline_agent::frontend::Front>> {
+    use fogline_agent::frontend::{internal_addr, Front, Guard};
+    if !config.tls.enabled() {
+        tracing::warn!(
+            "tls is off: any client can connect to the gateway and uplink for any site; \
+             set [tls] outside a lab"
+        );
+        return Ok(None);
+    }
+    let identity = fogline_agent::tls::NodeIdentity::load(&config.tls)
+        .context("loading the TLS files (tls.*)")?;
+    let acceptor = tokio_rustls::TlsAcceptor::from(identity.server_config()?);
+    if !mqtt.listen_v5.is_empty() {
+        anyhow::bail!("mqtt.listen_v5 is not served over TLS yet: set it to \"\" with [tls]");
+    }
+    let listener = std::net::TcpListener::bind(mqtt.listen)
+        .with_context(|| format!("cannot listen on {}", mqtt.listen))?;
+    let backend = internal_addr().context("no loopback port for the broker")?;
+    tracing::info!(listen = %mqtt.listen, "node links need a client certificate signed by the site CA");
+    let front = Front {
+        listener,
+        backend,
+        guard: Guard::Tls(acceptor),
+        max_connections: mqtt.max_connections,
+        max_packet: mqtt.max_packet_bytes,
+        connect_timeout: Duration::from_millis(u64::from(mqtt.connect_timeout_ms)),
+        metrics: metrics.links_refused.clone(),
+    };
+    mqtt.listen = backend;
+    Ok(Some(front))
 }
 
 async fn status(State(s): State<Arc<AppState>>) -> Json<serde_json::Value> {

@@ -18,6 +18,7 @@ mod http;
 pub mod mosquitto;
 mod proc;
 mod proxy;
+pub mod secure;
 mod site;
 
 pub use agent::{agent_bin, find_bin, Agent, AgentOptions, ExportedReading};

@@ -173,6 +173,8 @@ pub struct Uplink {
     pub shared: Arc<Shared>,
     /// When set, the uplink only connects while this holds (the site leader's lease).
     pub active: Option<watch::Receiver<bool>>,
+    /// TLS with this node's client certificate (`[tls]`); None: plain MQTT.
+    pub tls: Option<Arc<rustls::ClientConfig>>,
 }
 
 /// Why a session ended without an error.
@@ -261,6 +263,11 @@ impl Uplink {
             .set_clean_session(true)
             .set_max_packet_size(1 << 20, 8 << 20)
             .set_inflight(self.config.max_inflight_batches.clamp(1, 1000));
+        if let Some(tls) = &self.tls {
+            options.set_transport(rumqttc::Transport::tls_with_config(
+                rumqttc::TlsConfiguration::Rustls(tls.clone()),
+            ));
+        }
         let (client, mut eventloop) = AsyncClient::new(options, 1024);
         let mut net = eventloop.network_options();
         net.set_tcp_nodelay(true);

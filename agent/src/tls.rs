@@ -1,0 +1,215 @@
+//! TLS for node links (agent → gateway uplink now; agent ↔ agent peer links later): load
+//! the site CA, this node's certificate and its key, and build rustls configs that
+//! require the other side to hold a certificate signed by the same site CA.
+//!
+//! One place for it, so the gateway (through its dependency on this crate) and the
+//! cluster's peer links use the same checks:
+//! - a private key readable by group or others is refused with a clear error (like ssh);
+//! - the server side requires a client certificate chaining to the site CA
+//!   ([`NodeIdentity::server_config`]);
+//! - the client side verifies the server against the site CA only, never the system's
+//!   roots, and presents this node's certificate ([`NodeIdentity::client_config`]).
+//!
+//! rustls runs with the `ring` provider, chosen explicitly (no process-wide default, no
+//! C toolchain for aarch64 builds).
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use rustls::crypto::CryptoProvider;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::server::WebPkiClientVerifier;
+use rustls::{ClientConfig, RootCertStore, ServerConfig};
+use serde::{Deserialize, Serialize};
+
+/// `[tls]` in the agent's and the gateway's config. All three empty: TLS off.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TlsConfig {
+    /// The site CA certificate (`ca.pem` from `certs init`).
+    pub ca: PathBuf,
+    /// This node's certificate (`<node-id>.pem` from `certs node`).
+    pub cert: PathBuf,
+    /// This node's private key (`<node-id>.key`), mode 0600 or stricter.
+    pub key: PathBuf,
+}
+
+impl TlsConfig {
+    pub fn enabled(&self) -> bool {
+        !(self.ca.as_os_str().is_empty()
+            && self.cert.as_os_str().is_empty()
+            && self.key.as_os_str().is_empty())
+    }
+
+    /// All three set, or none.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.enabled()
+            && (self.ca.as_os_str().is_empty()
+                || self.cert.as_os_str().is_empty()
+                || self.key.as_os_str().is_empty())
+        {
+            return Err("tls.ca, tls.cert and tls.key must be set together (or none)".into());
+        }
+        Ok(())
+    }
+}
+
+/// Why TLS material could not be used.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum TlsError {
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error(
+        "{path} is readable by group or others (mode {mode:o}); a private key must be \
+         private: chmod 600 {path}"
+    )]
+    KeyPermissions { path: PathBuf, mode: u32 },
+    #[error("{path}: {reason}")]
+    Pem { path: PathBuf, reason: String },
+    #[error("TLS setup: {0}")]
+    Rustls(String),
+}
+
+/// Reads a private file (a key), refusing it when group or others may read it.
+pub fn read_private(path: &Path) -> Result<String, TlsError> {
+    let io = |source| TlsError::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    let meta = std::fs::metadata(path).map_err(io)?;
+    let mode = meta.permissions().mode();
+    if mode & 0o077 != 0 {
+        return Err(TlsError::KeyPermissions {
+            path: path.to_path_buf(),
+            mode: mode & 0o7777,
+        });
+    }
+    std::fs::read_to_string(path).map_err(io)
+}
+
+/// The provider every fogline TLS config uses.
+pub fn provider() -> Arc<CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// This node's TLS identity: the site CA, its certificate chain and key.
+#[derive(Debug)]
+pub struct NodeIdentity {
+    roots: Arc<RootCertStore>,
+    chain: Vec<CertificateDer<'static>>,
+    key: PrivateKeyDer<'static>,
+}
+
+impl NodeIdentity {
+    /// Loads and checks the files named by `config` (which must be enabled).
+    pub fn load(config: &TlsConfig) -> Result<NodeIdentity, TlsError> {
+        config.validate().map_err(TlsError::Rustls)?;
+        let ca = certs(&config.ca)?;
+        let mut roots = RootCertStore::empty();
+        for cert in ca {
+            roots.add(cert).map_err(|e| TlsError::Pem {
+                path: config.ca.clone(),
+                reason: format!("not a usable CA certificate: {e}"),
+            })?;
+        }
+        let chain = certs(&config.cert)?;
+        let key_pem = read_private(&config.key)?;
+        let key = PrivateKeyDer::from_pem_slice(key_pem.as_bytes()).map_err(|e| TlsError::Pem {
+            path: config.key.clone(),
+            reason: format!("no private key: {e}"),
+        })?;
+        Ok(NodeIdentity {
+            roots: Arc::new(roots),
+            chain,
+            key,
+        })
+    }
+
+    /// A server config that requires a client certificate signed by the site CA.
+    pub fn server_config(&self) -> Result<Arc<ServerConfig>, TlsError> {
+        let verifier = WebPkiClientVerifier::builder_with_provider(self.roots.clone(), provider())
+            .build()
+            .map_err(|e| TlsError::Rustls(e.to_string()))?;
+        let config = ServerConfig::builder_with_provider(provider())
+            .with_safe_default_protocol_versions()
+            .map_err(|e| TlsError::Rustls(e.to_string()))?
+            .with_client_cert_verifier(verifier)
+            .with_single_cert(self.chain.clone(), self.key.clone_key())
+            .map_err(|e| TlsError::Rustls(e.to_string()))?;
+        Ok(Arc::new(config))
+    }
+
+    /// A client config that trusts only the site CA and presents this node's certificate.
+    pub fn client_config(&self) -> Result<Arc<ClientConfig>, TlsError> {
+        let config = ClientConfig::builder_with_provider(provider())
+            .with_safe_default_protocol_versions()
+            .map_err(|e| TlsError::Rustls(e.to_string()))?
+            .with_root_certificates(self.roots.clone())
+            .with_client_auth_cert(self.chain.clone(), self.key.clone_key())
+            .map_err(|e| TlsError::Rustls(e.to_string()))?;
+        Ok(Arc::new(config))
+    }
+}
+
+/// The uplink's client config: `None` when `[tls]` is off.
+pub fn uplink_tls(config: &crate::Config) -> Result<Option<Arc<ClientConfig>>, TlsError> {
+    if !config.tls.enabled() {
+        if !config.uplink.gateway.is_empty() {
+            tracing::warn!("tls is off: the uplink to the gateway is plain MQTT, unauthenticated");
+        }
+        return Ok(None);
+    }
+    NodeIdentity::load(&config.tls)?.client_config().map(Some)
+}
+
+fn certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+    let pem = std::fs::read(path).map_err(|source| TlsError::Io {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let certs = CertificateDer::pem_slice_iter(&pem)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| TlsError::Pem {
+            path: path.to_path_buf(),
+            reason: e.to_string(),
+        })?;
+    if certs.is_empty() {
+        return Err(TlsError::Pem {
+            path: path.to_path_buf(),
+            reason: "no certificate in the file".into(),
+        });
+    }
+    Ok(certs)
+}
+
+/// The common name of a peer's first certificate (fogline puts the node id there), for
+/// logs. None when there is no certificate or it does not parse.
+pub fn peer_name(certs: Option<&[CertificateDer<'_>]>) -> Option<String> {
+    let der = certs?.first()?;
+    let (_, cert) = x509_parser::parse_x509_certificate(der.as_ref()).ok()?;
+    let cn = cert.subject().iter_common_name().next()?;
+    cn.as_str().ok().map(str::to_owned)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_key_readable_by_others_is_refused() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("k.key");
+        std::fs::write(&path, "x").expect("write");
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).expect("chmod");
+        let err = read_private(&path).expect_err("refused");
+        assert!(err.to_string().contains("chmod 600"), "{err}");
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+        assert_eq!(read_private(&path).expect("read"), "x");
+    }
+}

@@ -1,0 +1,16 @@
+//! The gateway's view of an uplink: topic parser, batch frame decoder and the stored
+//! block inside it (`fogline_agent::uplink::proto`, `buffer::block`); no panic on any
+//! bytes.
+#![no_main]
+
+use fogline_agent::uplink::proto;
+use libfuzzer_sys::fuzz_target;
+
+fuzz_target!(|data: &[u8]| {
+    if let Ok(frame) = proto::decode_batch(data) {
+        let _ = fogline_agent::buffer::block::decode(frame.block);
+    }
+    if let Ok(topic) = std::str::from_utf8(data) {
+        let _ = proto::parse_topic(topic);
+    }
+});
