@@ -129,7 +129,7 @@ fn only_nodes_with_a_site_certificate_can_uplink() -> anyhow::Result<()> {
     gw.stop(Duration::from_secs(30))?;
     let stored = gw.export()?;
     assert!(
-        stored.iter().all(|r| r.origin == "pi-1"),
+        stored.iter().all(|r| r.origin.starts_with("pi-1.")),
         "only pi-1 is stored"
     );
     assert_eq!(stored.len(), 5);
