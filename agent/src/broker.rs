@@ -328,10 +328,21 @@ pub fn start(
     wanted.extend_from_slice(extra);
     let mut bulk: Vec<&str> = vec![ingest::SENSOR_FILTER, "agg/#"];
     bulk.extend(extra.iter().flat_map(|(_, f)| f.iter().copied()));
+    let node_front = node_front(config, &metrics, mqtt.listen)?;
+    if !config.cluster.peers.is_empty() {
+        // Replication batches are larger than readings; readings are still held to
+        // ingest.max_payload_bytes (and the device front end to mqtt.max_packet_bytes).
+        mqtt.max_packet_bytes = mqtt.max_packet_bytes.max(config.cluster.max_batch_bytes);
+    }
     let mut links = embed(&mqtt, &bulk, &wanted)?.into_iter();
     let (Some((ingest_tx, ingest_rx)), Some((publish_tx, _))) = (links.next(), links.next()) else {
         return Err(BrokerError::Config("broker links missing".into()));
     };
+    if let Some(front) = node_front {
+        front
+            .spawn()
+            .map_err(|e| BrokerError::Config(format!("cannot start the node listener: {e}")))?;
+    }
     if let Some(fronts) = fronts {
         for front in fronts.fronts {
             front.spawn().map_err(|e| {
@@ -366,6 +377,46 @@ pub fn start(
     })
     .map_err(|e| BrokerError::Config(format!("cannot start the ingest thread: {e}")))?;
     Ok((worker, Publisher::new(publish_tx), links.collect()))
+}
+
+/// With `cluster.listen`: the site's own listener, relaying to rumqttd at `backend`; over
+/// TLS with a client certificate from the site CA when `[tls]` is set.
+fn node_front(
+    config: &Config,
+    metrics: &Metrics,
+    backend: SocketAddr,
+) -> Result<Option<crate::frontend::Front>, BrokerError> {
+    use crate::frontend::{Front, Guard};
+    let c = &config.cluster;
+    if c.listen.is_empty() || c.peers.is_empty() {
+        return Ok(None);
+    }
+    let addr: SocketAddr = c
+        .listen
+        .parse()
+        .map_err(|e| BrokerError::Config(format!("cluster.listen: {e}")))?;
+    let guard = if config.tls.enabled() {
+        let identity = crate::tls::NodeIdentity::load(&config.tls)
+            .map_err(|e| BrokerError::Config(format!("tls: {e}")))?;
+        let server = identity
+            .server_config()
+            .map_err(|e| BrokerError::Config(format!("tls: {e}")))?;
+        tracing::info!(listen = %addr, "site links need a client certificate signed by the site CA");
+        Guard::Tls(tokio_rustls::TlsAcceptor::from(server))
+    } else {
+        tracing::warn!(listen = %addr, "tls is off: any node can join this site; set [tls] outside a lab");
+        Guard::Plain
+    };
+    let listener = TcpListener::bind(addr).map_err(|source| BrokerError::Bind { addr, source })?;
+    Ok(Some(Front {
+        listener,
+        backend,
+        guard,
+        max_connections: 4 * (c.peers.len() + 1),
+        max_packet: c.max_batch_bytes + 1024,
+        connect_timeout: Duration::from_millis(u64::from(config.mqtt.connect_timeout_ms)),
+        metrics: metrics.front.clone(),
+    }))
 }
 
 struct DeviceFronts {

@@ -61,8 +61,14 @@ pub enum AckAfter {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ClusterConfig {
-    /// The other agents of the site, `ID=HOST:PORT` (their MQTT 3.1.1 listener).
+    /// The other agents of the site, `ID=HOST:PORT` (their node listener, `listen`, or
+    /// their MQTT 3.1.1 listener when they have none).
     pub peers: Vec<String>,
+    /// Where the other agents of the site connect (`HOST:PORT`): over TLS with a client
+    /// certificate from the site CA when `[tls]` is set. Empty: through `mqtt.listen`.
+    pub listen: String,
+    /// Largest replication batch accepted from a peer, in bytes.
+    pub max_batch_bytes: usize,
     pub ack_after: AckAfter,
     pub min_insync: usize,
     /// Agents holding each origin's log, the origin included; 0: every agent.
@@ -318,6 +324,30 @@ impl Config {
             ));
         }
         let c = &self.cluster;
+        if !c.listen.is_empty() && c.listen.parse::<SocketAddr>().is_err() {
+            return bad(format!(
+                "cluster.listen = {:?}: expected IP:PORT, e.g. 0.0.0.0:1885",
+                c.listen
+            ));
+        }
+        if !peers.is_empty()
+            && c.listen.is_empty()
+            && (self.tls.enabled() || self.auth.mode != crate::auth::AuthMode::Open)
+        {
+            return bad(
+                "with [tls] or device authentication the site's agents need their own \
+                 listener: set cluster.listen (and give peers that address)"
+                    .into(),
+            );
+        }
+        // A stored block holds at most batch_max_readings readings of at most ~100 bytes.
+        if c.max_batch_bytes < 4096 || self.buffer.batch_max_readings * 128 > c.max_batch_bytes {
+            return bad(format!(
+                "cluster.max_batch_bytes = {} must be at least 4096 and hold \
+                 buffer.batch_max_readings ({}) readings of 128 bytes",
+                c.max_batch_bytes, self.buffer.batch_max_readings
+            ));
+        }
         let members = peers.len() + 1;
         if c.min_insync == 0 || (c.replicated_acks() && c.min_insync > members) {
             return bad(format!(

@@ -117,6 +117,8 @@ pub enum Guard {
     Devices(Arc<Authenticator>),
     /// TLS with a client certificate signed by the site CA.
     Tls(tokio_rustls::TlsAcceptor),
+    /// Nothing: a plain relay (the site's node listener in a lab without TLS).
+    Plain,
 }
 
 /// A public listener and where it relays to.
@@ -204,6 +206,12 @@ impl Shared {
             Guard::Devices(auth) => {
                 if let Err(Refused(reason, detail)) = self.serve_device(auth, stream, peer).await {
                     self.metrics.refuse(reason, peer, &detail);
+                }
+            }
+            Guard::Plain => {
+                let mut stream = stream;
+                if let Some(mut backend) = self.backend().await {
+                    let _ = tokio::io::copy_bidirectional(&mut stream, &mut backend).await;
                 }
             }
         }

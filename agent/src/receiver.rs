@@ -48,7 +48,7 @@ pub struct Counters {
 impl Counters {
     /// Registers every counter in `registry` (give it the program's prefix).
     pub fn register(&self, registry: &mut Registry) {
-        for result in ["stored", "duplicate", "gap", "malformed"] {
+        for result in ["stored", "duplicate", "gap", "malformed", "oversized"] {
             let _ = self.batches.get_or_create(&ResultLabel { result });
         }
         registry.register(
@@ -129,6 +129,8 @@ pub struct Receiver<H: Hooks> {
     pub batch_delay: Duration,
     /// Most bytes kept per origin (the oldest go first); `None`: no limit.
     pub budget: Option<u64>,
+    /// Larger batches are refused and counted (`result="oversized"`); `None`: no limit.
+    pub max_batch_bytes: Option<usize>,
     pub hooks: H,
 }
 
@@ -208,6 +210,25 @@ impl<H: Hooks> Receiver<H> {
         let mut stored = 0;
         for m in &batch {
             match self.scheme.parse_topic(&m.topic) {
+                Some(Topic::Log { site, origin })
+                    if self
+                        .max_batch_bytes
+                        .is_some_and(|max| m.payload.len() > max) =>
+                {
+                    self.counters
+                        .batches
+                        .get_or_create(&ResultLabel {
+                            result: "oversized",
+                        })
+                        .inc();
+                    tracing::warn!(
+                        site,
+                        origin,
+                        bytes = m.payload.len(),
+                        max = self.max_batch_bytes,
+                        "batch refused: larger than the limit (cluster.max_batch_bytes)"
+                    );
+                }
                 Some(Topic::Log { site, origin }) => {
                     let applied = match proto::decode_batch(&m.payload) {
                         Ok(frame) => self.store.apply(&mut txn, site, origin, &frame),

@@ -373,7 +373,8 @@ pub struct SiteParts {
     pub repl_link: (LinkTx, LinkRx),
     pub repl_out: LinkTx,
     pub counters: Arc<Counters>,
-    /// TLS for the leader's uplinks to the gateway (`[tls]`).
+    /// This node's TLS client identity (`[tls]`), for the uplinks to the gateway and the
+    /// links to peers.
     pub gateway_tls: Option<Arc<rustls::ClientConfig>>,
     pub shutdown: watch::Receiver<bool>,
 }
@@ -398,6 +399,7 @@ pub fn start(parts: SiteParts) -> anyhow::Result<SiteHandle> {
     let me = config.node.id.clone();
     let peers = config.cluster.peers()?;
     let rt = tokio::runtime::Handle::current();
+    let peer_tls = gateway_tls.clone();
 
     // Replicas of the peers' logs.
     let store = Store::open(
@@ -458,6 +460,7 @@ pub fn start(parts: SiteParts) -> anyhow::Result<SiteHandle> {
         batch_delay: Duration::from_millis(config.buffer.batch_max_delay_ms),
         // Each peer's log gets as much room here as the peer gives it itself.
         budget: Some(config.buffer.max_bytes),
+        max_batch_bytes: Some(config.cluster.max_batch_bytes),
         hooks: ReplicaHooks {
             site: site.clone(),
             own_origin: origin.clone(),
@@ -492,8 +495,7 @@ pub fn start(parts: SiteParts) -> anyhow::Result<SiteHandle> {
             head: head.clone(),
             shared: shared.clone(),
             active: Some(active_rx),
-            // Peer links are plain MQTT for now (see docs/agent.md).
-            tls: None,
+            tls: peer_tls.clone(),
         };
         tasks.push(tokio::spawn(up.run(shutdown.clone())));
         replicators.push(shared);
@@ -551,6 +553,7 @@ pub fn start(parts: SiteParts) -> anyhow::Result<SiteHandle> {
         head,
         min_insync: config.cluster.min_insync,
         gateway_acks_to: queue_tx,
+        tls: peer_tls,
     };
     tasks.push(tokio::spawn(election.run(msg_rx, shutdown)));
     Ok(SiteHandle {
@@ -589,6 +592,7 @@ struct Election {
     min_insync: usize,
     /// The local replica writer's queue: the leader tells itself the gateway's acks too.
     gateway_acks_to: std::sync::mpsc::SyncSender<receiver::Message>,
+    tls: Option<Arc<rustls::ClientConfig>>,
 }
 
 /// A client to one peer's broker, for election messages and the gateway's acks.
@@ -598,7 +602,12 @@ struct PeerLink {
 }
 
 impl PeerLink {
-    fn open(me: &str, site: &str, peer: &Peer) -> Option<PeerLink> {
+    fn open(
+        me: &str,
+        site: &str,
+        peer: &Peer,
+        tls: Option<&Arc<rustls::ClientConfig>>,
+    ) -> Option<PeerLink> {
         let (host, port) = peer.addr.rsplit_once(':')?;
         let host = host.trim_start_matches('[').trim_end_matches(']');
         let mut options = MqttOptions::new(
@@ -609,6 +618,11 @@ impl PeerLink {
         options
             .set_keep_alive(Duration::from_secs(5))
             .set_clean_session(true);
+        if let Some(tls) = tls {
+            options.set_transport(rumqttc::Transport::tls_with_config(
+                rumqttc::TlsConfiguration::Rustls(tls.clone()),
+            ));
+        }
         let (client, mut eventloop) = AsyncClient::new(options, 256);
         let mut net = eventloop.network_options();
         net.set_tcp_nodelay(true);
@@ -650,7 +664,12 @@ impl Election {
         let links: HashMap<u64, PeerLink> = self
             .peers
             .iter()
-            .filter_map(|p| Some((node_num(&p.id), PeerLink::open(&self.me, &self.site, p)?)))
+            .filter_map(|p| {
+                Some((
+                    node_num(&p.id),
+                    PeerLink::open(&self.me, &self.site, p, self.tls.as_ref())?,
+                ))
+            })
             .collect();
         let mut tick = tokio::time::interval(self.tick);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);

@@ -122,6 +122,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
         batch_max: config.store.batch_max_messages,
         batch_delay: Duration::from_millis(config.store.batch_max_delay_ms),
         budget: None,
+        max_batch_bytes: None,
         hooks: StatusHooks {
             state: state.clone(),
         },
