@@ -177,3 +177,41 @@ fn a_node_without_a_site_certificate_cannot_join_vote_or_lead() -> anyhow::Resul
     }
     Ok(())
 }
+
+/// An oversized replication batch is refused, counted and logged; the site keeps going.
+#[test]
+fn an_oversized_replication_batch_is_refused_and_counted() -> anyhow::Result<()> {
+    mosquitto::require_clients()?;
+    let mut site = fogline_tests::Site::start(
+        &fogline_tests::SiteOptions::new("site-b", 3)
+            .env("FOGLINE_CLUSTER__MAX_BATCH_BYTES", 8192)
+            .env("FOGLINE_BUFFER__BATCH_MAX_READINGS", 64),
+    )?;
+    let dir = tempfile::tempdir()?;
+    let frame = dir.path().join("frame.bin");
+    // Version byte, then bytes enough to pass the broker's 64 KiB packet limit but not
+    // the 8 KiB batch limit.
+    let mut bytes = vec![1u8];
+    bytes.resize(20_000, 7);
+    std::fs::write(&frame, &bytes)?;
+    let a1 = &site.agents[0];
+    mosquitto::publish(
+        a1.mqtt_port(),
+        "fogline/repl/site-b/x.00000000/log",
+        mosquitto::Message::File(&frame),
+    )?;
+    let name = "fogline_replica_batches_total";
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while a1.metric(name, &[("result", "oversized")])? < 1.0 {
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "the oversized batch was not counted:\n{}",
+            a1.metrics()?
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(a1.log_tail(100).contains("larger than the limit"));
+    // The site still works: its agents elect a leader.
+    site.wait_leader(Duration::from_secs(20), &[], &[0, 1, 2])?;
+    site.stop()
+}
