@@ -4,6 +4,9 @@
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
+started=$(date +%s)
+step() { printf '\n== [%dm%02ds] %s\n' $(( ($(date +%s) - started) / 60 )) $(( ($(date +%s) - started) % 60 )) "$*"; }
+
 # The end-to-end tests drive the agent with mosquitto_pub / mosquitto_sub.
 if ! command -v mosquitto_pub >/dev/null 2>&1 || ! command -v mosquitto_sub >/dev/null 2>&1; then
     SUDO=""
@@ -33,20 +36,29 @@ if [ -n "$THUMB_MISSING" ]; then
     $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends $THUMB_MISSING
 fi
 
+step "cargo fmt --check"
 cargo fmt --all -- --check
+step "cargo clippy -D warnings"
 cargo clippy --workspace --all-targets -- -D warnings
 # The end-to-end tests run target/debug/fogline-agent: build it before testing.
+step "cargo build"
 cargo build --workspace --bins
 # The firmware library must build for a microcontroller: no std, no alloc. Debian's
 # compiler gets its own target dir so the two compilers never share artifacts;
 # RUSTC_BOOTSTRAP only unlocks -Zbuild-std for this check, the firmware uses no unstable
 # features.
+step "firmware for thumbv7em-none-eabihf"
 RUSTC_BOOTSTRAP=1 RUSTC=/usr/bin/rustc /usr/bin/cargo build -Zbuild-std=core \
     --target thumbv7em-none-eabihf --release -p fogline-firmware --target-dir target/thumbv7em
+step "cargo test"
 cargo test --workspace
 # Each fuzz target for a short bounded time (FOGLINE_FUZZ_SECS per target, 0 skips):
 # installs cargo-fuzz from crates.io if missing; see docs/agent.md, "Fuzzing".
+# Built without optimizations here (quick to build; the long runs use the default -O).
 if [ "${FOGLINE_FUZZ_SECS:-20}" -gt 0 ]; then
-    bash tests/fuzz/run.sh "${FOGLINE_FUZZ_SECS:-20}"
+    step "fuzzing"
+    FOGLINE_FUZZ_DEV="${FOGLINE_FUZZ_DEV:-1}" bash tests/fuzz/run.sh "${FOGLINE_FUZZ_SECS:-20}"
 fi
+step "deploy/ci.sh"
 bash deploy/ci.sh # aarch64 build + qemu smoke test, .deb checks, install into a throwaway root
+step "all checks passed"

@@ -32,6 +32,11 @@ else
     echo "no nightly toolchain: fuzzing with the stable compiler, no sanitizer"
 fi
 
+# FOGLINE_FUZZ_DEV=1 builds without optimizations: much quicker to build, slower to run;
+# what CI's brief runs use (tests/run.sh). Long runs should keep the optimized default.
+build=(-O)
+if [ "${FOGLINE_FUZZ_DEV:-0}" = 1 ]; then build=(--dev); fi
+
 mkdir -p logs
 for target in "${targets[@]}"; do
     mkdir -p "corpus/$target"
@@ -41,7 +46,7 @@ for target in "${targets[@]}"; do
     echo "fuzzing $target for ${secs}s"
     start=$(date +%s)
     set +e
-    "${fuzz[@]}" run -O "${sanitizer[@]}" "$target" "corpus/$target" "${seeds[@]}" -- \
+    "${fuzz[@]}" run "${build[@]}" "${sanitizer[@]}" "$target" "corpus/$target" "${seeds[@]}" -- \
         -max_total_time="$secs" -max_len=4096 -rss_limit_mb=2048 -print_final_stats=1 \
         >"logs/$target.log" 2>&1
     status=$?

@@ -321,6 +321,9 @@ impl Fleet {
     /// Devices stop making new readings (they still re-send unacked ones after a reconnect).
     pub fn stop_publishing(&self) {
         for d in &self.devices {
+            // Under the device's lock: a reading being started either finished counting
+            // itself as sent or sees the flag.
+            let _st = d.shared.lock();
             d.shared.stop_new.store(true, Ordering::SeqCst);
             d.shared.notify.notify_one();
         }
@@ -589,9 +592,13 @@ async fn publish_loop(
             next_at = next_at.max(now.checked_sub(interval).unwrap_or(now)) + interval;
         }
         let seq = sent + 1;
-        let (topic, payload) = (spec.payload)(&spec.device, spec.boot, seq);
         {
             let mut st = shared.lock();
+            // Checked again under the lock that `stop_publishing` takes: once it returned,
+            // no new reading starts (the interval sleep above may have outlasted it).
+            if shared.stop_new.load(Ordering::SeqCst) || shared.paused.load(Ordering::SeqCst) {
+                continue;
+            }
             st.snap.sent = seq;
             if spec.record_latency {
                 st.send_times.push_back((seq, Instant::now()));
@@ -600,6 +607,7 @@ async fn publish_loop(
                 st.awaiting_puback.push_back(seq);
             }
         }
+        let (topic, payload) = (spec.payload)(&spec.device, spec.boot, seq);
         if client
             .publish(topic, QoS::AtLeastOnce, false, payload)
             .await
