@@ -1,6 +1,6 @@
-//! The gateway's view of an uplink: topic parser, batch frame decoder and the stored
-//! block inside it (`fogline_agent::uplink::proto`, `buffer::block`); no panic on any
-//! bytes.
+//! The receiving end of log shipping (the gateway's uplink, a peer's replication): topic
+//! parsers of both schemes, the batch frame decoder and the stored block inside it
+//! (`fogline_agent::uplink::proto`, `buffer::block`); no panic on any bytes.
 #![no_main]
 
 use fogline_agent::uplink::proto;
@@ -11,6 +11,7 @@ fuzz_target!(|data: &[u8]| {
         let _ = fogline_agent::buffer::block::decode(frame.block);
     }
     if let Ok(topic) = std::str::from_utf8(data) {
-        let _ = proto::parse_topic(topic);
+        let _ = proto::UPLINK.parse_topic(topic);
+        let _ = proto::REPLICATION.parse_topic(topic);
     }
 });
