@@ -182,6 +182,54 @@ impl Site {
         Ok(fleets)
     }
 
+    /// Stops every fleet's new readings, waits until each device's ack covers what it
+    /// sent, shuts the fleets down and returns `(device, boot, sent)` of every device:
+    /// what the gateway must end up with.
+    pub fn finish_fleets(fleets: &mut [Fleet]) -> anyhow::Result<Vec<(String, u32, u32)>> {
+        let mut expect = Vec::new();
+        for f in fleets.iter_mut() {
+            f.stop_publishing();
+            f.wait_all_acked(Duration::from_secs(60))?;
+            expect.extend(
+                f.snapshots()
+                    .into_iter()
+                    .map(|s| (s.device, s.boot, s.sent)),
+            );
+            f.shutdown();
+        }
+        Ok(expect)
+    }
+
+    /// The gateway's watermark of every origin in `origins`.
+    pub fn gateway_marks(&self, origins: &[String]) -> anyhow::Result<Vec<u64>> {
+        origins.iter().map(|o| self.gateway_next(o)).collect()
+    }
+
+    /// Waits until the gateway's watermark of any of `origins` passes its value in
+    /// `before`: the first batch acked by the gateway since then. Returns the time since
+    /// `since`.
+    pub fn wait_uplink_progress(
+        &self,
+        origins: &[String],
+        before: &[u64],
+        since: Instant,
+        timeout: Duration,
+    ) -> anyhow::Result<Duration> {
+        loop {
+            let moved = origins
+                .iter()
+                .zip(before)
+                .any(|(o, b)| self.gateway_next(o).is_ok_and(|n| n > *b));
+            if moved {
+                return Ok(since.elapsed());
+            }
+            if since.elapsed() >= timeout {
+                bail!("the gateway acked nothing new within {timeout:?}");
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
     /// Cuts every link between agent `i` and the other agents (not its uplink).
     pub fn isolate(&self, i: usize) {
         for j in 0..self.agents.len() {

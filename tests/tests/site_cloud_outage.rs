@@ -68,17 +68,7 @@ fn a_30s_cloud_outage_keeps_the_site_serving_and_loses_nothing() -> anyhow::Resu
         cut_at.elapsed().as_secs_f64()
     );
 
-    let mut expect = Vec::new();
-    for f in &mut fleets {
-        f.stop_publishing();
-        f.wait_all_acked(Duration::from_secs(60))?;
-        expect.extend(
-            f.snapshots()
-                .iter()
-                .map(|s| (s.device.clone(), s.boot, s.sent)),
-        );
-        f.shutdown();
-    }
+    let expect = Site::finish_fleets(&mut fleets)?;
     let heads = site.known_heads()?;
     let drained = Instant::now();
     site.wait_gateway_has(&heads, Duration::from_secs(90))?;

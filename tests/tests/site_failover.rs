@@ -37,27 +37,11 @@ fn killing_the_leader_loses_no_acked_reading() -> anyhow::Result<()> {
         .collect();
     fleets[leader].shutdown();
     let survivors: Vec<usize> = (0..3).filter(|&i| i != leader).collect();
-    let before: Vec<u64> = origins
-        .iter()
-        .map(|o| site.gateway_next(o))
-        .collect::<anyhow::Result<_>>()?;
+    let before = site.gateway_marks(&origins)?;
     let new_leader = site.wait_leader(Duration::from_secs(15), &[leader], &survivors)?;
     let elected = killed.elapsed();
     // The first batch the gateway acks after the kill, from any origin.
-    let resumed = loop {
-        let moved = origins
-            .iter()
-            .zip(&before)
-            .any(|(o, b)| site.gateway_next(o).is_ok_and(|n| n > *b));
-        if moved {
-            break killed.elapsed();
-        }
-        anyhow::ensure!(
-            killed.elapsed() < Duration::from_secs(30),
-            "the uplink did not resume within 30 s of the leader's death"
-        );
-        std::thread::sleep(Duration::from_millis(10));
-    };
+    let resumed = site.wait_uplink_progress(&origins, &before, killed, Duration::from_secs(30))?;
     eprintln!(
         "[site_failover] seed {seed}: leader {} killed; {} elected after {:.0} ms; \
          first batch acked by the gateway {:.0} ms after the kill",
@@ -94,22 +78,15 @@ fn killing_the_leader_loses_no_acked_reading() -> anyhow::Result<()> {
             }
         }
     }
-    for &i in &survivors {
-        fleets[i].stop_publishing();
-        fleets[i].wait_all_acked(Duration::from_secs(60))?;
-    }
+    let mut live: Vec<_> = fleets
+        .into_iter()
+        .enumerate()
+        .filter_map(|(i, f)| (i != leader).then_some(f))
+        .collect();
+    let mut expect = dead_acked;
+    expect.extend(Site::finish_fleets(&mut live)?);
     let heads = site.known_heads()?;
     site.wait_gateway_has(&heads, Duration::from_secs(60))?;
-    let mut expect = dead_acked;
-    for &i in &survivors {
-        expect.extend(
-            fleets[i]
-                .snapshots()
-                .iter()
-                .map(|s| (s.device.clone(), s.boot, s.sent)),
-        );
-        fleets[i].shutdown();
-    }
     site.stop()?;
     let stored = site.gateway.export()?;
     let problems = check_gateway_log(&stored, &expect);

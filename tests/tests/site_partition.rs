@@ -60,17 +60,7 @@ fn a_partitioned_leader_steps_down_and_follows_after_healing() -> anyhow::Result
         site.ids[leader],
         healed.elapsed().as_secs_f64() * 1000.0
     );
-    let mut expect = Vec::new();
-    for f in &mut fleets {
-        f.stop_publishing();
-        f.wait_all_acked(Duration::from_secs(60))?;
-        expect.extend(
-            f.snapshots()
-                .iter()
-                .map(|s| (s.device.clone(), s.boot, s.sent)),
-        );
-        f.shutdown();
-    }
+    let expect = Site::finish_fleets(&mut fleets)?;
     let heads = site.known_heads()?;
     site.wait_gateway_has(&heads, Duration::from_secs(60))?;
     site.stop()?;

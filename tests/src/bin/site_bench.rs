@@ -73,29 +73,13 @@ fn failover(trials: u32) -> anyhow::Result<()> {
         let origins: Vec<String> = (0..3)
             .map(|i| site.origin(i))
             .collect::<anyhow::Result<_>>()?;
-        let before: Vec<u64> = origins
-            .iter()
-            .map(|o| site.gateway_next(o))
-            .collect::<anyhow::Result<_>>()?;
+        let before = site.gateway_marks(&origins)?;
         site.agents[leader].kill9()?;
         let killed = Instant::now();
         let survivors: Vec<usize> = (0..3).filter(|&i| i != leader).collect();
         let new = site.wait_leader(Duration::from_secs(20), &[leader], &survivors)?;
         let e = killed.elapsed();
-        let r = loop {
-            let moved = origins
-                .iter()
-                .zip(&before)
-                .any(|(o, b)| site.gateway_next(o).is_ok_and(|n| n > *b));
-            if moved {
-                break killed.elapsed();
-            }
-            anyhow::ensure!(
-                killed.elapsed() < Duration::from_secs(30),
-                "trial {trial}: no uplink 30 s after the kill"
-            );
-            std::thread::sleep(Duration::from_millis(5));
-        };
+        let r = site.wait_uplink_progress(&origins, &before, killed, Duration::from_secs(30))?;
         eprintln!(
             "trial {trial}: killed {}, {} elected after {:.0} ms, uplink resumed after {:.0} ms",
             site.ids[leader],
