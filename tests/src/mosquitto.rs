@@ -221,8 +221,8 @@ pub enum Message<'a> {
     File(&'a Path),
 }
 
-/// `mosquitto_pub -h 127.0.0.1 -p PORT -q 1 -t TOPIC (-m TEXT | -f FILE)`.
-pub fn publish(port: u16, topic: &str, message: Message<'_>) -> anyhow::Result<()> {
+/// `mosquitto_pub -h 127.0.0.1 -p PORT -q 1 -t TOPIC`, to add the message and options to.
+pub fn pub_command(port: u16, topic: &str) -> Command {
     let mut cmd = Command::new("mosquitto_pub");
     cmd.args([
         "-h",
@@ -234,6 +234,12 @@ pub fn publish(port: u16, topic: &str, message: Message<'_>) -> anyhow::Result<(
         "-t",
         topic,
     ]);
+    cmd
+}
+
+/// `mosquitto_pub -h 127.0.0.1 -p PORT -q 1 -t TOPIC (-m TEXT | -f FILE)`.
+pub fn publish(port: u16, topic: &str, message: Message<'_>) -> anyhow::Result<()> {
+    let mut cmd = pub_command(port, topic);
     match message {
         Message::Text(text) => cmd.args(["-m", text]),
         Message::File(path) => cmd.arg("-f").arg(path),

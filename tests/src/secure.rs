@@ -106,19 +106,8 @@ pub fn pub_as_version(
     topic: &str,
     msg: &str,
 ) -> anyhow::Result<BoundedOutput> {
-    let mut cmd = Command::new("mosquitto_pub");
-    cmd.args([
-        "-h",
-        "127.0.0.1",
-        "-p",
-        &port.to_string(),
-        "-q",
-        "1",
-        "-t",
-        topic,
-        "-m",
-        msg,
-    ]);
+    let mut cmd = crate::mosquitto::pub_command(port, topic);
+    cmd.args(["-m", msg]);
     if v5 {
         cmd.args(["-V", "mqttv5"]);
     }
@@ -141,18 +130,8 @@ pub fn pub_lines(
     topic: &str,
     lines: &[String],
 ) -> anyhow::Result<std::process::ExitStatus> {
-    let mut cmd = Command::new("mosquitto_pub");
-    cmd.args([
-        "-h",
-        "127.0.0.1",
-        "-p",
-        &port.to_string(),
-        "-q",
-        "1",
-        "-t",
-        topic,
-        "-l",
-    ]);
+    let mut cmd = crate::mosquitto::pub_command(port, topic);
+    cmd.arg("-l");
     if let Some((id, pass)) = creds {
         cmd.args(["-i", id, "-u", id, "-P", pass]);
     }

@@ -330,6 +330,26 @@ impl Site {
         Ok(heads.into_iter().collect())
     }
 
+    /// Stops the site, exports the gateway's store and asserts that it holds every
+    /// `(device, boot, 1..=n)` of `expect` exactly once, each origin contiguous and in
+    /// order. Returns what the gateway stored.
+    pub fn stop_and_check(
+        &mut self,
+        expect: &[(String, u32, u32)],
+        seed: u64,
+    ) -> anyhow::Result<Vec<crate::GatewayReading>> {
+        self.stop()?;
+        let stored = self.gateway.export()?;
+        let problems = crate::check_gateway_log(&stored, expect);
+        assert!(
+            problems.is_empty(),
+            "seed {seed}: {} readings at the gateway; problems:\n{}",
+            stored.len(),
+            problems.join("\n")
+        );
+        Ok(stored)
+    }
+
     /// Stops every agent and the gateway (SIGTERM, then SIGKILL after the timeout).
     pub fn stop(&mut self) -> anyhow::Result<()> {
         for a in &mut self.agents {

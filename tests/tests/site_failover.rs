@@ -7,7 +7,7 @@
 
 use std::time::{Duration, Instant};
 
-use fogline_tests::{check_gateway_log, test_seed, Site, SiteOptions};
+use fogline_tests::{test_seed, Site, SiteOptions};
 
 #[test]
 fn killing_the_leader_loses_no_acked_reading() -> anyhow::Result<()> {
@@ -87,15 +87,7 @@ fn killing_the_leader_loses_no_acked_reading() -> anyhow::Result<()> {
     expect.extend(Site::finish_fleets(&mut live)?);
     let heads = site.known_heads()?;
     site.wait_gateway_has(&heads, Duration::from_secs(60))?;
-    site.stop()?;
-    let stored = site.gateway.export()?;
-    let problems = check_gateway_log(&stored, &expect);
-    assert!(
-        problems.is_empty(),
-        "seed {seed}: {} readings at the gateway; problems:\n{}",
-        stored.len(),
-        problems.join("\n")
-    );
+    let stored = site.stop_and_check(&expect, seed)?;
     let acked_by_dead: u32 = expect
         .iter()
         .filter(|(d, _, _)| d.starts_with(&format!("{}-", site.ids[leader])))

@@ -5,7 +5,7 @@
 
 use std::time::{Duration, Instant};
 
-use fogline_tests::{check_gateway_log, test_seed, Site, SiteOptions};
+use fogline_tests::{test_seed, Site, SiteOptions};
 
 #[test]
 fn a_partitioned_leader_steps_down_and_follows_after_healing() -> anyhow::Result<()> {
@@ -63,14 +63,6 @@ fn a_partitioned_leader_steps_down_and_follows_after_healing() -> anyhow::Result
     let expect = Site::finish_fleets(&mut fleets)?;
     let heads = site.known_heads()?;
     site.wait_gateway_has(&heads, Duration::from_secs(60))?;
-    site.stop()?;
-    let stored = site.gateway.export()?;
-    let problems = check_gateway_log(&stored, &expect);
-    assert!(
-        problems.is_empty(),
-        "seed {seed}: {} readings at the gateway; problems:\n{}",
-        stored.len(),
-        problems.join("\n")
-    );
+    site.stop_and_check(&expect, seed)?;
     Ok(())
 }

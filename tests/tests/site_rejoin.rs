@@ -7,7 +7,7 @@
 
 use std::time::{Duration, Instant};
 
-use fogline_tests::{check_gateway_log, test_seed, Site, SiteOptions};
+use fogline_tests::{test_seed, Site, SiteOptions};
 
 #[test]
 fn a_returning_or_wiped_follower_loses_nothing() -> anyhow::Result<()> {
@@ -113,15 +113,7 @@ fn a_returning_or_wiped_follower_loses_nothing() -> anyhow::Result<()> {
         "the peers still hold the wiped agent's old log: {heads:?}"
     );
     site.wait_gateway_has(&heads, Duration::from_secs(60))?;
-    site.stop()?;
-    let stored = site.gateway.export()?;
-    let problems = check_gateway_log(&stored, &expect);
-    assert!(
-        problems.is_empty(),
-        "seed {seed}: {} readings at the gateway; problems:\n{}",
-        stored.len(),
-        problems.join("\n")
-    );
+    let stored = site.stop_and_check(&expect, seed)?;
     let from_old = stored.iter().filter(|r| r.origin == old_origin).count();
     eprintln!(
         "[site_rejoin] {} readings at the gateway, {from_old} from {}'s wiped log \
