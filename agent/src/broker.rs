@@ -7,7 +7,7 @@
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc::{SyncSender, TrySendError};
+use std::sync::mpsc::SyncSender;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -16,7 +16,6 @@ use rumqttd::protocol::{Packet, Publish};
 use rumqttd::{ConnectionSettings, Notification, RouterConfig, ServerSettings};
 
 use crate::config::{Config, MqttConfig};
-use crate::ingest::{self, Incoming, Reject};
 use crate::metrics::Metrics;
 
 #[derive(Debug, thiserror::Error)]
@@ -77,7 +76,7 @@ fn settings(name: &str, listen: SocketAddr, mqtt: &MqttConfig) -> ServerSettings
 /// rumqttd keeps an in-memory log per subscription filter. Its sample sizes (100 MB × 10)
 /// are absurd for a Pi: every filter gets a small log, and the filters that carry bulk
 /// traffic (`bulk_filters`: our own ingest, dashboards) a larger one.
-fn router_config(mqtt: &MqttConfig, bulk_filters: &[&str]) -> RouterConfig {
+pub fn router_config(mqtt: &MqttConfig, bulk_filters: &[&str]) -> RouterConfig {
     let big = rumqttd::SegmentConfig {
         max_segment_size: 1 << 20,
         max_segment_count: 4,
@@ -299,94 +298,132 @@ impl Publisher {
     }
 }
 
-/// Starts the agent's broker and the ingest thread that parses every publish on
-/// `sensors/#` and queues valid readings on `queue`. Returns once every listener accepts
-/// connections. Stopping the returned worker closes the queue.
 /// Both ends of an in-process link to the broker.
 pub type Link = (LinkTx, LinkRx);
 
-/// Starts the agent's broker with its ingest thread and publishing link, plus one link
-/// per entry of `extra` (name, filters), returned in that order.
-pub fn start(
-    config: &Config,
-    queue: SyncSender<Incoming>,
-    metrics: Arc<Metrics>,
-    extra: &[(&str, &[&str])],
-) -> Result<(Worker, Publisher, Vec<Link>), BrokerError> {
-    // With device authentication, the public listeners belong to the front end and
-    // rumqttd listens on loopback only (see `frontend`).
-    let fronts = device_fronts(config, &metrics)?;
-    let mut mqtt = config.mqtt.clone();
-    if let Some((v4, v5)) = fronts.as_ref().map(|f| f.backends) {
-        mqtt.listen = v4;
-        mqtt.listen_v5 = v5.map(|a| a.to_string()).unwrap_or_default();
-    }
-    let mut wanted: Vec<(&str, &[&str])> = vec![
-        ("fogline-ingest", &[ingest::SENSOR_FILTER]),
-        ("fogline-publish", &[]),
-    ];
-    wanted.extend_from_slice(extra);
-    let mut bulk: Vec<&str> = vec![ingest::SENSOR_FILTER, "agg/#"];
-    bulk.extend(extra.iter().flat_map(|(_, f)| f.iter().copied()));
-    let node_front = node_front(config, &metrics, mqtt.listen)?;
-    if !config.cluster.peers.is_empty() {
-        // Replication batches are larger than readings; readings are still held to
-        // ingest.max_payload_bytes (and the device front end to mqtt.max_packet_bytes).
-        mqtt.max_packet_bytes = mqtt.max_packet_bytes.max(config.cluster.max_batch_bytes);
-    }
-    let mut links = embed(&mqtt, &bulk, &wanted)?.into_iter();
-    let (Some((ingest_tx, ingest_rx)), Some((publish_tx, _))) = (links.next(), links.next()) else {
-        return Err(BrokerError::Config("broker links missing".into()));
-    };
-    if let Some(front) = node_front {
-        front
-            .spawn()
-            .map_err(|e| BrokerError::Config(format!("cannot start the node listener: {e}")))?;
-    }
-    if let Some(fronts) = fronts {
-        for front in fronts.fronts {
-            front.spawn().map_err(|e| {
-                BrokerError::Config(format!("cannot start the MQTT front end: {e}"))
-            })?;
-        }
-    }
-    let max_payload = config.ingest.max_payload_bytes;
-    let mut limiter = crate::limits::Limiter::new(config.limits.clone());
-    let mut rejects = RejectLog::new(Duration::from_millis(config.ingest.reject_log_interval_ms));
-    let worker = Worker::spawn("ingest", move |stop| {
-        // Keep the ingest link's sender alive as long as we receive on it.
-        let _ingest_tx = ingest_tx;
-        receive(ingest_rx, stop, |publish| {
-            metrics.received.inc();
-            let parsed = ingest::parse(
-                &publish.topic,
-                &publish.payload,
-                max_payload,
-                crate::now_ms(),
-            )
-            .and_then(|r| limiter.admit(&r.device, Instant::now()).map(|()| r));
-            match parsed {
-                Ok(reading) => enqueue(&queue, reading, &metrics),
-                Err(reason) => {
-                    metrics.reject(reason);
-                    rejects.log(reason, &publish.topic);
-                    true
-                }
-            }
-        });
-    })
-    .map_err(|e| BrokerError::Config(format!("cannot start the ingest thread: {e}")))?;
-    Ok((worker, Publisher::new(publish_tx), links.collect()))
+/// The agent's MQTT side, running: stop it to close ingest and save the sessions.
+pub struct Front {
+    server: Arc<crate::mqtt::Server>,
+    stop: tokio::sync::watch::Sender<bool>,
+    persist: tokio::task::JoinHandle<()>,
 }
 
-/// With `cluster.listen`: the site's own listener, relaying to rumqttd at `backend`; over
-/// TLS with a client certificate from the site CA when `[tls]` is set.
-fn node_front(
+impl Front {
+    /// Takes no more readings (the writer drains its queue and ends) and writes the
+    /// sessions a last time.
+    pub async fn stop(self) {
+        self.server.ingest.close();
+        let _ = self.stop.send(true);
+        let _ = self.persist.await;
+    }
+}
+
+/// Starts the agent's MQTT side: rumqttd's router, the front end on every listener
+/// (`mqtt.listen`, `mqtt.listen_v5`, `cluster.listen`), the agent's publishing link and
+/// one link per entry of `extra` (name, filters), returned in that order. Readings go
+/// from the front end to `queue`.
+pub async fn start(
     config: &Config,
-    metrics: &Metrics,
-    backend: SocketAddr,
-) -> Result<Option<crate::frontend::Front>, BrokerError> {
-    use crate::frontend::{Front, Guard};
+    queue: SyncSender<crate::ingest::Queued>,
+    metrics: Arc<Metrics>,
+    extra: &[(&str, &[&str])],
+) -> Result<(Front, Publisher, Vec<Link>), BrokerError> {
+    use crate::mqtt::{self, Ingest, Server, Settings};
+    let mqtt_cfg = &config.mqtt;
+    let v5 = mqtt_cfg
+        .listen_v5_addr()
+        .map_err(|e| BrokerError::Config(e.to_string()))?;
+    // Bind everything first: a taken port is an error now, not a log line later.
+    let mut device_listeners = Vec::new();
+    for addr in std::iter::once(mqtt_cfg.listen).chain(v5) {
+        let l = TcpListener::bind(addr).map_err(|source| BrokerError::Bind { addr, source })?;
+        device_listeners.push(l);
+    }
+    let node = node_listener(config)?;
+
+    let mut bulk: Vec<&str> = vec!["agg/#"];
+    bulk.extend(extra.iter().flat_map(|(_, f)| f.iter().copied()));
+    let make_link = mqtt::start_router(mqtt::router_config(mqtt_cfg.max_connections, &bulk));
+    let mut links = Vec::with_capacity(extra.len());
+    let (publish_tx, _publish_rx) = make_link("fogline-publish")?;
+    for (name, filters) in extra {
+        let (mut tx, rx) = make_link(name)?;
+        for filter in *filters {
+            tx.subscribe(*filter)?;
+        }
+        links.push((tx, rx));
+    }
+
+    let cluster_on = !config.cluster.peers.is_empty();
+    let mut max_packet = mqtt_cfg.max_packet_bytes;
+    if cluster_on {
+        // Replication batches are larger than readings; readings are still held to
+        // ingest.max_payload_bytes.
+        max_packet = max_packet.max(config.cluster.max_batch_bytes + 1024);
+    }
+    let settings = Settings {
+        max_packet,
+        max_inflight: mqtt_cfg.max_inflight,
+        max_queued: mqtt_cfg.max_queued_messages,
+        session_expiry_max_secs: mqtt_cfg.session_expiry_max_secs,
+        connect_timeout: Duration::from_millis(u64::from(mqtt_cfg.connect_timeout_ms)),
+        max_connections: mqtt_cfg.max_connections,
+        site_private: cluster_on && !config.cluster.listen.is_empty(),
+    };
+    let ingest = Arc::new(Ingest::new(
+        queue,
+        config.limits.clone(),
+        Duration::from_millis(config.ingest.reject_log_interval_ms),
+        metrics.clone(),
+        config.ingest.max_payload_bytes,
+    ));
+    metrics
+        .front
+        .set_log_every(Duration::from_millis(config.ingest.reject_log_interval_ms));
+    let server = Server::new(
+        make_link,
+        &config.buffer.data_dir,
+        ingest,
+        settings,
+        metrics.clone(),
+    )
+    .map_err(BrokerError::Config)?;
+    let restored = server.restore().await.map_err(BrokerError::Config)?;
+    if restored > 0 {
+        tracing::info!(sessions = restored, "MQTT sessions restored");
+    }
+
+    let guard = device_guard(config)?;
+    for listener in device_listeners {
+        server
+            .listen(listener, guard.clone(), mqtt_cfg.max_connections)
+            .map_err(|e| BrokerError::Config(format!("cannot start the MQTT listener: {e}")))?;
+    }
+    if let Some((listener, guard)) = node {
+        let max = 4 * (config.cluster.peers.len() + 1);
+        server
+            .listen(listener, guard, max)
+            .map_err(|e| BrokerError::Config(format!("cannot start the node listener: {e}")))?;
+    }
+    let (stop, stop_rx) = tokio::sync::watch::channel(false);
+    let persist = tokio::spawn(mqtt::persist_loop(server.clone(), stop_rx));
+    Ok((
+        Front {
+            server,
+            stop,
+            persist,
+        },
+        Publisher::new(publish_tx),
+        links,
+    ))
+}
+
+/// With `cluster.listen`: the site's own listener; over TLS with a client certificate
+/// from the site CA when `[tls]` is set.
+fn node_listener(
+    config: &Config,
+) -> Result<Option<(TcpListener, crate::mqtt::Guard)>, BrokerError> {
+    use crate::mqtt::Guard;
     let c = &config.cluster;
     if c.listen.is_empty() || c.peers.is_empty() {
         return Ok(None);
@@ -405,119 +442,27 @@ fn node_front(
         Guard::Tls(tokio_rustls::TlsAcceptor::from(server))
     } else {
         tracing::warn!(listen = %addr, "tls is off: any node can join this site; set [tls] outside a lab");
-        Guard::Plain
+        Guard::Node
     };
     let listener = TcpListener::bind(addr).map_err(|source| BrokerError::Bind { addr, source })?;
-    Ok(Some(Front {
-        listener,
-        backend,
-        guard,
-        max_connections: 4 * (c.peers.len() + 1),
-        max_packet: c.max_batch_bytes + 1024,
-        connect_timeout: Duration::from_millis(u64::from(config.mqtt.connect_timeout_ms)),
-        metrics: metrics.front.clone(),
-    }))
+    Ok(Some((listener, guard)))
 }
 
-struct DeviceFronts {
-    fronts: Vec<crate::frontend::Front>,
-    /// Where rumqttd listens instead: v4, and v5 if that listener is on.
-    backends: (SocketAddr, Option<SocketAddr>),
-}
-
-/// In `auth.mode = "credentials"`: binds the public listeners for the front end and picks
-/// loopback addresses for rumqttd. In `open` mode: None, and a warning.
-fn device_fronts(config: &Config, metrics: &Metrics) -> Result<Option<DeviceFronts>, BrokerError> {
+/// `auth.mode = "credentials"`: devices log in and publish under their own topics.
+/// `open`: anyone, with a warning.
+fn device_guard(config: &Config) -> Result<crate::mqtt::Guard, BrokerError> {
     use crate::auth::{AuthMode, Authenticator};
-    use crate::frontend::{internal_addr, Front, Guard};
     if config.auth.mode == AuthMode::Open {
         tracing::warn!(
             "auth.mode = \"open\": any client can connect and publish readings for any device; \
              set auth.mode = \"credentials\" outside a lab"
         );
-        return Ok(None);
+        return Ok(crate::mqtt::Guard::Open);
     }
     let auth = Arc::new(Authenticator::new(&config.auth));
     tracing::info!(
         devices = auth.device_count(),
         "device authentication on: each device publishes only under sensors/<its id>/"
     );
-    metrics
-        .front
-        .set_log_every(Duration::from_millis(config.ingest.reject_log_interval_ms));
-    let mqtt = &config.mqtt;
-    let v5 = mqtt
-        .listen_v5_addr()
-        .map_err(|e| BrokerError::Config(e.to_string()))?;
-    let internal =
-        || internal_addr().map_err(|e| BrokerError::Config(format!("no loopback port: {e}")));
-    let backend_v4 = internal()?;
-    let backend_v5 = v5.map(|_| internal()).transpose()?;
-    let mut fronts = Vec::new();
-    for (public, backend) in std::iter::once((mqtt.listen, backend_v4)).chain(v5.zip(backend_v5)) {
-        let listener = TcpListener::bind(public).map_err(|source| BrokerError::Bind {
-            addr: public,
-            source,
-        })?;
-        fronts.push(Front {
-            listener,
-            backend,
-            guard: Guard::Devices(auth.clone()),
-            max_connections: mqtt.max_connections,
-            max_packet: mqtt.max_packet_bytes,
-            connect_timeout: Duration::from_millis(u64::from(mqtt.connect_timeout_ms)),
-            metrics: metrics.front.clone(),
-        });
-    }
-    Ok(Some(DeviceFronts {
-        fronts,
-        backends: (backend_v4, backend_v5),
-    }))
-}
-
-/// Queues a reading, waiting if the pipeline is behind. False when the pipeline is gone.
-fn enqueue(queue: &SyncSender<Incoming>, reading: Incoming, metrics: &Metrics) -> bool {
-    match queue.try_send(reading) {
-        Ok(()) => true,
-        Err(TrySendError::Full(reading)) => {
-            metrics.queue_full.inc();
-            queue.send(reading).is_ok()
-        }
-        Err(TrySendError::Disconnected(_)) => false,
-    }
-}
-
-/// At most one log line per reason per interval; the count of the others goes with it.
-struct RejectLog {
-    every: Duration,
-    last: HashMap<Reject, (Option<Instant>, u64)>,
-}
-
-impl RejectLog {
-    fn new(every: Duration) -> Self {
-        RejectLog {
-            every,
-            last: HashMap::new(),
-        }
-    }
-
-    fn log(&mut self, reason: Reject, topic: &[u8]) {
-        let now = Instant::now();
-        let entry = self.last.entry(reason).or_insert((None, 0));
-        if entry
-            .0
-            .is_some_and(|at| now.duration_since(at) < self.every)
-        {
-            entry.1 += 1;
-            return;
-        }
-        let topic = String::from_utf8_lossy(&topic[..topic.len().min(120)]);
-        tracing::warn!(
-            reason = reason.as_str(),
-            topic = %topic,
-            suppressed = entry.1,
-            "refused a publish: {reason}"
-        );
-        *entry = (Some(now), 0);
-    }
+    Ok(crate::mqtt::Guard::Devices(auth))
 }

@@ -147,7 +147,20 @@ pub struct MqttConfig {
     pub max_connections: usize,
     pub max_packet_bytes: usize,
     pub max_inflight: usize,
+    /// The agent's sessions (the gateway has none of its own).
+    #[serde(default = "default_max_queued")]
+    pub max_queued_messages: usize,
+    #[serde(default = "default_session_expiry")]
+    pub session_expiry_max_secs: u32,
     pub connect_timeout_ms: u16,
+}
+
+fn default_max_queued() -> usize {
+    1000
+}
+
+fn default_session_expiry() -> u32 {
+    7 * 24 * 3600
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -316,6 +329,15 @@ impl Config {
             }
         }
         self.listen_v5()?;
+        if self.mqtt.max_inflight == 0 || self.mqtt.max_inflight > 65535 {
+            return bad(format!(
+                "mqtt.max_inflight = {}: use 1 to 65535",
+                self.mqtt.max_inflight
+            ));
+        }
+        if self.mqtt.max_queued_messages == 0 {
+            return bad("mqtt.max_queued_messages must be at least 1".into());
+        }
         let peers = self.cluster.peers()?;
         if peers.iter().any(|p| p.id == self.node.id) {
             return bad(format!(

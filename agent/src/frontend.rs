@@ -87,7 +87,7 @@ impl FrontMetrics {
     }
 
     /// Counts a refusal and logs it, at most once per reason per interval.
-    fn refuse(&self, reason: &'static str, peer: SocketAddr, detail: &str) {
+    pub(crate) fn refuse(&self, reason: &'static str, peer: SocketAddr, detail: &str) {
         self.refused.get_or_create(&RefusedLabel { reason }).inc();
         let every = self.log_every.lock().map_or(Duration::ZERO, |d| *d);
         let Ok(mut log) = self.log.lock() else {
@@ -371,7 +371,7 @@ fn printable(s: &str) -> String {
     s.chars().take(64).filter(|c| !c.is_control()).collect()
 }
 
-fn classify_tls(e: &std::io::Error) -> (&'static str, String) {
+pub(crate) fn classify_tls(e: &std::io::Error) -> (&'static str, String) {
     let inner = e.get_ref().and_then(|i| i.downcast_ref::<rustls::Error>());
     match inner {
         Some(rustls::Error::NoCertificatesPresented) => (
@@ -395,7 +395,7 @@ fn classify_tls(e: &std::io::Error) -> (&'static str, String) {
 
 /// May `device` publish on (or leave a will on) `topic`? Only its own readings. An empty
 /// MQTT 5 topic refers to a topic alias, which an earlier, checked publish set.
-fn own_topic(device: &str, topic: &[u8], v5: bool) -> bool {
+pub(crate) fn own_topic(device: &str, topic: &[u8], v5: bool) -> bool {
     if topic.is_empty() {
         return v5;
     }
@@ -406,7 +406,7 @@ fn own_topic(device: &str, topic: &[u8], v5: bool) -> bool {
 }
 
 /// May `device` subscribe to `filter`? Its own ack topic and its own aggregates.
-fn own_filter(device: &str, filter: &[u8]) -> bool {
+pub(crate) fn own_filter(device: &str, filter: &[u8]) -> bool {
     let Ok(filter) = std::str::from_utf8(filter) else {
         return false;
     };

@@ -319,3 +319,64 @@ mod tests {
         }
     }
 }
+
+/// A reading on its way to the writer, with whom to tell once it is durable.
+#[derive(Debug)]
+pub struct Queued {
+    pub reading: Incoming,
+    pub done: Option<Done>,
+}
+
+impl From<Incoming> for Queued {
+    fn from(reading: Incoming) -> Self {
+        Queued {
+            reading,
+            done: None,
+        }
+    }
+}
+
+/// One MQTT connection's durable-ack cursor: the writer raises `committed` to the token
+/// of each reading once it is durable (and replicated, when acks wait for that), in the
+/// order the connection queued them.
+#[derive(Debug, Default)]
+pub struct Commits {
+    committed: std::sync::atomic::AtomicU64,
+    failed: std::sync::atomic::AtomicBool,
+    pub notify: tokio::sync::Notify,
+}
+
+impl Commits {
+    pub fn committed(&self) -> u64 {
+        self.committed.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// A batch with one of this connection's readings could not be stored: its PUBACK
+    /// must never be sent, so the connection is closed and the client re-sends.
+    pub fn failed(&self) -> bool {
+        self.failed.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+/// "Reading number `token` of this connection."
+#[derive(Debug, Clone)]
+pub struct Done {
+    pub commits: std::sync::Arc<Commits>,
+    pub token: u64,
+}
+
+impl Done {
+    pub fn durable(&self) {
+        self.commits
+            .committed
+            .fetch_max(self.token, std::sync::atomic::Ordering::SeqCst);
+        self.commits.notify.notify_one();
+    }
+
+    pub fn fail(&self) {
+        self.commits
+            .failed
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        self.commits.notify.notify_one();
+    }
+}

@@ -20,6 +20,7 @@ pub mod ingest;
 pub mod limits;
 pub mod logstore;
 pub mod metrics;
+pub mod mqtt;
 pub mod nodelay;
 pub mod pipeline;
 pub mod process;
@@ -90,8 +91,9 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
     } else {
         Vec::new()
     };
-    let (mut running, publisher, links) =
-        tokio::task::block_in_place(|| broker::start(&config, queue_tx, metrics.clone(), &extra))
+    let (running, publisher, links) =
+        broker::start(&config, queue_tx, metrics.clone(), &extra)
+            .await
             .context("starting the MQTT broker")?;
     tracing::info!(
         mqtt = %config.mqtt.listen,
@@ -219,8 +221,8 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
     if let Some(site) = site {
         site.stop().await;
     }
+    running.stop().await;
     tokio::task::spawn_blocking(move || {
-        running.stop();
         if writer.join().is_err() {
             tracing::error!("the writer thread panicked");
         }

@@ -41,6 +41,9 @@ pub struct Metrics {
     pub uplink_connects: Gauge,
     pub uplink_batches: Gauge,
     pub uplink_bytes: Gauge,
+    pub mqtt_connections: Gauge,
+    pub mqtt_sessions: Gauge,
+    pub mqtt_dropped: Family<Reason, Counter>,
     /// Connections refused by the MQTT front end (device auth, limits).
     pub front: std::sync::Arc<crate::frontend::FrontMetrics>,
 }
@@ -80,6 +83,9 @@ impl Metrics {
             uplink_connects: Gauge::default(),
             uplink_batches: Gauge::default(),
             uplink_bytes: Gauge::default(),
+            mqtt_connections: Gauge::default(),
+            mqtt_sessions: Gauge::default(),
+            mqtt_dropped: Family::default(),
             front: crate::frontend::FrontMetrics::new(std::time::Duration::from_secs(10)),
             registry: Registry::default(),
         };
@@ -89,7 +95,27 @@ impl Metrics {
         for reason in ["capacity", "disk_full"] {
             let _ = m.dropped.get_or_create(&Reason { reason });
         }
+        for d in crate::mqtt::session::Dropped::ALL {
+            let _ = m.mqtt_dropped.get_or_create(&Reason {
+                reason: d.as_str(),
+            });
+        }
         let r = &mut registry;
+        r.register(
+            "mqtt_connections",
+            "Open MQTT client connections",
+            m.mqtt_connections.clone(),
+        );
+        r.register(
+            "mqtt_sessions",
+            "MQTT sessions, connected or kept for a client that is away",
+            m.mqtt_sessions.clone(),
+        );
+        r.register(
+            "mqtt_messages_dropped",
+            "Messages for MQTT subscribers not delivered, by reason",
+            m.mqtt_dropped.clone(),
+        );
         r.register(
             "connections_refused",
             "MQTT connections refused by the front end, by reason",

@@ -15,7 +15,7 @@ use tokio::sync::watch;
 use crate::broker::Publisher;
 use crate::buffer::{Buffer, BufferError, Meta};
 use crate::config::Config;
-use crate::ingest::Incoming;
+use crate::ingest::{Done, Incoming, Queued};
 use crate::metrics::Metrics;
 use crate::uplink;
 
@@ -60,8 +60,9 @@ pub struct Pipeline {
     /// The first uncommitted offset, for the uplink.
     head: watch::Sender<u64>,
     links: Links,
-    /// Device acks waiting for replication: (offset after the commit, newest ack per device).
-    pending_acks: std::collections::VecDeque<(u64, HashMap<String, Ack>)>,
+    /// Acks waiting for replication: offset after the commit, the newest ack per device,
+    /// and the MQTT PUBACKs the commit allows.
+    pending_acks: std::collections::VecDeque<(u64, HashMap<String, Ack>, Vec<Done>)>,
     retention: Duration,
     /// (when, gateway ack) samples; blocks below an ack older than `retention` go.
     acks_seen: std::collections::VecDeque<(Instant, u64)>,
@@ -101,7 +102,7 @@ impl Pipeline {
     }
 
     /// Runs until `queue` closes and everything taken from it is committed.
-    pub fn run(mut self, queue: Receiver<Incoming>) {
+    pub fn run(mut self, queue: Receiver<Queued>) {
         let mut last_publish = Instant::now();
         let mut last_checkpoint = Instant::now();
         // Publish what was restored or replayed at start-up.
@@ -154,7 +155,7 @@ impl Pipeline {
 
     /// Gathers a batch: everything already queued, then more until the batch is full or
     /// the delay since the first reading has passed.
-    fn collect(&self, first: Incoming, queue: &Receiver<Incoming>) -> Vec<Incoming> {
+    fn collect(&self, first: Queued, queue: &Receiver<Queued>) -> Vec<Queued> {
         let deadline = Instant::now() + self.batch_delay;
         let mut batch = Vec::with_capacity(self.batch_max.min(4096));
         batch.push(first);
@@ -176,8 +177,16 @@ impl Pipeline {
         batch
     }
 
-    fn commit(&mut self, batch: Vec<Incoming>) {
+    fn commit(&mut self, batch: Vec<Queued>) {
         let n = batch.len() as u64;
+        let mut dones = Vec::new();
+        let batch: Vec<Incoming> = batch
+            .into_iter()
+            .map(|q| {
+                dones.extend(q.done);
+                q.reading
+            })
+            .collect();
         let t0 = Instant::now();
         let result = match self.buffer.commit(&batch) {
             Err(e) if e.is_disk_full() => {
@@ -208,7 +217,7 @@ impl Pipeline {
                 self.metrics.aggregates_too_late.inc_by(done.too_late);
                 let t1 = Instant::now();
                 let acks = done.acks.len();
-                self.ack(done.acks);
+                self.ack(done.acks, dones);
                 tracing::trace!(
                     readings = n,
                     acks,
@@ -220,6 +229,7 @@ impl Pipeline {
             Err(e) => {
                 self.metrics.commit_failures.inc();
                 self.log_error(&e, n);
+                dones.iter().for_each(Done::fail);
             }
         }
         match self.buffer.keep_disk_free() {
@@ -242,12 +252,13 @@ impl Pipeline {
         self.refresh_status();
     }
 
-    /// Publishes device acks now, or queues them until replication catches up.
-    fn ack(&mut self, acks: Vec<(String, Ack)>) {
-        if acks.is_empty() {
+    /// Sends device acks and PUBACKs now, or queues them until replication catches up.
+    fn ack(&mut self, acks: Vec<(String, Ack)>, dones: Vec<Done>) {
+        if acks.is_empty() && dones.is_empty() {
             return;
         }
         if self.links.insync.is_none() {
+            dones.iter().for_each(Done::durable);
             for (device, ack) in acks {
                 self.publish_ack(&device, ack);
             }
@@ -255,13 +266,14 @@ impl Pipeline {
         }
         let end = self.buffer.meta().next_offset;
         self.pending_acks
-            .push_back((end, acks.into_iter().collect()));
+            .push_back((end, acks.into_iter().collect(), dones));
         if self.pending_acks.len() > MAX_PENDING_ACKS {
             // Merge the newest into the one before: those acks only wait a little longer.
-            if let Some((end, newest)) = self.pending_acks.pop_back() {
+            if let Some((end, newest, dones)) = self.pending_acks.pop_back() {
                 if let Some(prev) = self.pending_acks.back_mut() {
                     prev.0 = end;
                     prev.1.extend(newest);
+                    prev.2.extend(dones);
                 }
             }
         }
@@ -281,10 +293,11 @@ impl Pipeline {
         while self
             .pending_acks
             .front()
-            .is_some_and(|(end, _)| *end <= covered)
+            .is_some_and(|(end, _, _)| *end <= covered)
         {
-            if let Some((_, acks)) = self.pending_acks.pop_front() {
+            if let Some((_, acks, dones)) = self.pending_acks.pop_front() {
                 ready.extend(acks);
+                dones.iter().for_each(Done::durable);
             }
         }
         for (device, ack) in ready {

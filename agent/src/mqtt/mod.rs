@@ -1,0 +1,781 @@
+//! The agent's MQTT front end: it owns every client connection and session and uses
+//! rumqttd's router, through in-process links, only to route messages between them.
+//!
+//! rumqttd 0.20 as a network broker refuses keepalive 0, delivers at the subscription's
+//! QoS instead of min(publish, granted), forgets sessions, ignores message expiry, No
+//! Local and the client's Maximum Packet Size, cannot refuse a single subscription, and
+//! sends PUBACK before anything is stored. Here:
+//!
+//! - connections are read and written with rumqttd's own packet codecs (3.1.1 and 5 on
+//!   the same port, told apart by the CONNECT);
+//! - a reading (`sensors/<device>/<metric>`) goes straight to the buffer's writer, and its
+//!   PUBACK (PUBREC for QoS 2) is sent once the batch holding it is committed — and
+//!   replicated, when `cluster.ack_after = "replicated"` — in the order the publishes came;
+//! - any other publish goes to the router, tagged with what the publisher sent
+//!   ([`topic::Tag`]): a session receives it through its own router link and delivers it
+//!   at min(publish QoS, granted QoS), with its retain flag, expiry and No Local applied;
+//! - sessions ([`session`]) outlive their connection when asked to, and are kept in
+//!   `sessions.redb`, written every 100 ms, so they outlive a restart too;
+//! - `$` topics are the front end's own (`$SYS/broker/…`), never matched by `#` or `+`.
+//!
+//! docs/agent.md has the alternatives this replaced and why.
+
+mod conn;
+pub mod session;
+pub mod topic;
+
+use std::collections::HashMap;
+use std::net::{SocketAddr, TcpListener as StdListener};
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::mpsc::{SyncSender, TrySendError};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use rumqttd::local::{LinkBuilder, LinkError, LinkRx, LinkTx};
+use rumqttd::protocol::{
+    Disconnect, DisconnectReasonCode, Packet, Publish, PublishProperties,
+};
+use rumqttd::{Notification, Router, RouterConfig};
+use tokio::net::TcpListener;
+
+use crate::auth::Authenticator;
+use crate::frontend::FrontMetrics;
+use crate::ingest::{self, Done, Queued, Reject};
+use crate::metrics::Metrics;
+use session::{Dropped, Msg, Props, Record, Session, Store};
+use topic::Tag;
+
+pub use conn::Rights;
+
+/// Makes a router link: name, and whether it may publish to topics nobody subscribed.
+type MakeLink = dyn Fn(&str) -> Result<(LinkTx, LinkRx), LinkError> + Send + Sync;
+
+/// How often changed sessions are written to `sessions.redb`.
+const PERSIST_EVERY: Duration = Duration::from_millis(100);
+
+/// The front end's settings, from `[mqtt]`.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub max_packet: usize,
+    pub max_inflight: usize,
+    pub max_queued: usize,
+    pub session_expiry_max_secs: u32,
+    pub connect_timeout: Duration,
+    pub max_connections: usize,
+    /// Topics under `fogline/cluster/` and `fogline/repl/` are closed to the device
+    /// port (the site has its own listener).
+    pub site_private: bool,
+}
+
+/// The readings path: from a connection straight to the writer's queue.
+pub struct Ingest {
+    queue: Mutex<Option<SyncSender<Queued>>>,
+    limiter: Mutex<crate::limits::Limiter>,
+    rejects: Mutex<RejectLog>,
+    metrics: Arc<Metrics>,
+    max_payload: usize,
+}
+
+/// What became of a reading handed to [`Ingest::offer`].
+pub enum Offered {
+    Queued,
+    Rejected(Reject),
+    /// The agent is stopping: no PUBACK, the client re-sends.
+    Closed,
+}
+
+impl Ingest {
+    pub fn new(
+        queue: SyncSender<Queued>,
+        limits: crate::limits::LimitsConfig,
+        reject_log: Duration,
+        metrics: Arc<Metrics>,
+        max_payload: usize,
+    ) -> Ingest {
+        Ingest {
+            queue: Mutex::new(Some(queue)),
+            limiter: Mutex::new(crate::limits::Limiter::new(limits)),
+            rejects: Mutex::new(RejectLog::new(reject_log)),
+            metrics,
+            max_payload,
+        }
+    }
+
+    /// Validates a publish on `sensors/…` and queues the reading, waiting when the writer
+    /// is behind.
+    pub fn offer(&self, topic: &[u8], payload: &[u8], done: Option<Done>) -> Offered {
+        self.metrics.received.inc();
+        let parsed = ingest::parse(topic, payload, self.max_payload, crate::now_ms()).and_then(
+            |r| {
+                let mut limiter = self.limiter.lock().unwrap_or_else(|e| e.into_inner());
+                limiter.admit(&r.device, Instant::now()).map(|()| r)
+            },
+        );
+        let reading = match parsed {
+            Ok(r) => r,
+            Err(reason) => {
+                self.metrics.reject(reason);
+                if let Ok(mut log) = self.rejects.lock() {
+                    log.log(reason, topic);
+                }
+                return Offered::Rejected(reason);
+            }
+        };
+        let Some(queue) = self
+            .queue
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+        else {
+            return Offered::Closed;
+        };
+        let item = Queued { reading, done };
+        match queue.try_send(item) {
+            Ok(()) => Offered::Queued,
+            Err(TrySendError::Full(item)) => {
+                self.metrics.queue_full.inc();
+                let sent = tokio::task::block_in_place(|| queue.send(item));
+                if sent.is_ok() {
+                    Offered::Queued
+                } else {
+                    Offered::Closed
+                }
+            }
+            Err(TrySendError::Disconnected(_)) => Offered::Closed,
+        }
+    }
+
+    /// No more readings: the writer drains its queue and stops.
+    pub fn close(&self) {
+        self.queue.lock().unwrap_or_else(|e| e.into_inner()).take();
+    }
+}
+
+/// The router and every session; shared by all connections.
+pub struct Server {
+    make_link: Box<MakeLink>,
+    /// Where client publishes enter the router.
+    publish: tokio::sync::Mutex<LinkTx>,
+    sessions: Mutex<HashMap<String, Arc<Session>>>,
+    /// Router link of each session with subscriptions.
+    links: Mutex<HashMap<String, SessionLink>>,
+    /// Client ids of sessions to delete from the store.
+    deleted: Mutex<Vec<String>>,
+    store: Option<Store>,
+    generation: AtomicU64,
+    /// Subscriptions that could match a reading's topic: readings go to the router too.
+    reading_subs: AtomicUsize,
+    /// `$SYS/…` messages, retained.
+    sys: Vec<(String, Bytes)>,
+    pub ingest: Arc<Ingest>,
+    pub settings: Settings,
+    pub metrics: Arc<Metrics>,
+    pub front: Arc<FrontMetrics>,
+    /// Argon2 checks running at once.
+    hashing: tokio::sync::Semaphore,
+    open: AtomicUsize,
+}
+
+struct SessionLink {
+    tx: LinkTx,
+    task: tokio::task::AbortHandle,
+}
+
+/// rumqttd keeps an in-memory log per subscription filter. Its sample sizes (100 MB × 10)
+/// are absurd for a Pi: every filter gets a small log, and the filters that carry bulk
+/// traffic (`bulk_filters`: site traffic, dashboards) a larger one.
+pub fn router_config(max_connections: usize, bulk_filters: &[&str]) -> RouterConfig {
+    let big = rumqttd::SegmentConfig {
+        max_segment_size: 1 << 20,
+        max_segment_count: 4,
+    };
+    RouterConfig {
+        max_connections: max_connections + 16,
+        max_outgoing_packet_count: 200,
+        max_segment_size: 16 << 10,
+        max_segment_count: 2,
+        custom_segment: Some(
+            bulk_filters
+                .iter()
+                .map(|f| ((*f).to_owned(), big.clone()))
+                .collect(),
+        ),
+        initialized_filters: None,
+        shared_subscriptions_strategy: Default::default(),
+    }
+}
+
+/// Starts rumqttd's router on its own thread and returns a maker of in-process links.
+pub fn start_router(config: RouterConfig) -> Box<MakeLink> {
+    let router_tx = Router::new(0, config).spawn();
+    Box::new(move |name: &str| {
+        LinkBuilder::new(name, router_tx.clone())
+            .dynamic_filters(true)
+            .build()
+            .map(|(tx, rx, _)| (tx, rx))
+    })
+}
+
+impl Server {
+    pub fn new(
+        make_link: Box<MakeLink>,
+        data_dir: &Path,
+        ingest: Arc<Ingest>,
+        settings: Settings,
+        metrics: Arc<Metrics>,
+    ) -> Result<Arc<Server>, String> {
+        let (publish, _rx) = make_link("fogline-front").map_err(|e| e.to_string())?;
+        // The publishing link never subscribes; its receiver may go.
+        drop(_rx);
+        let store = Store::open(&data_dir.join("sessions.redb")).map_err(|e| e.to_string())?;
+        let hashing = std::thread::available_parallelism().map_or(2, |n| n.get().min(4));
+        let front = metrics.front.clone();
+        let server = Arc::new(Server {
+            make_link,
+            publish: tokio::sync::Mutex::new(publish),
+            sessions: Mutex::new(HashMap::new()),
+            links: Mutex::new(HashMap::new()),
+            deleted: Mutex::new(Vec::new()),
+            store: Some(store),
+            generation: AtomicU64::new(0),
+            reading_subs: AtomicUsize::new(0),
+            sys: vec![
+                (
+                    "$SYS/broker/version".into(),
+                    Bytes::from(format!("fogline-agent {}", env!("CARGO_PKG_VERSION"))),
+                ),
+                (
+                    "$SYS/broker/fogline/started".into(),
+                    Bytes::from(crate::now_ms().to_string()),
+                ),
+            ],
+            ingest,
+            settings,
+            metrics,
+            front,
+            hashing: tokio::sync::Semaphore::new(hashing),
+            open: AtomicUsize::new(0),
+        });
+        Ok(server)
+    }
+
+    /// Loads the sessions kept in `sessions.redb` and subscribes them again.
+    pub async fn restore(self: &Arc<Self>) -> Result<usize, String> {
+        let Some(store) = &self.store else {
+            return Ok(0);
+        };
+        let records = store.load().map_err(|e| e.to_string())?;
+        let now = crate::now_ms();
+        let mut kept = 0;
+        for (client, mut rec) in records {
+            let since = *rec.disconnected_at.get_or_insert(now);
+            let expires = since.saturating_add(i64::from(rec.expiry_secs) * 1000);
+            if rec.expiry_secs == 0 || expires <= now {
+                self.forget(&client);
+                continue;
+            }
+            let filters: Vec<String> = rec.subs.iter().map(|s| s.filter.clone()).collect();
+            let session = Session::new(client.clone(), rec);
+            self.lock_sessions().insert(client.clone(), session.clone());
+            for f in filters {
+                self.subscribed(&session, &f).await;
+            }
+            kept += 1;
+        }
+        self.metrics
+            .mqtt_sessions
+            .set(i64::try_from(self.lock_sessions().len()).unwrap_or(0));
+        Ok(kept)
+    }
+
+    fn lock_sessions(&self) -> std::sync::MutexGuard<'_, HashMap<String, Arc<Session>>> {
+        self.sessions.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn lock_links(&self) -> std::sync::MutexGuard<'_, HashMap<String, SessionLink>> {
+        self.links.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn next_generation(&self) -> u64 {
+        self.generation.fetch_add(1, Ordering::SeqCst) + 1
+    }
+
+    /// Takes the session of `client` for a new connection: a fresh one when `clean` or
+    /// when none exists. Returns it and whether an old one was resumed. The connection
+    /// that held it before is told to go.
+    pub async fn attach(
+        self: &Arc<Self>,
+        client: &str,
+        clean: bool,
+        rec: Record,
+        generation: u64,
+    ) -> (Arc<Session>, bool) {
+        let old = self.lock_sessions().get(client).cloned();
+        if let Some(old) = &old {
+            // Whoever held it goes first (session takeover).
+            old.lock().conn = 0;
+            old.kick.notify_waiters();
+        }
+        let resumed = match old {
+            Some(old) if !clean => {
+                {
+                    let mut st = old.lock();
+                    st.rec.v5 = rec.v5;
+                    st.rec.expiry_secs = rec.expiry_secs;
+                    st.rec.disconnected_at = None;
+                    st.conn = generation;
+                    st.dirty = true;
+                }
+                return (old, true);
+            }
+            Some(_) => {
+                self.remove(client).await;
+                false
+            }
+            None => false,
+        };
+        let session = Session::new(client.to_owned(), rec);
+        session.lock().conn = generation;
+        let mut sessions = self.lock_sessions();
+        sessions.insert(client.to_owned(), session.clone());
+        self.metrics
+            .mqtt_sessions
+            .set(i64::try_from(sessions.len()).unwrap_or(0));
+        (session, resumed)
+    }
+
+    /// Ends a session: its subscriptions, its router link, its record.
+    pub async fn remove(&self, client: &str) {
+        let session = {
+            let mut sessions = self.lock_sessions();
+            let s = sessions.remove(client);
+            self.metrics
+                .mqtt_sessions
+                .set(i64::try_from(sessions.len()).unwrap_or(0));
+            s
+        };
+        if let Some(session) = session {
+            let subs = std::mem::take(&mut session.lock().rec.subs);
+            for s in subs {
+                self.count_reading_sub(&s.filter, false);
+            }
+        }
+        let link = self.lock_links().remove(client);
+        if let Some(mut link) = link {
+            link.task.abort();
+            let bye = Packet::Disconnect(
+                Disconnect {
+                    reason_code: DisconnectReasonCode::NormalDisconnection,
+                },
+                None,
+            );
+            let _ = link.tx.send(bye).await;
+        }
+        self.forget(client);
+    }
+
+    fn forget(&self, client: &str) {
+        self.deleted
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(client.to_owned());
+    }
+
+    fn count_reading_sub(&self, filter: &str, add: bool) {
+        if !topic::may_match_readings(filter) {
+            return;
+        }
+        if add {
+            self.reading_subs.fetch_add(1, Ordering::SeqCst);
+        } else {
+            let _ = self
+                .reading_subs
+                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1));
+        }
+    }
+
+    /// Does anyone subscribe to something that matches readings?
+    pub fn readings_wanted(&self) -> bool {
+        self.reading_subs.load(Ordering::SeqCst) > 0
+    }
+
+    /// After a session added `filter`: subscribe its router link (made on first use).
+    /// `$` filters are served from [`Server::sys`] instead.
+    pub async fn subscribed(self: &Arc<Self>, session: &Arc<Session>, filter: &str) {
+        self.count_reading_sub(filter, true);
+        if filter.starts_with('$') {
+            self.offer_sys(session, filter);
+            return;
+        }
+        let client = session.client_id.clone();
+        let has_link = self.lock_links().contains_key(&client);
+        if !has_link {
+            let name = format!("fl{}-{}", self.next_generation(), client);
+            let server = self.clone();
+            let made = tokio::task::spawn_blocking(move || (server.make_link)(&name)).await;
+            let (tx, rx) = match made {
+                Ok(Ok(link)) => link,
+                Ok(Err(e)) => {
+                    tracing::error!(client = %client, "no router link for a session: {e}");
+                    return;
+                }
+                Err(e) => {
+                    tracing::error!(client = %client, "no router link for a session: {e}");
+                    return;
+                }
+            };
+            let task = tokio::spawn(drain(self.clone(), Arc::downgrade(session), rx));
+            self.lock_links().insert(
+                client.clone(),
+                SessionLink {
+                    tx,
+                    task: task.abort_handle(),
+                },
+            );
+        }
+        // rumqttd forwards retained messages on every SUBSCRIBE of a local link, whatever
+        // its retain rule; Retain Handling is applied in `offer`.
+        if let Some(link) = self.lock_links().get_mut(&client) {
+            if let Err(e) = link.tx.subscribe(filter) {
+                tracing::error!(client = %client, "router subscribe failed: {e}");
+            }
+        }
+    }
+
+    /// After a session dropped `filter`.
+    pub fn unsubscribed(&self, session: &Session, filter: &str) {
+        self.count_reading_sub(filter, false);
+        if filter.starts_with('$') {
+            return;
+        }
+        if let Some(link) = self.lock_links().get_mut(&session.client_id) {
+            let _ = link.tx.unsubscribe(filter);
+        }
+    }
+
+    /// Hands a client's (or a will's) publish to the router.
+    pub async fn route(
+        &self,
+        topic: Bytes,
+        payload: Bytes,
+        props: Option<PublishProperties>,
+        tag: &Tag,
+    ) {
+        let publish = Publish::new(topic, payload, tag.retain);
+        let props = tag.attach(props);
+        let mut link = self.publish.lock().await;
+        if let Err(e) = link.send(Packet::Publish(publish, Some(props))).await {
+            tracing::error!("the router is gone: {e}");
+        }
+    }
+
+    /// A message from the router for `session`: delivered per its subscriptions.
+    fn offer(&self, session: &Session, publish: Publish, mut props: Option<PublishProperties>) {
+        let now = crate::now_ms();
+        // The router marks retained messages it sends right after a SUBSCRIBE.
+        let retained_delivery = publish.retain;
+        let tag = Tag::detach(&mut props).unwrap_or_else(|| Tag::internal(now));
+        let Ok(topic) = std::str::from_utf8(&publish.topic) else {
+            return;
+        };
+        let expires_at = props
+            .as_ref()
+            .and_then(|p| p.message_expiry_interval)
+            .map(|s| tag.at_ms.saturating_add(i64::from(s) * 1000));
+        let mut st = session.lock();
+        let v5 = st.rec.v5;
+        let mut granted: Option<u8> = None;
+        let (mut rap, mut retained_ok, mut ids) = (false, false, Vec::new());
+        for s in st.matching(topic) {
+            if s.no_local && !tag.from.is_empty() && tag.from == session.client_id {
+                continue;
+            }
+            granted = Some(granted.map_or(s.qos, |g| g.max(s.qos)));
+            rap |= s.retain_as_published;
+            retained_ok |= s.retained_ok;
+            ids.extend(s.id);
+        }
+        let Some(granted) = granted else {
+            return;
+        };
+        if retained_delivery && !retained_ok {
+            return;
+        }
+        if expires_at.is_some_and(|at| at <= now) {
+            self.dropped(Dropped::Expired);
+            return;
+        }
+        let mut p = Props::from_publish(props);
+        if v5 {
+            p.subscription_ids = ids;
+        }
+        let msg = Msg {
+            topic: publish.topic.to_vec(),
+            payload: publish.payload.to_vec(),
+            qos: tag.qos.min(granted),
+            retain: retained_delivery || (v5 && rap && tag.retain),
+            expires_at,
+            props: p,
+            sent: false,
+        };
+        let queued = st.queue(msg, self.settings.max_queued);
+        drop(st);
+        if let Err(d) = queued {
+            self.dropped(d);
+        }
+        session.wake.notify_one();
+    }
+
+    /// The `$SYS` messages matching `filter`, as retained messages.
+    fn offer_sys(&self, session: &Session, filter: &str) {
+        let mut st = session.lock();
+        for (topic, payload) in &self.sys {
+            if !topic::matches(filter, topic) {
+                continue;
+            }
+            let msg = Msg {
+                topic: topic.as_bytes().to_vec(),
+                payload: payload.to_vec(),
+                qos: 0,
+                retain: true,
+                expires_at: None,
+                props: Props::default(),
+                sent: false,
+            };
+            let _ = st.queue(msg, self.settings.max_queued);
+        }
+        drop(st);
+        session.wake.notify_one();
+    }
+
+    pub fn dropped(&self, why: Dropped) {
+        self.metrics
+            .mqtt_dropped
+            .get_or_create(&crate::metrics::Reason {
+                reason: why.as_str(),
+            })
+            .inc();
+    }
+
+    /// Writes changed persistent sessions and deletes ended ones; drops sessions whose
+    /// expiry passed.
+    pub async fn persist(self: &Arc<Self>) {
+        let now = crate::now_ms();
+        let sessions: Vec<Arc<Session>> = self.lock_sessions().values().cloned().collect();
+        let mut put = Vec::new();
+        let mut expired = Vec::new();
+        for s in sessions {
+            let mut st = s.lock();
+            if st.conn == 0 {
+                if let Some(at) = st.rec.disconnected_at {
+                    if at.saturating_add(i64::from(st.rec.expiry_secs) * 1000) <= now {
+                        expired.push(s.client_id.clone());
+                        continue;
+                    }
+                }
+            }
+            if st.dirty && st.rec.expiry_secs > 0 {
+                st.dirty = false;
+                match postcard::to_allocvec(&st.rec) {
+                    Ok(bytes) => put.push((s.client_id.clone(), bytes)),
+                    Err(e) => tracing::error!(client = %s.client_id, "cannot encode a session: {e}"),
+                }
+            }
+        }
+        for client in expired {
+            tracing::debug!(client = %client, "session expired");
+            self.remove(&client).await;
+        }
+        let delete: Vec<String> =
+            std::mem::take(&mut *self.deleted.lock().unwrap_or_else(|e| e.into_inner()));
+        if put.is_empty() && delete.is_empty() {
+            return;
+        }
+        let delete: Vec<String> = delete
+            .into_iter()
+            .filter(|c| !put.iter().any(|(p, _)| p == c))
+            .collect();
+        let server = self.clone();
+        let written =
+            tokio::task::spawn_blocking(move || match &server.store {
+                Some(store) => store.write(&put, &delete).map_err(|e| e.to_string()),
+                None => Ok(()),
+            })
+            .await;
+        match written {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::error!("could not save sessions: {e}"),
+            Err(e) => tracing::error!("could not save sessions: {e}"),
+        }
+    }
+
+    /// Accepts connections on `listener` until the runtime stops.
+    pub fn listen(
+        self: &Arc<Self>,
+        listener: StdListener,
+        guard: Guard,
+        max_connections: usize,
+    ) -> std::io::Result<tokio::task::JoinHandle<()>> {
+        listener.set_nonblocking(true)?;
+        let listener = TcpListener::from_std(listener)?;
+        let server = self.clone();
+        Ok(tokio::spawn(async move {
+            loop {
+                let (stream, peer) = match listener.accept().await {
+                    Ok(s) => s,
+                    Err(e) => {
+                        tracing::warn!("MQTT accept: {e}");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        continue;
+                    }
+                };
+                if server.open.load(Ordering::SeqCst) >= max_connections {
+                    server.front.refuse(
+                        "max_connections",
+                        peer,
+                        &format!("{max_connections} connections open (mqtt.max_connections)"),
+                    );
+                    drop(stream);
+                    continue;
+                }
+                let _ = stream.set_nodelay(true);
+                server.open.fetch_add(1, Ordering::SeqCst);
+                server
+                    .metrics
+                    .mqtt_connections
+                    .set(i64::try_from(server.open.load(Ordering::SeqCst)).unwrap_or(0));
+                let server = server.clone();
+                let guard = guard.clone();
+                tokio::spawn(async move {
+                    match guard {
+                        Guard::Open => conn::serve(&server, stream, peer, Rights::Open).await,
+                        Guard::Devices(auth) => {
+                            conn::serve(&server, stream, peer, Rights::Authenticate(auth)).await
+                        }
+                        Guard::Node => conn::serve(&server, stream, peer, Rights::All).await,
+                        Guard::Tls(acceptor) => {
+                            if let Some(tls) = server.tls_accept(&acceptor, stream, peer).await {
+                                conn::serve(&server, tls, peer, Rights::All).await;
+                            }
+                        }
+                    }
+                    server.open.fetch_sub(1, Ordering::SeqCst);
+                    server
+                        .metrics
+                        .mqtt_connections
+                        .set(i64::try_from(server.open.load(Ordering::SeqCst)).unwrap_or(0));
+                });
+            }
+        }))
+    }
+
+    async fn tls_accept(
+        &self,
+        acceptor: &tokio_rustls::TlsAcceptor,
+        stream: tokio::net::TcpStream,
+        peer: SocketAddr,
+    ) -> Option<tokio_rustls::server::TlsStream<tokio::net::TcpStream>> {
+        let accepted =
+            tokio::time::timeout(self.settings.connect_timeout, acceptor.accept(stream)).await;
+        match accepted {
+            Ok(Ok(tls)) => {
+                let node = crate::tls::peer_name(tls.get_ref().1.peer_certificates());
+                tracing::info!(%peer, node = node.as_deref().unwrap_or("?"), "node link authenticated");
+                Some(tls)
+            }
+            Ok(Err(e)) => {
+                let (reason, detail) = crate::frontend::classify_tls(&e);
+                self.front.refuse(reason, peer, &detail);
+                None
+            }
+            Err(_) => {
+                self.front
+                    .refuse("tls_handshake", peer, "no handshake in time");
+                None
+            }
+        }
+    }
+}
+
+/// Who may connect on a listener, and with what rights.
+#[derive(Clone)]
+pub enum Guard {
+    /// Anyone (`auth.mode = "open"`).
+    Open,
+    /// Devices with credentials, each under its own topics.
+    Devices(Arc<Authenticator>),
+    /// The site's node listener without TLS (a lab).
+    Node,
+    /// The site's node listener: TLS with a client certificate from the site CA.
+    Tls(tokio_rustls::TlsAcceptor),
+}
+
+/// Reads a session's router link for as long as the session lives.
+async fn drain(server: Arc<Server>, session: std::sync::Weak<Session>, mut rx: LinkRx) {
+    loop {
+        match rx.next().await {
+            Ok(Some(Notification::Forward(f))) => {
+                let Some(session) = session.upgrade() else {
+                    return;
+                };
+                server.offer(&session, f.publish, f.properties);
+            }
+            Ok(Some(Notification::Unschedule)) => {
+                if rx.wake().await.is_err() {
+                    return;
+                }
+            }
+            Ok(_) => {}
+            Err(_) => return,
+        }
+    }
+}
+
+/// Writes sessions every [`PERSIST_EVERY`] until `stop`, then once more.
+pub async fn persist_loop(server: Arc<Server>, mut stop: tokio::sync::watch::Receiver<bool>) {
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(PERSIST_EVERY) => {}
+            _ = stop.changed() => break,
+        }
+        server.persist().await;
+    }
+    server.persist().await;
+}
+
+/// At most one log line per reason per interval; the count of the others goes with it.
+struct RejectLog {
+    every: Duration,
+    last: HashMap<Reject, (Option<Instant>, u64)>,
+}
+
+impl RejectLog {
+    fn new(every: Duration) -> Self {
+        RejectLog {
+            every,
+            last: HashMap::new(),
+        }
+    }
+
+    fn log(&mut self, reason: Reject, topic: &[u8]) {
+        let now = Instant::now();
+        let entry = self.last.entry(reason).or_insert((None, 0));
+        if entry
+            .0
+            .is_some_and(|at| now.duration_since(at) < self.every)
+        {
+            entry.1 += 1;
+            return;
+        }
+        let topic = String::from_utf8_lossy(&topic[..topic.len().min(120)]);
+        tracing::warn!(
+            reason = reason.as_str(),
+            topic = %topic,
+            suppressed = entry.1,
+            "refused a publish: {reason}"
+        );
+        *entry = (Some(now), 0);
+    }
+}
