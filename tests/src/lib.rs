@@ -18,6 +18,7 @@ mod http;
 pub mod mosquitto;
 mod proc;
 mod proxy;
+pub mod puback;
 pub mod secure;
 mod site;
 

@@ -2,30 +2,142 @@
 //! twice, and the agent starts again on its existing data directory without any repair.
 //! Devices that re-send everything above their last ack after a reconnect (as the
 //! firmware does) end up with every reading they sent stored exactly once.
+//!
+//! The same holds for the plain MQTT PUBACK: the agent sends it only after the reading
+//! is committed, so a QoS 1 client that knows nothing of the ack topic gets the same
+//! promise (the second test counts acks by PUBACK).
 
 use std::time::{Duration, Instant};
 
-use fogline_tests::{check_sequences, test_seed, Agent, AgentOptions, DeviceSpec, Fleet};
+use fogline_tests::puback::{self, PubackDevice};
+use fogline_tests::{
+    check_sequences, test_seed, AckSource, Agent, AgentOptions, DeviceSpec, Fleet,
+};
 
 const DEVICES: u32 = 4;
 const MAX_PER_DEVICE: u32 = 40_000;
 const KILLS: u32 = 5;
+/// PUBACK devices are not slowed by an ack subscription: more room, so every kill lands
+/// mid-stream.
+const PUBACK_MAX_PER_DEVICE: u32 = 250_000;
 
 #[test]
 fn sigkill_loses_no_acked_reading_and_stores_none_twice() {
-    let seed = test_seed("agent_crash");
+    crash_test("agent_crash", AckSource::Watermark);
+}
+
+/// The same promise for the MQTT PUBACK, counted per packet id by a plain 3.1.1 client
+/// (keepalive 0) that knows nothing of the ack topic.
+#[test]
+fn sigkill_loses_no_pubacked_reading() {
+    let seed = test_seed("agent_crash_puback");
     let mut agent = Agent::start(AgentOptions {
-        name: Some("crash-agent".into()),
+        name: Some("crash-puback".into()),
         ..AgentOptions::default()
     })
     .expect("the agent starts");
-    // Fail by panicking while the agent still exists, so that its log is shown.
-    if let Err(e) = scenario(&mut agent, seed) {
+    if let Err(e) = puback_scenario(&mut agent, seed) {
         panic!("{e:?}");
     }
 }
 
-fn scenario(agent: &mut Agent, seed: u64) -> anyhow::Result<()> {
+fn puback_scenario(agent: &mut Agent, seed: u64) -> anyhow::Result<()> {
+    let mut rng = fastrand::Rng::with_seed(seed);
+    let started = Instant::now();
+    let mut devices = Vec::new();
+    for i in 0..DEVICES {
+        devices.push(PubackDevice::start(
+            agent.mqtt_addr(),
+            &format!("pa-{i}"),
+            "temp",
+            100 + rng.u32(0..1000),
+            500,
+            PUBACK_MAX_PER_DEVICE,
+        )?);
+    }
+    puback::wait_connected(&devices, Duration::from_secs(10))?;
+    for kill in 1..=KILLS {
+        std::thread::sleep(Duration::from_millis(rng.u64(150..1000)));
+        let acked: u64 = devices.iter().map(|d| u64::from(d.snapshot().acked)).sum();
+        let done = devices
+            .iter()
+            .all(|d| d.snapshot().sent >= PUBACK_MAX_PER_DEVICE);
+        anyhow::ensure!(!done, "the devices finished before kill #{kill}: raise the maximum");
+        agent.kill9()?;
+        eprintln!(
+            "[{:>5.1}s] SIGKILL #{kill}: PUBACKed {acked}",
+            started.elapsed().as_secs_f64()
+        );
+        std::thread::sleep(Duration::from_millis(rng.u64(0..300)));
+        agent.restart()?;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !devices
+            .iter()
+            .all(|d| d.snapshot().connects > u64::from(kill))
+        {
+            anyhow::ensure!(Instant::now() < deadline, "devices did not reconnect");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    devices.iter().for_each(PubackDevice::stop_publishing);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !devices.iter().all(|d| {
+        let s = d.snapshot();
+        s.acked == s.sent
+    }) {
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "not every reading was PUBACKed within 30 s"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let snaps: Vec<_> = devices.iter().map(PubackDevice::snapshot).collect();
+    devices.iter_mut().for_each(PubackDevice::shutdown);
+    agent.stop(Duration::from_secs(10))?;
+    for s in &snaps {
+        eprintln!(
+            "{}: sent {} PUBACKed {} connects {} resent {} out of order {}",
+            s.device, s.sent, s.acked, s.connects, s.resent, s.out_of_order
+        );
+    }
+    agent.check()?;
+    let readings = agent.export()?;
+    let acked: Vec<(String, u32, u32)> = snaps
+        .iter()
+        .map(|s| (s.device.clone(), s.boot, s.acked))
+        .collect();
+    let problems = check_sequences(&readings, &acked);
+    assert!(
+        problems.is_empty(),
+        "PUBACKed readings lost or duplicated after {KILLS} SIGKILLs (seed {seed}):\n  {}",
+        problems.join("\n  ")
+    );
+    assert!(
+        snaps.iter().all(|s| s.out_of_order == 0),
+        "PUBACKs came out of order: {snaps:?}"
+    );
+    assert!(
+        snaps.iter().all(|s| s.sent > 1000),
+        "too few readings to mean anything: {snaps:?}"
+    );
+    Ok(())
+}
+
+fn crash_test(name: &str, ack: AckSource) {
+    let seed = test_seed(name);
+    let mut agent = Agent::start(AgentOptions {
+        name: Some(name.replace('_', "-")),
+        ..AgentOptions::default()
+    })
+    .expect("the agent starts");
+    // Fail by panicking while the agent still exists, so that its log is shown.
+    if let Err(e) = scenario(&mut agent, seed, ack) {
+        panic!("{e:?}");
+    }
+}
+
+fn scenario(agent: &mut Agent, seed: u64, ack: AckSource) -> anyhow::Result<()> {
     let mut rng = fastrand::Rng::with_seed(seed);
     let started = Instant::now();
     let mut fleet = Fleet::new(agent.mqtt_addr())?;
@@ -33,6 +145,7 @@ fn scenario(agent: &mut Agent, seed: u64) -> anyhow::Result<()> {
         let mut spec = DeviceSpec::json(format!("crash-{i}"), "temp", 100 + rng.u32(0..1000));
         spec.window = 1000;
         spec.max_seq = MAX_PER_DEVICE;
+        spec.ack = ack;
         fleet.add(spec)?;
     }
     fleet.wait_connected(Duration::from_secs(10))?;
