@@ -16,6 +16,16 @@ if ! command -v mosquitto_pub >/dev/null 2>&1 || ! command -v mosquitto_sub >/de
     $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends mosquitto-clients
 fi
 
+# The broker conformance suite (tests/conformance) drives the broker with Eclipse Paho.
+PAHO_STATUS="$(dpkg-query -W -f='${Status}' python3-paho-mqtt 2>/dev/null || true)"
+if [ "$PAHO_STATUS" != "install ok installed" ]; then
+    SUDO=""
+    if [ "$(id -u)" -ne 0 ]; then SUDO="sudo"; fi
+    echo "installing python3-paho-mqtt"
+    $SUDO apt-get update
+    $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends python3 python3-paho-mqtt
+fi
+
 # The no_std firmware is also built for a Cortex-M4F (thumbv7em-none-eabihf). rustup here
 # has the host target only, so that build uses Debian's Rust and build-std
 # (../shared/TOOLCHAIN.md); install it if any part is missing.

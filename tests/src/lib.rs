@@ -4,7 +4,8 @@
 //! would: [`Agent`] starts `fogline-agent` on free local ports with its own data
 //! directory, [`Fleet`] simulates sensors over MQTT (QoS 1, sequenced readings, re-send
 //! after reconnect, end-to-end acks), [`mosquitto`] wraps the Debian `mosquitto-clients`
-//! tools, and [`http_get`] / [`metric`] read the agent's HTTP endpoints.
+//! tools, [`conformance`] runs the MQTT conformance suite (Paho) against a broker, and
+//! [`http_get`] / [`metric`] read the agent's HTTP endpoints.
 //!
 //! The agent binary is found through `FOGLINE_AGENT_BIN`, else next to the running
 //! executable in the cargo target directory; build it first with
@@ -12,6 +13,7 @@
 
 mod agent;
 pub mod bench;
+pub mod conformance;
 mod fleet;
 mod gateway;
 mod http;

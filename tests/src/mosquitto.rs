@@ -168,6 +168,44 @@ impl Broker {
         Ok(())
     }
 
+    /// SIGTERM (Mosquitto writes its persistence file then), and wait up to `timeout` for
+    /// a clean exit.
+    pub fn stop(&mut self, timeout: Duration) -> anyhow::Result<()> {
+        let Some(mut child) = self.child.take() else {
+            return Ok(());
+        };
+        let pid = child.id().to_string();
+        let out = run_bounded(
+            Command::new("kill").args(["-TERM", &pid]),
+            Duration::from_secs(5),
+        )?;
+        if !out.status.success() {
+            bail!("kill -TERM {pid} failed: {}", out.stderr.trim());
+        }
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = child.try_wait()? {
+                if !status.success() {
+                    bail!(
+                        "{} exited with {status} after SIGTERM; log tail:\n{}",
+                        self.name,
+                        self.log_tail(20)
+                    );
+                }
+                return Ok(());
+            }
+            if Instant::now() >= deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                bail!(
+                    "{} still running {timeout:?} after SIGTERM; killed it",
+                    self.name
+                );
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
     /// The process id, while it runs.
     pub fn pid(&self) -> Option<u32> {
         self.child.as_ref().map(Child::id)
@@ -285,4 +323,64 @@ pub fn subscribe_one(port: u16, topic: &str, wait_secs: u32) -> anyhow::Result<O
         out.status,
         out.stderr.trim()
     )
+}
+
+/// Config lines for Mosquitto's dynamic security plugin with one client `user` (password
+/// `password`) that may publish only under `publish` and subscribe only to `subscribe`;
+/// every other SUBSCRIBE of that client is refused in its SUBACK. Writes the plugin's JSON
+/// file into `dir` (made with `mosquitto_ctrl dynsec init`, then given that one role).
+/// Anonymous clients are not affected. `None` when the plugin is not installed.
+pub fn dynsec_device(
+    dir: &Path,
+    user: &str,
+    password: &str,
+    publish: &str,
+    subscribe: &str,
+) -> anyhow::Result<Option<String>> {
+    let Some(plugin) = dynsec_plugin() else {
+        return Ok(None);
+    };
+    let file = dir.join("dynsec.json");
+    let out = run_bounded(
+        Command::new("mosquitto_ctrl")
+            .args(["dynsec", "init"])
+            .arg(&file)
+            .args([user, password]),
+        Duration::from_secs(30),
+    )?;
+    if !out.status.success() {
+        bail!("mosquitto_ctrl dynsec init failed: {}", out.stderr.trim());
+    }
+    let text = std::fs::read_to_string(&file)?;
+    let mut json: serde_json::Value =
+        serde_json::from_str(&text).context("mosquitto_ctrl wrote no JSON")?;
+    // `init` makes an admin (allowed to subscribe to everything): make it a device.
+    json["roles"] = serde_json::json!([{
+        "rolename": "device",
+        "acls": [
+            {"acltype": "publishClientSend", "topic": publish, "allow": true},
+            {"acltype": "subscribePattern", "topic": subscribe, "allow": true},
+        ],
+    }]);
+    let clients = json["clients"]
+        .as_array_mut()
+        .context("no clients in the dynsec file")?;
+    for client in clients {
+        client["roles"] = serde_json::json!([{"rolename": "device"}]);
+    }
+    std::fs::write(&file, serde_json::to_string_pretty(&json)?)?;
+    Ok(Some(format!(
+        "plugin {}\nplugin_opt_config_file {}\n",
+        plugin.display(),
+        file.display()
+    )))
+}
+
+/// `mosquitto_dynamic_security.so` in the multiarch library directory, if installed.
+fn dynsec_plugin() -> Option<PathBuf> {
+    std::fs::read_dir("/usr/lib")
+        .ok()?
+        .filter_map(Result::ok)
+        .map(|dir| dir.path().join("mosquitto_dynamic_security.so"))
+        .find(|p| p.is_file())
 }
