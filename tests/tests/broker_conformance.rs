@@ -16,10 +16,9 @@ use fogline_tests::mosquitto::{self, Broker};
 use fogline_tests::secure::auth_hash;
 use fogline_tests::{Agent, AgentOptions};
 
-/// Today's agent takes MQTT 5 on its own listener (`mqtt.listen_v5`), so the suite gets
-/// that port for MQTT 5. The new front end takes both protocol levels on `mqtt.listen`:
-/// set this to false then, and the suite runs both on the one port.
-const SEPARATE_V5_LISTENER: bool = true;
+/// The agent's front end takes both protocol levels on `mqtt.listen`, so the suite runs
+/// 3.1.1 and 5 on the one port (true would give MQTT 5 the extra `mqtt.listen_v5` port).
+const SEPARATE_V5_LISTENER: bool = false;
 
 /// A device of the credentials tests, and a filter it may not subscribe to.
 const DEVICE: &str = "d1";
