@@ -345,9 +345,9 @@ pub async fn start(
     bulk.extend(extra.iter().flat_map(|(_, f)| f.iter().copied()));
     let make_link = mqtt::start_router(mqtt::router_config(mqtt_cfg.max_connections, &bulk));
     let mut links = Vec::with_capacity(extra.len());
-    let (publish_tx, _publish_rx) = make_link("fogline-publish")?;
+    let (publish_tx, _publish_rx) = make_link("fogline-publish").map_err(BrokerError::Link)?;
     for (name, filters) in extra {
-        let (mut tx, rx) = make_link(name)?;
+        let (mut tx, rx) = make_link(name).map_err(BrokerError::Link)?;
         for filter in *filters {
             tx.subscribe(*filter)?;
         }

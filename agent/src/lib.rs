@@ -91,10 +91,9 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
     } else {
         Vec::new()
     };
-    let (running, publisher, links) =
-        broker::start(&config, queue_tx, metrics.clone(), &extra)
-            .await
-            .context("starting the MQTT broker")?;
+    let (running, publisher, links) = broker::start(&config, queue_tx, metrics.clone(), &extra)
+        .await
+        .context("starting the MQTT broker")?;
     tracing::info!(
         mqtt = %config.mqtt.listen,
         mqtt_v5 = %config.mqtt.listen_v5,

@@ -96,9 +96,7 @@ impl Metrics {
             let _ = m.dropped.get_or_create(&Reason { reason });
         }
         for d in crate::mqtt::session::Dropped::ALL {
-            let _ = m.mqtt_dropped.get_or_create(&Reason {
-                reason: d.as_str(),
-            });
+            let _ = m.mqtt_dropped.get_or_create(&Reason { reason: d.as_str() });
         }
         let r = &mut registry;
         r.register(

@@ -62,7 +62,10 @@ fn puback_scenario(agent: &mut Agent, seed: u64) -> anyhow::Result<()> {
         let done = devices
             .iter()
             .all(|d| d.snapshot().sent >= PUBACK_MAX_PER_DEVICE);
-        anyhow::ensure!(!done, "the devices finished before kill #{kill}: raise the maximum");
+        anyhow::ensure!(
+            !done,
+            "the devices finished before kill #{kill}: raise the maximum"
+        );
         agent.kill9()?;
         eprintln!(
             "[{:>5.1}s] SIGKILL #{kill}: PUBACKed {acked}",

@@ -10,9 +10,9 @@ use rumqttd::protocol::v4::V4;
 use rumqttd::protocol::v5::V5;
 use rumqttd::protocol::{
     ConnAck, ConnAckProperties, ConnectReturnCode, Disconnect, DisconnectReasonCode, LastWill,
-    LastWillProperties, Packet, PingResp, PubAck, PubAckReason, PubComp, PubCompReason, PubRec,
-    PubRecReason, PubRel, PubRelReason, Protocol, Publish, PublishProperties, QoS,
-    RetainForwardRule, SubAck, SubscribeReasonCode, UnsubAck, UnsubAckReason,
+    LastWillProperties, Packet, PingResp, Protocol, PubAck, PubAckReason, PubComp, PubCompReason,
+    PubRec, PubRecReason, PubRel, PubRelReason, Publish, PublishProperties, QoS, RetainForwardRule,
+    SubAck, SubscribeReasonCode, UnsubAck, UnsubAckReason,
 };
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
@@ -50,9 +50,7 @@ impl Rights {
     fn may_subscribe(&self, filter: &str, site_private: bool) -> bool {
         match self {
             Rights::All => true,
-            Rights::Open => {
-                !site_private || !SITE_PREFIXES.iter().any(|p| filter.starts_with(p))
-            }
+            Rights::Open => !site_private || !SITE_PREFIXES.iter().any(|p| filter.starts_with(p)),
             Rights::Device(d) => crate::frontend::own_filter(d, filter.as_bytes()),
             Rights::Authenticate(_) => false,
         }
@@ -107,9 +105,9 @@ struct PendingAck {
 
 #[derive(Clone, Copy)]
 enum AckKind {
-    PubAck(PubAckReason),
-    PubRec(PubRecReason),
-    PubComp,
+    Ack(PubAckReason),
+    Rec(PubRecReason),
+    Comp,
 }
 
 struct Conn<'a> {
@@ -175,7 +173,10 @@ where
     let rights = match rights {
         Rights::Authenticate(auth) => {
             let (user, pass) = match &login {
-                Some(l) => (Some(l.username.clone()), Some(l.password.clone().into_bytes())),
+                Some(l) => (
+                    Some(l.username.clone()),
+                    Some(l.password.clone().into_bytes()),
+                ),
                 None => (None, None),
             };
             let client_id = connect.client_id.clone();
@@ -612,7 +613,7 @@ impl Conn<'_> {
                 self.acks.push_back(PendingAck {
                     token: None,
                     pkid: rel.pkid,
-                    kind: AckKind::PubComp,
+                    kind: AckKind::Comp,
                 });
                 None
             }
@@ -652,8 +653,7 @@ impl Conn<'_> {
                 None
             }
             Packet::PingReq(_) => {
-                self.codec
-                    .write(Packet::PingResp(PingResp), &mut self.wbuf);
+                self.codec.write(Packet::PingResp(PingResp), &mut self.wbuf);
                 None
             }
             Packet::Disconnect(d, props) => {
@@ -696,7 +696,10 @@ impl Conn<'_> {
             self.disconnect(DisconnectReasonCode::TopicNameInvalid);
             return Some(End::Abnormal);
         }
-        if !self.rights.may_publish(topic, self.server.settings.site_private) {
+        if !self
+            .rights
+            .may_publish(topic, self.server.settings.site_private)
+        {
             let who = match &self.rights {
                 Rights::Device(d) => format!("device {d:?}"),
                 _ => format!("client {:?}", self.session.client_id),
@@ -717,7 +720,7 @@ impl Conn<'_> {
                 self.acks.push_back(PendingAck {
                     token: None,
                     pkid,
-                    kind: AckKind::PubRec(PubRecReason::Success),
+                    kind: AckKind::Rec(PubRecReason::Success),
                 });
                 return None;
             }
@@ -737,7 +740,11 @@ impl Conn<'_> {
                 }
             });
             token = done.as_ref().map(|d| d.token);
-            match self.server.ingest.offer(&publish.topic, &publish.payload, done) {
+            match self
+                .server
+                .ingest
+                .offer(&publish.topic, &publish.payload, done)
+            {
                 Offered::Queued => {}
                 Offered::Rejected(_) => {
                     token = None;
@@ -753,10 +760,10 @@ impl Conn<'_> {
         }
         let kind = match (qos, refused && self.v5()) {
             (0, _) => return None,
-            (1, false) => AckKind::PubAck(PubAckReason::Success),
-            (1, true) => AckKind::PubAck(PubAckReason::PayloadFormatInvalid),
-            (_, false) => AckKind::PubRec(PubRecReason::Success),
-            (_, true) => AckKind::PubRec(PubRecReason::PayloadFormatInvalid),
+            (1, false) => AckKind::Ack(PubAckReason::Success),
+            (1, true) => AckKind::Ack(PubAckReason::PayloadFormatInvalid),
+            (_, false) => AckKind::Rec(PubRecReason::Success),
+            (_, true) => AckKind::Rec(PubRecReason::PayloadFormatInvalid),
         };
         self.acks.push_back(PendingAck { token, pkid, kind });
         None
@@ -871,9 +878,9 @@ impl Conn<'_> {
             let (pkid, kind) = (a.pkid, a.kind);
             self.acks.pop_front();
             let packet = match kind {
-                AckKind::PubAck(reason) => Packet::PubAck(PubAck { pkid, reason }, None),
-                AckKind::PubRec(reason) => Packet::PubRec(PubRec { pkid, reason }, None),
-                AckKind::PubComp => Packet::PubComp(
+                AckKind::Ack(reason) => Packet::PubAck(PubAck { pkid, reason }, None),
+                AckKind::Rec(reason) => Packet::PubRec(PubRec { pkid, reason }, None),
+                AckKind::Comp => Packet::PubComp(
                     PubComp {
                         pkid,
                         reason: PubCompReason::Success,
@@ -937,7 +944,8 @@ impl Conn<'_> {
             msg.retain,
         );
         let mut plain = BytesMut::new();
-        self.codec.write(Packet::Publish(publish, props), &mut plain);
+        self.codec
+            .write(Packet::Publish(publish, props), &mut plain);
         if msg.qos == 0 {
             out.extend_from_slice(&plain);
         } else {
@@ -1053,6 +1061,24 @@ impl Conn<'_> {
     }
 }
 
+/// Runs every decoder the front end applies to client bytes over `data` (for fuzzing:
+/// none may panic).
+pub fn decode_any(data: &[u8]) {
+    let _ = connect_level(data);
+    let _ = publish_meta(data);
+    for mut codec in [Codec::V4(V4), Codec::V5(V5)] {
+        let mut buf = BytesMut::from(data);
+        while let Ok(packet) = codec.read(&mut buf, 1 << 16) {
+            if let Packet::Publish(p, _) = packet {
+                let mut out = BytesMut::new();
+                codec.write(Packet::Publish(p, None), &mut out);
+                let mut spliced = BytesMut::new();
+                add_packet_id(&out, 1, 7, false, &mut spliced);
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1065,14 +1091,21 @@ mod tests {
         let v5 = [0x10, 0x80, 0x01, 0, 4, b'M', b'Q', b'T', b'T', 5];
         assert_eq!(connect_level(&v5), Some(5));
         assert_eq!(connect_level(&[0x30, 0]), None);
-        assert_eq!(connect_level(&[0x10, 0xff, 0xff, 0xff, 0xff, 0xff]), Some(0));
+        assert_eq!(
+            connect_level(&[0x10, 0xff, 0xff, 0xff, 0xff, 0xff]),
+            Some(0)
+        );
     }
 
     #[test]
     fn packet_ids_are_spliced_into_encoded_publishes() {
         for codec in [Codec::V4(V4), Codec::V5(V5)] {
             let mut plain = BytesMut::new();
-            let publish = Publish::new(Bytes::from_static(b"a/b"), Bytes::from(vec![7u8; 200]), true);
+            let publish = Publish::new(
+                Bytes::from_static(b"a/b"),
+                Bytes::from(vec![7u8; 200]),
+                true,
+            );
             codec.write(Packet::Publish(publish, None), &mut plain);
             let mut out = BytesMut::new();
             add_packet_id(&plain, 1, 0x1234, true, &mut out);

@@ -34,9 +34,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use rumqttd::local::{LinkBuilder, LinkError, LinkRx, LinkTx};
-use rumqttd::protocol::{
-    Disconnect, DisconnectReasonCode, Packet, Publish, PublishProperties,
-};
+use rumqttd::protocol::{Disconnect, DisconnectReasonCode, Packet, Publish, PublishProperties};
 use rumqttd::{Notification, Router, RouterConfig};
 use tokio::net::TcpListener;
 
@@ -47,10 +45,10 @@ use crate::metrics::Metrics;
 use session::{Dropped, Msg, Props, Record, Session, Store};
 use topic::Tag;
 
-pub use conn::Rights;
+pub use conn::{decode_any, Rights};
 
-/// Makes a router link: name, and whether it may publish to topics nobody subscribed.
-type MakeLink = dyn Fn(&str) -> Result<(LinkTx, LinkRx), LinkError> + Send + Sync;
+/// Makes an in-process link to the router, by name.
+type MakeLink = dyn Fn(&str) -> Result<(LinkTx, LinkRx), Box<LinkError>> + Send + Sync;
 
 /// How often changed sessions are written to `sessions.redb`.
 const PERSIST_EVERY: Duration = Duration::from_millis(100);
@@ -107,12 +105,11 @@ impl Ingest {
     /// is behind.
     pub fn offer(&self, topic: &[u8], payload: &[u8], done: Option<Done>) -> Offered {
         self.metrics.received.inc();
-        let parsed = ingest::parse(topic, payload, self.max_payload, crate::now_ms()).and_then(
-            |r| {
+        let parsed =
+            ingest::parse(topic, payload, self.max_payload, crate::now_ms()).and_then(|r| {
                 let mut limiter = self.limiter.lock().unwrap_or_else(|e| e.into_inner());
                 limiter.admit(&r.device, Instant::now()).map(|()| r)
-            },
-        );
+            });
         let reading = match parsed {
             Ok(r) => r,
             Err(reason) => {
@@ -123,12 +120,7 @@ impl Ingest {
                 return Offered::Rejected(reason);
             }
         };
-        let Some(queue) = self
-            .queue
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
-        else {
+        let Some(queue) = self.queue.lock().unwrap_or_else(|e| e.into_inner()).clone() else {
             return Offered::Closed;
         };
         let item = Queued { reading, done };
@@ -215,6 +207,7 @@ pub fn start_router(config: RouterConfig) -> Box<MakeLink> {
             .dynamic_filters(true)
             .build()
             .map(|(tx, rx, _)| (tx, rx))
+            .map_err(Box::new)
     })
 }
 
@@ -580,7 +573,9 @@ impl Server {
                 st.dirty = false;
                 match postcard::to_allocvec(&st.rec) {
                     Ok(bytes) => put.push((s.client_id.clone(), bytes)),
-                    Err(e) => tracing::error!(client = %s.client_id, "cannot encode a session: {e}"),
+                    Err(e) => {
+                        tracing::error!(client = %s.client_id, "cannot encode a session: {e}")
+                    }
                 }
             }
         }
@@ -598,12 +593,11 @@ impl Server {
             .filter(|c| !put.iter().any(|(p, _)| p == c))
             .collect();
         let server = self.clone();
-        let written =
-            tokio::task::spawn_blocking(move || match &server.store {
-                Some(store) => store.write(&put, &delete).map_err(|e| e.to_string()),
-                None => Ok(()),
-            })
-            .await;
+        let written = tokio::task::spawn_blocking(move || match &server.store {
+            Some(store) => store.write(&put, &delete).map_err(|e| e.to_string()),
+            None => Ok(()),
+        })
+        .await;
         match written {
             Ok(Ok(())) => {}
             Ok(Err(e)) => tracing::error!("could not save sessions: {e}"),

@@ -267,11 +267,7 @@ impl Store {
     }
 
     /// Writes and deletes in one transaction (one fsync).
-    pub fn write(
-        &self,
-        put: &[(String, Vec<u8>)],
-        delete: &[String],
-    ) -> Result<(), StoreError> {
+    pub fn write(&self, put: &[(String, Vec<u8>)], delete: &[String]) -> Result<(), StoreError> {
         let tx = self.db.begin_write().map_err(err)?;
         {
             let mut table = tx.open_table(SESSIONS).map_err(err)?;
@@ -349,9 +345,7 @@ mod tests {
         {
             let store = Store::open(&path).expect("open");
             let bytes = postcard::to_allocvec(&rec).expect("encode");
-            store
-                .write(&[("c1".into(), bytes)], &[])
-                .expect("write");
+            store.write(&[("c1".into(), bytes)], &[]).expect("write");
         }
         let store = Store::open(&path).expect("reopen");
         let loaded = store.load().expect("load");
