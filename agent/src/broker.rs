@@ -7,7 +7,6 @@
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc::SyncSender;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -52,6 +51,22 @@ impl Publisher {
         let publish = Publish::new(topic, payload, true);
         self.rt
             .block_on(self.tx.send(Packet::Publish(publish, None)))?;
+        Ok(())
+    }
+
+    /// Publishes many retained messages with one wake-up of the router (each
+    /// [`Publisher::retained`] wakes it, which at a thousand acks per commit costs more
+    /// than the messages).
+    pub fn retained_all(&mut self, messages: Vec<(String, String)>) -> Result<(), BrokerError> {
+        let mut packets: Vec<Packet> = messages
+            .into_iter()
+            .map(|(topic, payload)| Packet::Publish(Publish::new(topic, payload, true), None))
+            .collect();
+        let Some(last) = packets.pop() else {
+            return Ok(());
+        };
+        self.tx.buffer().extend(packets);
+        self.rt.block_on(self.tx.send(last))?;
         Ok(())
     }
 }
@@ -324,7 +339,7 @@ impl Front {
 /// from the front end to `queue`.
 pub async fn start(
     config: &Config,
-    queue: SyncSender<crate::ingest::Queued>,
+    queue: flume::Sender<crate::ingest::Queued>,
     metrics: Arc<Metrics>,
     extra: &[(&str, &[&str])],
 ) -> Result<(Front, Publisher, Vec<Link>), BrokerError> {

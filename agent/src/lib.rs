@@ -77,7 +77,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
         .with_context(|| format!("cannot listen for HTTP on {}", config.http.listen))?;
 
     let origin = buffer.origin(&config.node.id);
-    let (queue_tx, queue_rx) = std::sync::mpsc::sync_channel(config.ingest.queue_readings);
+    let (queue_tx, queue_rx) = flume::bounded(config.ingest.queue_readings);
     let cluster_filter = site::cluster_topic(&config.node.site, &config.node.id);
     let repl_filter = uplink::proto::REPLICATION.filter();
     let cluster_filters = [cluster_filter.as_str()];

@@ -4,8 +4,8 @@
 //! within its capacity. When the queue closes it commits what is left, writes the window
 //! checkpoint and publishes the last aggregates, so a clean stop loses nothing.
 
+use flume::{Receiver, RecvTimeoutError};
 use std::collections::HashMap;
-use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -259,9 +259,7 @@ impl Pipeline {
         }
         if self.links.insync.is_none() {
             dones.iter().for_each(Done::durable);
-            for (device, ack) in acks {
-                self.publish_ack(&device, ack);
-            }
+            self.publish_acks(acks);
             return;
         }
         let end = self.buffer.meta().next_offset;
@@ -300,21 +298,24 @@ impl Pipeline {
                 dones.iter().for_each(Done::durable);
             }
         }
-        for (device, ack) in ready {
-            self.publish_ack(&device, ack);
-        }
+        self.publish_acks(ready);
     }
 
-    fn publish_ack(&mut self, device: &str, ack: Ack) {
-        let payload = serde_json::json!({"boot": ack.boot, "seq": ack.seq});
-        match self
-            .publisher
-            .retained(format!("fogline/ack/{device}"), payload.to_string())
-        {
+    /// Publishes the acks of a commit in one hand-over to the router.
+    fn publish_acks(&mut self, acks: impl IntoIterator<Item = (String, Ack)>) {
+        let messages: Vec<(String, String)> = acks
+            .into_iter()
+            .map(|(device, ack)| {
+                let payload = serde_json::json!({"boot": ack.boot, "seq": ack.seq});
+                (format!("fogline/ack/{device}"), payload.to_string())
+            })
+            .collect();
+        let n = messages.len() as u64;
+        match self.publisher.retained_all(messages) {
             Ok(()) => {
-                self.metrics.acks_published.inc();
+                self.metrics.acks_published.inc_by(n);
             }
-            Err(e) => tracing::warn!("could not publish the ack of {device}: {e}"),
+            Err(e) => tracing::warn!("could not publish {n} device acks: {e}"),
         }
     }
 
@@ -363,16 +364,18 @@ impl Pipeline {
     }
 
     fn publish_aggregates(&mut self) {
-        for (topic, json) in self.buffer.take_aggregates(&self.quantiles) {
+        let aggregates = self.buffer.take_aggregates(&self.quantiles);
+        for (topic, json) in &aggregates {
             for relay in &self.links.relays {
-                relay.relay.offer(&topic, &json);
+                relay.relay.offer(topic, json);
             }
-            match self.publisher.retained(topic, json) {
-                Ok(()) => {
-                    self.metrics.aggregates_published.inc();
-                }
-                Err(e) => tracing::warn!("could not publish an aggregate: {e}"),
+        }
+        let n = aggregates.len() as u64;
+        match self.publisher.retained_all(aggregates) {
+            Ok(()) => {
+                self.metrics.aggregates_published.inc_by(n);
             }
+            Err(e) => tracing::warn!("could not publish {n} aggregates: {e}"),
         }
     }
 

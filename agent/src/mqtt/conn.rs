@@ -744,6 +744,7 @@ impl Conn<'_> {
                 .server
                 .ingest
                 .offer(&publish.topic, &publish.payload, done)
+                .await
             {
                 Offered::Queued => {}
                 Offered::Rejected(_) => {

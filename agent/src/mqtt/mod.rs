@@ -28,7 +28,6 @@ use std::collections::HashMap;
 use std::net::{SocketAddr, TcpListener as StdListener};
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::mpsc::{SyncSender, TrySendError};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -69,7 +68,7 @@ pub struct Settings {
 
 /// The readings path: from a connection straight to the writer's queue.
 pub struct Ingest {
-    queue: Mutex<Option<SyncSender<Queued>>>,
+    queue: Mutex<Option<flume::Sender<Queued>>>,
     limiter: Mutex<crate::limits::Limiter>,
     rejects: Mutex<RejectLog>,
     metrics: Arc<Metrics>,
@@ -86,7 +85,7 @@ pub enum Offered {
 
 impl Ingest {
     pub fn new(
-        queue: SyncSender<Queued>,
+        queue: flume::Sender<Queued>,
         limits: crate::limits::LimitsConfig,
         reject_log: Duration,
         metrics: Arc<Metrics>,
@@ -101,9 +100,9 @@ impl Ingest {
         }
     }
 
-    /// Validates a publish on `sensors/…` and queues the reading, waiting when the writer
-    /// is behind.
-    pub fn offer(&self, topic: &[u8], payload: &[u8], done: Option<Done>) -> Offered {
+    /// Validates a publish on `sensors/…` and queues the reading, waiting (without holding
+    /// a thread) when the writer is behind.
+    pub async fn offer(&self, topic: &[u8], payload: &[u8], done: Option<Done>) -> Offered {
         self.metrics.received.inc();
         let parsed =
             ingest::parse(topic, payload, self.max_payload, crate::now_ms()).and_then(|r| {
@@ -126,16 +125,15 @@ impl Ingest {
         let item = Queued { reading, done };
         match queue.try_send(item) {
             Ok(()) => Offered::Queued,
-            Err(TrySendError::Full(item)) => {
+            Err(flume::TrySendError::Full(item)) => {
                 self.metrics.queue_full.inc();
-                let sent = tokio::task::block_in_place(|| queue.send(item));
-                if sent.is_ok() {
+                if queue.send_async(item).await.is_ok() {
                     Offered::Queued
                 } else {
                     Offered::Closed
                 }
             }
-            Err(TrySendError::Disconnected(_)) => Offered::Closed,
+            Err(flume::TrySendError::Disconnected(_)) => Offered::Closed,
         }
     }
 
@@ -184,9 +182,10 @@ pub fn router_config(max_connections: usize, bulk_filters: &[&str]) -> RouterCon
         max_segment_count: 4,
     };
     RouterConfig {
-        max_connections: max_connections + 16,
+        // A link per session that subscribes, and sessions outlive connections.
+        max_connections: 2 * max_connections + 16,
         max_outgoing_packet_count: 200,
-        max_segment_size: 16 << 10,
+        max_segment_size: 4 << 10,
         max_segment_count: 2,
         custom_segment: Some(
             bulk_filters

@@ -62,9 +62,20 @@ struct Args {
     /// Extra agent environment, KEY=VALUE (e.g. FOGLINE_BUFFER__BATCH_MAX_DELAY_MS=5).
     #[arg(long = "env", value_parser = parse_env)]
     env: Vec<(String, String)>,
+    /// What counts as the durable acknowledgement: the `fogline/ack/<device>` watermark
+    /// (each device subscribes to it), or the MQTT PUBACK (no subscription; the agent
+    /// sends it after the commit). Use `watermark` for agents older than the front end.
+    #[arg(long, value_enum, default_value_t = Ack::Watermark)]
+    ack: Ack,
     /// Also print a Markdown table (for BENCHMARKS.md).
     #[arg(long)]
     markdown: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Ack {
+    Watermark,
+    Puback,
 }
 
 fn parse_env(s: &str) -> Result<(String, String), String> {
@@ -183,6 +194,9 @@ fn run(args: &Args, bin: &std::path::Path, devices: u32) -> anyhow::Result<Row> 
         let mut spec = DeviceSpec::json(format!("bench-{d:04}"), "temp", 1);
         spec.window = args.window;
         spec.record_latency = true;
+        if args.ack == Ack::Puback {
+            spec.ack = fogline_tests::AckSource::PubAck;
+        }
         if args.rate > 0.0 {
             spec.interval = Some(Duration::from_secs_f64(1.0 / args.rate));
         }
