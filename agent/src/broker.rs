@@ -43,6 +43,8 @@ impl From<LinkError> for BrokerError {
 pub struct Publisher {
     tx: LinkTx,
     rt: tokio::runtime::Handle,
+    /// The agent's front end, which serves `fogline/ack/…` itself.
+    local: Option<Arc<crate::mqtt::Server>>,
 }
 
 impl Publisher {
@@ -58,6 +60,17 @@ impl Publisher {
     /// [`Publisher::retained`] wakes it, which at a thousand acks per commit costs more
     /// than the messages).
     pub fn retained_all(&mut self, messages: Vec<(String, String)>) -> Result<(), BrokerError> {
+        let mut messages = messages;
+        if let Some(server) = &self.local {
+            let (local, other): (Vec<_>, Vec<_>) = messages
+                .into_iter()
+                .partition(|(t, _)| t.starts_with(crate::mqtt::LOCAL_PREFIX));
+            let wildcards = server.publish_local(&local);
+            messages = other;
+            if wildcards {
+                messages.extend(local);
+            }
+        }
         let mut packets: Vec<Packet> = messages
             .into_iter()
             .map(|(topic, payload)| Packet::Publish(Publish::new(topic, payload, true), None))
@@ -309,6 +322,7 @@ impl Publisher {
         Publisher {
             tx,
             rt: tokio::runtime::Handle::current(),
+            local: None,
         }
     }
 }
@@ -424,11 +438,14 @@ pub async fn start(
     let persist = tokio::spawn(mqtt::persist_loop(server.clone(), stop_rx));
     Ok((
         Front {
-            server,
+            server: server.clone(),
             stop,
             persist,
         },
-        Publisher::new(publish_tx),
+        Publisher {
+            local: Some(server.clone()),
+            ..Publisher::new(publish_tx)
+        },
         links,
     ))
 }

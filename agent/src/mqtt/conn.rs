@@ -155,7 +155,7 @@ where
         return;
     };
     let v5 = codec.v5();
-    let mut wbuf = BytesMut::with_capacity(4096);
+    let mut wbuf = BytesMut::with_capacity(1024);
     let refuse = |code: ConnectReturnCode, wbuf: &mut BytesMut| {
         codec.write(
             Packet::ConnAck(

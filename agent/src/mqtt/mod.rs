@@ -157,6 +157,11 @@ pub struct Server {
     generation: AtomicU64,
     /// Subscriptions that could match a reading's topic: readings go to the router too.
     reading_subs: AtomicUsize,
+    /// The agent's own `fogline/ack/…` messages, served without the router.
+    local: Mutex<LocalTopics>,
+    /// Wildcard subscriptions that may match a `fogline/ack/…` topic: those messages go
+    /// to the router too.
+    local_wildcards: AtomicUsize,
     /// `$SYS/…` messages, retained.
     sys: Vec<(String, Bytes)>,
     pub ingest: Arc<Ingest>,
@@ -233,6 +238,8 @@ impl Server {
             store: Some(store),
             generation: AtomicU64::new(0),
             reading_subs: AtomicUsize::new(0),
+            local: Mutex::new(LocalTopics::default()),
+            local_wildcards: AtomicUsize::new(0),
             sys: vec![
                 (
                     "$SYS/broker/version".into(),
@@ -351,7 +358,7 @@ impl Server {
         if let Some(session) = session {
             let subs = std::mem::take(&mut session.lock().rec.subs);
             for s in subs {
-                self.count_reading_sub(&s.filter, false);
+                self.untrack(&session, &s.filter);
             }
         }
         let link = self.lock_links().remove(client);
@@ -375,17 +382,74 @@ impl Server {
             .push(client.to_owned());
     }
 
-    fn count_reading_sub(&self, filter: &str, add: bool) {
-        if !topic::may_match_readings(filter) {
-            return;
-        }
-        if add {
+    fn lock_local(&self) -> std::sync::MutexGuard<'_, LocalTopics> {
+        self.local.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Counts what a subscription to `filter` asks of the router; true when it is served
+    /// here instead (an exact `fogline/ack/…` topic).
+    fn track(&self, session: &Arc<Session>, filter: &str) -> bool {
+        if topic::may_match_readings(filter) {
             self.reading_subs.fetch_add(1, Ordering::SeqCst);
-        } else {
-            let _ = self
-                .reading_subs
-                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1));
         }
+        if is_local_exact(filter) {
+            let mut local = self.lock_local();
+            local
+                .exact
+                .entry(filter.to_owned())
+                .or_default()
+                .push(Arc::downgrade(session));
+            return true;
+        }
+        if topic::may_match_local(filter) {
+            self.local_wildcards.fetch_add(1, Ordering::SeqCst);
+        }
+        false
+    }
+
+    /// Undoes [`Server::track`].
+    fn untrack(&self, session: &Session, filter: &str) {
+        let dec = |n: &AtomicUsize| {
+            let _ = n.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1));
+        };
+        if topic::may_match_readings(filter) {
+            dec(&self.reading_subs);
+        }
+        if is_local_exact(filter) {
+            let mut local = self.lock_local();
+            if let Some(list) = local.exact.get_mut(filter) {
+                list.retain(|w| w.strong_count() > 0 && !std::ptr::eq(w.as_ptr(), session));
+                if list.is_empty() {
+                    local.exact.remove(filter);
+                }
+            }
+        } else if topic::may_match_local(filter) {
+            dec(&self.local_wildcards);
+        }
+    }
+
+    /// The agent's own messages on `fogline/ack/…` (retained): kept here and delivered to
+    /// exact subscribers directly, and to the router only when a wildcard subscription
+    /// could want them.
+    pub fn publish_local(&self, messages: &[(String, String)]) -> bool {
+        let now = crate::now_ms();
+        for (topic, payload) in messages {
+            let payload = Bytes::from(payload.clone());
+            let subscribers: Vec<Arc<Session>> = {
+                let mut local = self.lock_local();
+                local.retained.insert(topic.clone(), payload.clone());
+                local
+                    .exact
+                    .get(topic)
+                    .map(|l| l.iter().filter_map(std::sync::Weak::upgrade).collect())
+                    .unwrap_or_default()
+            };
+            for session in subscribers {
+                let publish = Publish::new(Bytes::from(topic.clone()), payload.clone(), false);
+                self.offer_at(&session, publish, None, now);
+            }
+        }
+        self.local_wildcards.load(Ordering::SeqCst) > 0
     }
 
     /// Does anyone subscribe to something that matches readings?
@@ -396,7 +460,14 @@ impl Server {
     /// After a session added `filter`: subscribe its router link (made on first use).
     /// `$` filters are served from [`Server::sys`] instead.
     pub async fn subscribed(self: &Arc<Self>, session: &Arc<Session>, filter: &str) {
-        self.count_reading_sub(filter, true);
+        if self.track(session, filter) {
+            let retained = self.lock_local().retained.get(filter).cloned();
+            if let Some(payload) = retained {
+                let publish = Publish::new(Bytes::from(filter.to_owned()), payload, true);
+                self.offer_at(session, publish, None, crate::now_ms());
+            }
+            return;
+        }
         if filter.starts_with('$') {
             self.offer_sys(session, filter);
             return;
@@ -438,8 +509,8 @@ impl Server {
 
     /// After a session dropped `filter`.
     pub fn unsubscribed(&self, session: &Session, filter: &str) {
-        self.count_reading_sub(filter, false);
-        if filter.starts_with('$') {
+        self.untrack(session, filter);
+        if filter.starts_with('$') || is_local_exact(filter) {
             return;
         }
         if let Some(link) = self.lock_links().get_mut(&session.client_id) {
@@ -464,8 +535,17 @@ impl Server {
     }
 
     /// A message from the router for `session`: delivered per its subscriptions.
-    fn offer(&self, session: &Session, publish: Publish, mut props: Option<PublishProperties>) {
-        let now = crate::now_ms();
+    fn offer(&self, session: &Session, publish: Publish, props: Option<PublishProperties>) {
+        self.offer_at(session, publish, props, crate::now_ms());
+    }
+
+    fn offer_at(
+        &self,
+        session: &Session,
+        publish: Publish,
+        mut props: Option<PublishProperties>,
+        now: i64,
+    ) {
         // The router marks retained messages it sends right after a SUBSCRIBE.
         let retained_delivery = publish.retain;
         let tag = Tag::detach(&mut props).unwrap_or_else(|| Tag::internal(now));
@@ -690,6 +770,21 @@ impl Server {
             }
         }
     }
+}
+
+/// Topics only the agent publishes, served by the front end itself.
+pub const LOCAL_PREFIX: &str = "fogline/ack/";
+
+fn is_local_exact(filter: &str) -> bool {
+    filter.starts_with(LOCAL_PREFIX) && !filter.contains(['+', '#'])
+}
+
+#[derive(Default)]
+struct LocalTopics {
+    /// The latest message of each topic.
+    retained: HashMap<String, Bytes>,
+    /// Sessions subscribed to each topic by its exact name.
+    exact: HashMap<String, Vec<std::sync::Weak<Session>>>,
 }
 
 /// Who may connect on a listener, and with what rights.

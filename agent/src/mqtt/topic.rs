@@ -52,6 +52,18 @@ pub fn may_match_readings(filter: &str) -> bool {
     matches!(first, "sensors" | "+" | "#")
 }
 
+/// Could a wildcard `filter` match an agent-only topic (`fogline/ack/…`)?
+pub fn may_match_local(filter: &str) -> bool {
+    let mut levels = filter.split('/');
+    let first = levels.next().unwrap_or("");
+    let second = levels.next();
+    match first {
+        "#" => true,
+        "+" | "fogline" => matches!(second, None | Some("#" | "+" | "ack")) && filter != "fogline",
+        _ => false,
+    }
+}
+
 const TAG: &str = "fogline";
 
 /// What a publisher sent, beside what the router forwards.
@@ -154,6 +166,12 @@ mod tests {
         assert!(may_match_readings("#"));
         assert!(may_match_readings("+/d1/temp"));
         assert!(!may_match_readings("agg/#"));
+        assert!(may_match_local("#"));
+        assert!(may_match_local("fogline/#"));
+        assert!(may_match_local("fogline/ack/+"));
+        assert!(may_match_local("+/ack/d1"));
+        assert!(!may_match_local("fogline/repl/#"));
+        assert!(!may_match_local("agg/#"));
     }
 
     #[test]
