@@ -129,7 +129,7 @@ where
     S: AsyncRead + AsyncWrite + Unpin + Send,
 {
     let (mut reader, mut writer) = tokio::io::split(stream);
-    let mut rbuf = BytesMut::with_capacity(4096);
+    let mut rbuf = BytesMut::with_capacity(1024);
     let first = tokio::time::timeout(
         server.settings.connect_timeout,
         read_connect(&mut reader, &mut rbuf, server.settings.max_packet),
@@ -1123,6 +1123,43 @@ mod tests {
             }
             assert!(out.is_empty());
         }
+    }
+
+    /// Every connection is one task holding this future: it must stay small for a Pi with
+    /// a thousand sensors.
+    #[tokio::test]
+    async fn a_connection_task_is_small() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let metrics = Arc::new(crate::metrics::Metrics::new());
+        let (tx, _rx) = flume::bounded(16);
+        let ingest = Arc::new(super::super::Ingest::new(
+            tx,
+            crate::limits::LimitsConfig::default(),
+            Duration::from_secs(1),
+            metrics.clone(),
+            1024,
+        ));
+        let settings = super::super::Settings {
+            max_packet: 1 << 16,
+            max_inflight: 10,
+            max_queued: 10,
+            session_expiry_max_secs: 60,
+            connect_timeout: Duration::from_secs(1),
+            max_connections: 10,
+            site_private: false,
+        };
+        let make = super::super::start_router(super::super::router_config(10, &[]));
+        let server =
+            super::super::Server::new(make, dir.path(), ingest, settings, metrics).expect("server");
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        let fut = serve(&server, stream, addr, Rights::Open);
+        let size = std::mem::size_of_val(&fut);
+        eprintln!("connection future: {size} bytes");
+        assert!(size < 8192, "a connection's future takes {size} bytes");
     }
 
     #[test]
