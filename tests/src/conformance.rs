@@ -29,11 +29,6 @@ fn python_with_paho() -> Option<PathBuf> {
     })
 }
 
-fn is_root() -> bool {
-    run_bounded(Command::new("id").arg("-u"), Duration::from_secs(5))
-        .is_ok_and(|out| out.stdout.trim() == "0")
-}
-
 /// A Python 3 that can import paho: found, or installed with apt (`python3` and
 /// `python3-paho-mqtt`) when running as root. `Ok(None)` when it is missing and this is not
 /// root: the caller skips, saying so.
@@ -41,7 +36,7 @@ pub fn ensure_python() -> anyhow::Result<Option<PathBuf>> {
     if let Some(python) = python_with_paho() {
         return Ok(Some(python));
     }
-    if !is_root() {
+    if !crate::is_root() {
         return Ok(None);
     }
     for args in [

@@ -37,6 +37,15 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use fogline_firmware::wire::{self, Reading, Timestamp, MAX_FRAME_LEN};
 
+/// Is this process running as root (`id -u` is 0)?
+pub fn is_root() -> bool {
+    run_bounded(
+        std::process::Command::new("id").arg("-u"),
+        Duration::from_secs(5),
+    )
+    .is_ok_and(|out| out.stdout.trim() == "0")
+}
+
 /// A port on 127.0.0.1 that was free a moment ago (the OS picked it).
 pub fn free_port() -> anyhow::Result<u16> {
     let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))?;

@@ -21,9 +21,7 @@ pub fn ensure_installed() -> anyhow::Result<()> {
     if Path::new(MOSQUITTO).is_file() && require_clients().is_ok() {
         return Ok(());
     }
-    let root = run_bounded(Command::new("id").arg("-u"), Duration::from_secs(5))
-        .map(|out| out.stdout.trim() == "0")
-        .unwrap_or(false);
+    let root = crate::is_root();
     let apt = |args: &[&str]| -> anyhow::Result<()> {
         let mut cmd = if root {
             Command::new("apt-get")
@@ -80,6 +78,8 @@ pub struct Broker {
 impl Broker {
     /// Starts a broker whose config is `listener PORT 127.0.0.1`, persistence in its temp
     /// dir, then `extra` (more lines: limits, a bridge). Waits until it accepts connections.
+    /// As root, Mosquitto would switch to the `mosquitto` user and then fail to write its
+    /// persistence file into the (root-owned) temp dir, silently: it runs as root then.
     pub fn start(name: &str, extra: &str) -> anyhow::Result<Broker> {
         let root = tempfile::Builder::new()
             .prefix("fogline-mosquitto-")
@@ -99,8 +99,10 @@ impl Broker {
              log_type error\n\
              log_type warning\n\
              log_type notice\n\
+             {user}\
              {extra}\n",
-            data.display()
+            data.display(),
+            user = if crate::is_root() { "user root\n" } else { "" },
         );
         std::fs::write(&config, text).with_context(|| format!("writing {}", config.display()))?;
         let mut broker = Broker {

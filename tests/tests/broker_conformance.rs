@@ -74,7 +74,7 @@ fn suite_passes_against_mosquitto() -> anyhow::Result<()> {
     mosquitto::ensure_installed()?;
     eprintln!("{}", mosquitto::version()?);
     let dir = tempfile::tempdir()?;
-    let mut broker = Broker::start("conformance", "user root")?;
+    let mut broker = Broker::start("conformance", "")?;
     let port = broker.addr().port();
     suite.run(port, None, &[])?.check()?;
 
@@ -101,7 +101,7 @@ fn suite_passes_against_mosquitto() -> anyhow::Result<()> {
         eprintln!("no mosquitto_dynamic_security.so: sub_refused not checked on Mosquitto");
         return Ok(());
     };
-    let broker = Broker::start("conformance-auth", &format!("user root\n{dynsec}"))?;
+    let broker = Broker::start("conformance-auth", &dynsec)?;
     suite
         .run(broker.addr().port(), None, &strs(&sub_refused_args()))?
         .check()
