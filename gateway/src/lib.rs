@@ -196,7 +196,6 @@ fn tls_front(
         backend,
         guard: Guard::Tls(acceptor),
         max_connections: mqtt.max_connections,
-        max_packet: mqtt.max_packet_bytes,
         connect_timeout: Duration::from_millis(u64::from(mqtt.connect_timeout_ms)),
         metrics: metrics.links_refused.clone(),
     };

@@ -42,7 +42,7 @@ impl Rights {
         match self {
             Rights::All => true,
             Rights::Open => !site_private || !SITE_PREFIXES.iter().any(|p| topic.starts_with(p)),
-            Rights::Device(d) => crate::frontend::own_topic(d, topic.as_bytes(), true),
+            Rights::Device(d) => own_topic(d, topic.as_bytes()),
             Rights::Authenticate(_) => false,
         }
     }
@@ -51,10 +51,30 @@ impl Rights {
         match self {
             Rights::All => true,
             Rights::Open => !site_private || !SITE_PREFIXES.iter().any(|p| filter.starts_with(p)),
-            Rights::Device(d) => crate::frontend::own_filter(d, filter.as_bytes()),
+            Rights::Device(d) => own_filter(d, filter.as_bytes()),
             Rights::Authenticate(_) => false,
         }
     }
+}
+
+/// May `device` publish on (or leave a will on) `topic`? Only its own readings.
+fn own_topic(device: &str, topic: &[u8]) -> bool {
+    topic
+        .strip_prefix(crate::ingest::SENSOR_PREFIX.as_bytes())
+        .and_then(|rest| rest.strip_prefix(device.as_bytes()))
+        .is_some_and(|rest| rest.first() == Some(&b'/'))
+}
+
+/// May `device` subscribe to `filter`? Its own ack topic and its own aggregates.
+fn own_filter(device: &str, filter: &[u8]) -> bool {
+    let Ok(filter) = std::str::from_utf8(filter) else {
+        return false;
+    };
+    filter == format!("fogline/ack/{device}")
+        || filter
+            .strip_prefix("agg/")
+            .and_then(|r| r.strip_prefix(device))
+            .is_some_and(|r| r.starts_with('/'))
 }
 
 enum Codec {
@@ -192,7 +212,7 @@ where
             let device = user.unwrap_or_default();
             if verdict.is_ok() {
                 if let Some(w) = &will {
-                    if !crate::frontend::own_topic(&device, &w.topic, v5) {
+                    if !own_topic(&device, &w.topic) {
                         verdict = Err(Refusal::ForeignWill);
                     }
                 }
@@ -1160,6 +1180,20 @@ mod tests {
         let size = std::mem::size_of_val(&fut);
         eprintln!("connection future: {size} bytes");
         assert!(size < 8192, "a connection's future takes {size} bytes");
+    }
+
+    #[test]
+    fn a_device_may_publish_only_under_its_own_prefix() {
+        assert!(own_topic("d1", b"sensors/d1/temp"));
+        assert!(!own_topic("d1", b"sensors/d10/temp"));
+        assert!(!own_topic("d1", b"sensors/d1"));
+        assert!(!own_topic("d1", b"fogline/ack/d1"));
+        assert!(!own_topic("d1", b""));
+        assert!(own_filter("d1", b"fogline/ack/d1"));
+        assert!(own_filter("d1", b"agg/d1/#"));
+        assert!(!own_filter("d1", b"fogline/ack/#"));
+        assert!(!own_filter("d1", b"sensors/#"));
+        assert!(!own_filter("d1", b"agg/#"));
     }
 
     #[test]

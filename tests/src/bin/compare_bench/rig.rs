@@ -420,7 +420,9 @@ fn observe(
 
 /// The gateway's uplink ack: every reading below `next` is durable there.
 fn observe_fogline(gateway_port: u16, observed: Arc<Observed>) -> anyhow::Result<Client> {
-    let filter = "fogline/uplink/bench/edge/ack";
+    // Origin ids are `<node>.<incarnation>`: the one agent of the bench, whatever its
+    // incarnation.
+    let filter = "fogline/uplink/bench/+/ack";
     observe(
         "bench-ack-observer",
         gateway_port,
