@@ -258,8 +258,10 @@ impl Pipeline {
             return;
         }
         if self.links.insync.is_none() {
-            dones.iter().for_each(Done::durable);
+            // Acks first: a connection woken for its PUBACKs then finds its device's ack
+            // queued too, and writes both at once.
             self.publish_acks(acks);
+            dones.iter().for_each(Done::durable);
             return;
         }
         let end = self.buffer.meta().next_offset;
@@ -288,6 +290,7 @@ impl Pipeline {
         }
         let covered = insync(self.buffer.meta().next_offset);
         let mut ready: HashMap<String, Ack> = HashMap::new();
+        let mut released = Vec::new();
         while self
             .pending_acks
             .front()
@@ -295,10 +298,11 @@ impl Pipeline {
         {
             if let Some((_, acks, dones)) = self.pending_acks.pop_front() {
                 ready.extend(acks);
-                dones.iter().for_each(Done::durable);
+                released.extend(dones);
             }
         }
         self.publish_acks(ready);
+        released.iter().for_each(Done::durable);
     }
 
     /// Publishes the acks of a commit in one hand-over to the router.

@@ -554,7 +554,8 @@ impl Buffer {
     pub fn commit(&mut self, batch: &[Incoming]) -> Result<Committed, BufferError> {
         let mut out = Committed::default();
         let mut overlay: HashMap<String, DeviceState> = HashMap::new();
-        let mut acked: Vec<(String, u32)> = Vec::new();
+        // A set: a batch from thousands of devices made a list scan quadratic.
+        let mut acked: std::collections::HashSet<(String, u32)> = std::collections::HashSet::new();
         let mut records = Vec::with_capacity(batch.len());
         for r in batch {
             let state = overlay
@@ -562,9 +563,7 @@ impl Buffer {
                 .or_insert_with(|| self.devices.get(&r.device).cloned().unwrap_or_default());
             let boot = state.boot_mut(r.boot, r.received_ms);
             if let Some(seq) = r.seq {
-                if !acked.iter().any(|(d, b)| *d == r.device && *b == r.boot) {
-                    acked.push((r.device.clone(), r.boot));
-                }
+                acked.insert((r.device.clone(), r.boot));
                 match boot.seqs.insert(seq) {
                     Insert::Duplicate => {
                         out.duplicates += 1;
