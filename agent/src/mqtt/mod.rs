@@ -277,6 +277,7 @@ impl Server {
             }
             let filters: Vec<String> = rec.subs.iter().map(|s| s.filter.clone()).collect();
             let session = Session::new(client.clone(), rec);
+            session.lock().stored = true;
             self.lock_sessions().insert(client.clone(), session.clone());
             for f in filters {
                 self.subscribed(&session, &f).await;
@@ -355,8 +356,13 @@ impl Server {
                 .set(i64::try_from(sessions.len()).unwrap_or(0));
             s
         };
+        let mut stored = false;
         if let Some(session) = session {
-            let subs = std::mem::take(&mut session.lock().rec.subs);
+            let subs = {
+                let mut st = session.lock();
+                stored = st.stored;
+                std::mem::take(&mut st.rec.subs)
+            };
             for s in subs {
                 self.untrack(&session, &s.filter);
             }
@@ -372,7 +378,10 @@ impl Server {
             );
             let _ = link.tx.send(bye).await;
         }
-        self.forget(client);
+        // Clean sessions never reach the store: nothing to delete (and no transaction).
+        if stored {
+            self.forget(client);
+        }
     }
 
     fn forget(&self, client: &str) {
@@ -635,6 +644,11 @@ impl Server {
     /// expiry passed.
     pub async fn persist(self: &Arc<Self>) {
         let now = crate::now_ms();
+        // Deletes first, taken before the records are read: a session removed after this
+        // point is deleted in the next round, one created again is written after its
+        // old record went.
+        let delete: Vec<String> =
+            std::mem::take(&mut *self.deleted.lock().unwrap_or_else(|e| e.into_inner()));
         let sessions: Vec<Arc<Session>> = self.lock_sessions().values().cloned().collect();
         let mut put = Vec::new();
         let mut expired = Vec::new();
@@ -650,6 +664,7 @@ impl Server {
             }
             if st.dirty && st.rec.expiry_secs > 0 {
                 st.dirty = false;
+                st.stored = true;
                 match postcard::to_allocvec(&st.rec) {
                     Ok(bytes) => put.push((s.client_id.clone(), bytes)),
                     Err(e) => {
@@ -662,15 +677,9 @@ impl Server {
             tracing::debug!(client = %client, "session expired");
             self.remove(&client).await;
         }
-        let delete: Vec<String> =
-            std::mem::take(&mut *self.deleted.lock().unwrap_or_else(|e| e.into_inner()));
         if put.is_empty() && delete.is_empty() {
             return;
         }
-        let delete: Vec<String> = delete
-            .into_iter()
-            .filter(|c| !put.iter().any(|(p, _)| p == c))
-            .collect();
         let server = self.clone();
         let written = tokio::task::spawn_blocking(move || match &server.store {
             Some(store) => store.write(&put, &delete).map_err(|e| e.to_string()),

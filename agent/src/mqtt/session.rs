@@ -123,8 +123,10 @@ pub struct State {
     pub rec: Record,
     /// Generation of the connection that owns the session now (0: none).
     pub conn: u64,
-    /// Written to disk since the last change?
+    /// Changed since it was last written?
     pub dirty: bool,
+    /// Is there a record of it in `sessions.redb` (to delete when it ends)?
+    pub stored: bool,
     /// Receive Maximum of the current connection.
     pub receive_max: usize,
     /// Maximum Packet Size of the current connection.
@@ -266,16 +268,16 @@ impl Store {
         Ok(out)
     }
 
-    /// Writes and deletes in one transaction (one fsync).
+    /// Deletes, then writes, in one transaction (one fsync).
     pub fn write(&self, put: &[(String, Vec<u8>)], delete: &[String]) -> Result<(), StoreError> {
         let tx = self.db.begin_write().map_err(err)?;
         {
             let mut table = tx.open_table(SESSIONS).map_err(err)?;
-            for (k, v) in put {
-                table.insert(k.as_str(), v.as_slice()).map_err(err)?;
-            }
             for k in delete {
                 table.remove(k.as_str()).map_err(err)?;
+            }
+            for (k, v) in put {
+                table.insert(k.as_str(), v.as_slice()).map_err(err)?;
             }
         }
         tx.commit().map_err(err)
@@ -355,5 +357,11 @@ mod tests {
         assert_eq!(loaded[0].1.subs[0].filter, "a/#");
         store.write(&[], &["c1".into()]).expect("delete");
         assert!(store.load().expect("load").is_empty());
+        // A client id deleted and written in one round comes back (deletes go first).
+        let bytes = postcard::to_allocvec(&rec).expect("encode");
+        store
+            .write(&[("c1".into(), bytes)], &["c1".into()])
+            .expect("write");
+        assert_eq!(store.load().expect("load").len(), 1);
     }
 }
