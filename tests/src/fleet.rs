@@ -24,7 +24,11 @@ pub enum AckSource {
     Watermark,
     /// The broker's PUBACK (what a plain MQTT broker promises). A broker acknowledges the
     /// QoS 1 publishes of one connection in order, so the n-th PUBACK of a connection
-    /// belongs to the n-th reading published on it.
+    /// belongs to the n-th reading published on it. Not exact across a reconnect: a
+    /// publish queued in rumqttc after the connection failed goes out on the next one
+    /// untracked and its PUBACK is credited to the oldest tracked reading. Crash tests
+    /// that count PUBACKs use [`crate::puback::PubackDevice`] (packet ids from sequence
+    /// numbers) instead.
     PubAck,
 }
 

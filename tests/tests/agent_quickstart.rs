@@ -131,6 +131,28 @@ fn scenario(agent: &mut Agent) -> anyhow::Result<()> {
     })
     .with_context(|| format!("no ack {{boot:7, seq:2}} on {ack_topic}; last: {last_ack:?}"))?;
 
+    // Only the agent speaks on the ack topic: a forged watermark is dropped and counted,
+    // and the retained ack stays the agent's.
+    mosquitto::publish(
+        port,
+        &ack_topic,
+        mosquitto::Message::Text(r#"{"boot":7,"seq":999}"#),
+    )?;
+    poll_until(Duration::from_secs(5), Duration::from_millis(100), || {
+        let text = agent.metrics().ok()?;
+        let labels = [("reason", "publish_to_agent_topic")];
+        (fogline_tests::metric(&text, "fogline_mqtt_messages_dropped_total", &labels) == 1.0)
+            .then_some(())
+    })
+    .context("the forged ack was not counted as dropped")?;
+    let retained = mosquitto::subscribe_one(port, &ack_topic, 2)?.unwrap_or_default();
+    let value: serde_json::Value = serde_json::from_str(&retained)?;
+    assert_eq!(
+        value["seq"].as_u64(),
+        Some(2),
+        "forged ack delivered: {retained}"
+    );
+
     let status = agent.status()?;
     assert_eq!(status["role"], "leader", "/status: {status}");
     assert_eq!(status["node_id"], "agent-1", "default node id: {status}");

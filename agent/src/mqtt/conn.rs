@@ -751,6 +751,10 @@ impl Conn<'_> {
         let mut refused = false;
         if topic.starts_with('$') {
             self.server.dropped(Dropped::Dollar);
+        } else if topic.starts_with(super::LOCAL_PREFIX) {
+            // Only the agent speaks there: a forged ack would let a device forget readings
+            // that are not stored.
+            self.server.dropped(Dropped::AgentTopic);
         } else if topic.starts_with(crate::ingest::SENSOR_PREFIX) {
             let done = (qos > 0).then(|| {
                 self.next_token += 1;

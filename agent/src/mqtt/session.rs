@@ -141,15 +141,17 @@ pub enum Dropped {
     Offline,
     TooLarge,
     Dollar,
+    AgentTopic,
 }
 
 impl Dropped {
-    pub const ALL: [Dropped; 5] = [
+    pub const ALL: [Dropped; 6] = [
         Dropped::QueueFull,
         Dropped::Expired,
         Dropped::Offline,
         Dropped::TooLarge,
         Dropped::Dollar,
+        Dropped::AgentTopic,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -159,6 +161,7 @@ impl Dropped {
             Dropped::Offline => "qos0_while_offline",
             Dropped::TooLarge => "larger_than_client_maximum",
             Dropped::Dollar => "publish_to_dollar_topic",
+            Dropped::AgentTopic => "publish_to_agent_topic",
         }
     }
 }
