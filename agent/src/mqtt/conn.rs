@@ -83,11 +83,24 @@ enum Codec {
 }
 
 impl Codec {
+    /// Decodes the next packet a client sent. rumqttd's decoders are written for both
+    /// directions and reach `unreachable!()` on packet types a server never receives
+    /// (found by the `mqtt_front` fuzz target: a CONNACK-typed packet to the v5 codec), so
+    /// only client-to-server types are handed to them; a panic inside them anyway ends
+    /// this connection as malformed instead of its task.
     fn read(&mut self, buf: &mut BytesMut, max: usize) -> Result<Packet, rumqttd::protocol::Error> {
-        match self {
+        if let Some(&b0) = buf.first() {
+            // CONNECT, PUBLISH, PUBACK, PUBREC, PUBREL, PUBCOMP, SUBSCRIBE, UNSUBSCRIBE,
+            // PINGREQ, DISCONNECT.
+            if !matches!(b0 >> 4, 1 | 3..=8 | 10 | 12 | 14) {
+                return Err(rumqttd::protocol::Error::InvalidPacketType(b0 >> 4));
+            }
+        }
+        let decoded = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| match self {
             Codec::V4(c) => c.read_mut(buf, max),
             Codec::V5(c) => c.read_mut(buf, max),
-        }
+        }));
+        decoded.unwrap_or(Err(rumqttd::protocol::Error::MalformedPacket))
     }
 
     fn write(&self, packet: Packet, buf: &mut BytesMut) {
@@ -1184,6 +1197,27 @@ mod tests {
         let size = std::mem::size_of_val(&fut);
         eprintln!("connection future: {size} bytes");
         assert!(size < 8192, "a connection's future takes {size} bytes");
+    }
+
+    #[test]
+    fn packets_only_a_server_sends_are_refused_not_decoded() {
+        // Inputs the fuzzer found: server-to-client packet types made rumqttd's v5
+        // decoder panic.
+        for input in [
+            &[42u8, 1, 47, 0, 100, 48, 147][..],
+            &[0x26, 0x01, 0x3a, 0x00, 0x00, 0x00, 0x0e],
+            &[0x20, 0x02, 0x00, 0x00],
+            &[0x90, 0x03, 0x00, 0x01, 0x00],
+            &[0xb0, 0x02, 0x00, 0x01],
+            &[0xd0, 0x00],
+            &[0xf0, 0x00],
+        ] {
+            decode_any(input);
+            for mut codec in [Codec::V4(V4), Codec::V5(V5)] {
+                let mut buf = BytesMut::from(input);
+                assert!(codec.read(&mut buf, 1 << 16).is_err(), "{input:?}");
+            }
+        }
     }
 
     #[test]
