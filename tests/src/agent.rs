@@ -178,6 +178,8 @@ impl Agent {
         writeln!(log, "===== fogline-tests: start #{} =====", self.starts)?;
         let log_err: File = log.try_clone()?;
         let mut cmd = Command::new(&self.bin);
+        // The test's own FOGLINE_TEST_SEED would read as an (unknown) agent setting.
+        cmd.env_remove(crate::SEED_VAR);
         cmd.arg("run");
         if let Some(config) = &self.opts.config {
             cmd.arg("--config").arg(config);
@@ -386,6 +388,7 @@ impl Agent {
 
     fn buffer_cmd(&self, args: &[&str]) -> anyhow::Result<crate::BoundedOutput> {
         let mut cmd = Command::new(&self.bin);
+        cmd.env_remove(crate::SEED_VAR);
         cmd.arg("buffer")
             .arg(args[0])
             .arg("--data-dir")

@@ -75,6 +75,7 @@ impl Gateway {
         writeln!(log, "===== fogline-tests: gateway start =====")?;
         let err = log.try_clone()?;
         let mut cmd = Command::new(&self.bin);
+        cmd.env_remove(crate::SEED_VAR);
         cmd.arg("run")
             .arg("--data-dir")
             .arg(&self.data_dir)

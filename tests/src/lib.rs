@@ -65,10 +65,14 @@ pub fn now_ms() -> i64 {
     i64::try_from(since.as_millis()).unwrap_or(i64::MAX)
 }
 
+/// Where a test's seed can be given (and what the harness keeps out of the programs'
+/// environment: the agent and gateway read every `FOGLINE_…` variable as a setting).
+pub const SEED_VAR: &str = "FOGLINE_TEST_SEED";
+
 /// The random seed for a test: `FOGLINE_TEST_SEED` if set, else a fresh one.
 /// It is printed so that a failing run can be repeated.
 pub fn test_seed(test: &str) -> u64 {
-    let seed = std::env::var("FOGLINE_TEST_SEED")
+    let seed = std::env::var(SEED_VAR)
         .ok()
         .and_then(|s| s.trim().parse::<u64>().ok())
         .unwrap_or_else(|| fastrand::u64(..));

@@ -297,6 +297,16 @@ impl Site {
                 return Ok(());
             }
             if Instant::now() >= deadline {
+                // What each agent thinks, for whoever reads the failure.
+                for (id, agent) in self.ids.iter().zip(&self.agents) {
+                    let status = agent
+                        .status()
+                        .map_or_else(|e| e.to_string(), |s| s.to_string());
+                    eprintln!(
+                        "----- {id} /status -----\n{status}\n----- {id} log tail -----\n{}",
+                        agent.log_tail(60)
+                    );
+                }
                 bail!(
                     "the gateway did not catch up within {timeout:?}: {}",
                     behind.join(", ")
