@@ -368,19 +368,29 @@ impl Pipeline {
     }
 
     fn publish_aggregates(&mut self) {
-        let aggregates = self.buffer.take_aggregates(&self.quantiles);
-        for (topic, json) in &aggregates {
-            for relay in &self.links.relays {
-                relay.relay.offer(topic, json);
+        // A few hundred at a time: a second's aggregates of a thousand devices, rendered
+        // at once, would hold thousands of JSON documents in memory.
+        const CHUNK: usize = 256;
+        let changed = self.buffer.changed_windows();
+        for keys in changed.chunks(CHUNK) {
+            let aggregates: Vec<(String, String)> = keys
+                .iter()
+                .filter_map(|k| self.buffer.aggregate(k, &self.quantiles))
+                .collect();
+            for (topic, json) in &aggregates {
+                for relay in &self.links.relays {
+                    relay.relay.offer(topic, json);
+                }
+            }
+            let n = aggregates.len() as u64;
+            match self.publisher.retained_all(aggregates) {
+                Ok(()) => {
+                    self.metrics.aggregates_published.inc_by(n);
+                }
+                Err(e) => tracing::warn!("could not publish {n} aggregates: {e}"),
             }
         }
-        let n = aggregates.len() as u64;
-        match self.publisher.retained_all(aggregates) {
-            Ok(()) => {
-                self.metrics.aggregates_published.inc_by(n);
-            }
-            Err(e) => tracing::warn!("could not publish {n} aggregates: {e}"),
-        }
+        self.buffer.evict_windows();
     }
 
     fn refresh_status(&self) {

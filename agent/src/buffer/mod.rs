@@ -43,6 +43,8 @@ const ROW_OVERHEAD: u64 = 16;
 const ROLLUP_SHARE: f64 = 0.5;
 /// Blocks handled per call of [`Buffer::make_room`], so one call never stalls ingest long.
 const MAKE_ROOM_STEP: usize = 4096;
+/// Stored windows looked at per checkpoint for those past their lateness.
+const SWEEP_ROWS: usize = 2048;
 
 /// Errors of the buffer. Storage errors keep redb's own message.
 #[derive(Debug, thiserror::Error)]
@@ -332,6 +334,8 @@ pub struct Buffer {
     /// A failed checkpoint lost track of which windows changed: write them all next time.
     checkpoint_all: bool,
     evicted: Vec<WindowKey>,
+    /// Where the next sweep of stored windows past their lateness starts.
+    sweep_from: Option<(String, String, u32, i64)>,
     /// Random id of this buffer's log, fixed when the buffer was created.
     incarnation: u32,
     reserve: Reserve,
@@ -465,30 +469,35 @@ impl Buffer {
                 postcard::from_bytes(v.value()).map_err(|e| corrupt("device state", e))?;
             devices.insert(k.value().to_owned(), state);
         }
-        for row in read.open_table(WINDOWS)?.iter()? {
+        // Windows that ended a while ago stay in storage until a late reading needs them.
+        let windows = read.open_table(WINDOWS)?;
+        for row in windows.iter()? {
             let (k, v) = row?;
             let (device, metric, len_secs, start_ms) = k.value();
+            let key = WindowKey {
+                device: device.into(),
+                metric: metric.into(),
+                len_secs,
+                start_ms,
+            };
+            if !Aggregator::resident_at(&key, now_ms) {
+                continue;
+            }
             let state = WindowState::from_bytes(v.value())
                 .ok_or_else(|| corrupt("window", format!("{device}/{metric}")))?;
-            agg.restore(
-                WindowKey {
-                    device: device.to_owned(),
-                    metric: metric.to_owned(),
-                    len_secs,
-                    start_ms,
-                },
-                state,
-            );
+            agg.restore(key, state);
         }
         // Blocks committed after the last window checkpoint.
         let mut replayed = 0u64;
+        let mut load = |k: &WindowKey| stored_window(&windows, k);
         for row in read.open_table(BLOCKS)?.range(meta.agg_offset..)? {
             let (_, v) = row?;
             for r in block::decode(v.value()).map_err(|e| corrupt("block", e))? {
-                agg.fold(&r.device, &r.metric, r.ts_ms, r.value, now_ms);
+                agg.fold(&r.device, &r.metric, r.ts_ms, r.value, now_ms, &mut load);
                 replayed += 1;
             }
         }
+        drop(windows);
         drop(read);
         if replayed > 0 {
             tracing::info!(replayed, "replayed readings into the aggregates");
@@ -513,6 +522,7 @@ impl Buffer {
             checkpoint_due: replayed > 0,
             checkpoint_all: false,
             evicted: Vec::new(),
+            sweep_from: None,
         })
     }
 
@@ -618,10 +628,17 @@ impl Buffer {
             self.meta = meta;
             self.devices.extend(overlay);
             out.accepted = records.len() as u64;
+            let now_ms = crate::now_ms();
+            if persisted {
+                self.agg.spill(now_ms);
+            }
+            let log = self.log();
+            let mut read = None;
+            let mut load = |k: &WindowKey| load_window(&log, &mut read, k);
             for r in &records {
-                if let Fold::TooLateFor(n) =
-                    self.agg
-                        .fold(&r.device, &r.metric, r.ts_ms, r.value, crate::now_ms())
+                if let Fold::TooLateFor(n) = self
+                    .agg
+                    .fold(&r.device, &r.metric, r.ts_ms, r.value, now_ms, &mut load)
                 {
                     out.too_late += n as u64;
                 }
@@ -658,25 +675,61 @@ impl Buffer {
         if !self.checkpoint_due && !self.checkpoint_all {
             return Ok(false);
         }
-        let changed = if self.checkpoint_all {
-            self.agg.persist_all()
-        } else {
-            self.agg.take_persist()
-        };
+        let changed = self.agg.take_persist(self.checkpoint_all);
         let mut windows = txn.open_table(WINDOWS)?;
-        for (k, bytes) in &changed {
-            windows.insert(
-                (k.device.as_str(), k.metric.as_str(), k.len_secs, k.start_ms),
-                bytes.as_slice(),
-            )?;
+        for k in &changed {
+            if let Some(w) = self.agg.get(k) {
+                windows.insert(
+                    (&*k.device, &*k.metric, k.len_secs, k.start_ms),
+                    w.to_bytes().as_slice(),
+                )?;
+            }
         }
         for k in self.evicted.drain(..) {
-            windows.remove((k.device.as_str(), k.metric.as_str(), k.len_secs, k.start_ms))?;
+            windows.remove((&*k.device, &*k.metric, k.len_secs, k.start_ms))?;
         }
+        self.sweep_windows(&mut windows)?;
         meta.agg_offset = self.folded_offset;
         self.checkpoint_due = false;
         self.checkpoint_all = false;
         Ok(true)
+    }
+
+    /// Deletes stored windows past their lateness that are not in memory (spilled ones,
+    /// which [`Aggregator::evict`] does not see), looking at a bounded slice of the table
+    /// per checkpoint and going round it.
+    fn sweep_windows(
+        &mut self,
+        windows: &mut redb::Table<(&'static str, &'static str, u32, i64), &'static [u8]>,
+    ) -> Result<(), BufferError> {
+        let now_ms = crate::now_ms();
+        let lateness = self.agg.lateness_ms();
+        let mut expired = Vec::new();
+        let mut next = None;
+        {
+            let rows = match &self.sweep_from {
+                Some((d, m, l, s)) => windows.range((d.as_str(), m.as_str(), *l, *s)..)?,
+                None => windows.range::<(&str, &str, u32, i64)>(..)?,
+            };
+            for (seen, row) in rows.enumerate() {
+                let (k, _) = row?;
+                let (device, metric, len_secs, start_ms) = k.value();
+                let owned = (device.to_owned(), metric.to_owned(), len_secs, start_ms);
+                if seen == SWEEP_ROWS {
+                    next = Some(owned);
+                    break;
+                }
+                let end = start_ms.saturating_add(i64::from(len_secs) * 1000);
+                if end.saturating_add(lateness) < now_ms {
+                    expired.push(owned);
+                }
+            }
+        }
+        for (device, metric, len_secs, start_ms) in &expired {
+            windows.remove((device.as_str(), metric.as_str(), *len_secs, *start_ms))?;
+        }
+        self.sweep_from = next;
+        Ok(())
     }
 
     /// Writes the window checkpoint in a transaction of its own (used at shutdown).
@@ -693,6 +746,7 @@ impl Buffer {
             return Err(e.into());
         }
         self.meta = meta;
+        self.agg.spill(crate::now_ms());
         Ok(())
     }
 
@@ -700,9 +754,25 @@ impl Buffer {
     /// their lateness.
     pub fn take_aggregates(&mut self, quantiles: &[f64]) -> Vec<(String, String)> {
         let out = self.agg.take_publish(quantiles);
+        self.evict_windows();
+        out
+    }
+
+    /// Windows changed since the last call, for [`Buffer::aggregate`]; call
+    /// [`Buffer::evict_windows`] once they are published.
+    pub fn changed_windows(&mut self) -> Vec<WindowKey> {
+        self.agg.take_changed()
+    }
+
+    /// A window's aggregate, as (topic, JSON).
+    pub fn aggregate(&self, key: &WindowKey, quantiles: &[f64]) -> Option<(String, String)> {
+        self.agg.publication(key, quantiles)
+    }
+
+    /// Forgets windows past their lateness.
+    pub fn evict_windows(&mut self) {
         let expired = self.agg.evict(crate::now_ms());
         self.evicted.extend(expired);
-        out
     }
 
     /// When the buffer is above `downsample_at` of its capacity, folds the oldest raw
@@ -1092,6 +1162,45 @@ fn fold_rollups(
         rollups.insert((start, device, metric), bytes.as_slice())?;
     }
     Ok(())
+}
+
+/// A window as last checkpointed, if it is in `table`.
+fn stored_window(
+    table: &impl ReadableTable<(&'static str, &'static str, u32, i64), &'static [u8]>,
+    k: &WindowKey,
+) -> Option<WindowState> {
+    match table.get((&*k.device, &*k.metric, k.len_secs, k.start_ms)) {
+        Ok(Some(v)) => WindowState::from_bytes(v.value()),
+        Ok(None) => None,
+        Err(e) => {
+            tracing::warn!(
+                "cannot read window {}/{}/{}s from storage, it restarts empty: {e}",
+                k.device,
+                k.metric,
+                k.len_secs
+            );
+            None
+        }
+    }
+}
+
+/// [`stored_window`] through a read transaction begun on first use.
+fn load_window(
+    log: &Log,
+    read: &mut Option<redb::ReadTransaction>,
+    k: &WindowKey,
+) -> Option<WindowState> {
+    if read.is_none() {
+        match log.begin_read() {
+            Ok(r) => *read = Some(r),
+            Err(e) => {
+                tracing::warn!("cannot read stored windows: {e}");
+                return None;
+            }
+        }
+    }
+    let table = read.as_ref()?.open_table(WINDOWS).ok()?;
+    stored_window(&table, k)
 }
 
 fn for_each_record(

@@ -1,5 +1,6 @@
 use super::*;
 use crate::config::Config;
+use redb::ReadableTableMetadata;
 
 const T0: i64 = 1_700_000_000_000;
 
@@ -124,6 +125,70 @@ fn aggregates_survive_a_crash_between_checkpoints() {
     assert_eq!(json["count"], 3, "{json}");
     assert_eq!(json["min"], 10.0);
     assert_eq!(json["max"], 30.0);
+}
+
+fn stored_windows(b: &Buffer) -> u64 {
+    let read = b.log().begin_read().expect("read");
+    read.open_table(WINDOWS).expect("table").len().expect("len")
+}
+
+fn published_count(published: &[(String, String)], topic: &str) -> Option<u64> {
+    let (_, json) = published.iter().find(|(t, _)| t == topic)?;
+    let json: serde_json::Value = serde_json::from_str(json).ok()?;
+    json["count"].as_u64()
+}
+
+#[test]
+fn ended_windows_are_spilled_and_reloaded_for_late_readings() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut c = config(dir.path());
+    c.aggregate.windows_secs = vec![10];
+    c.aggregate.lateness_secs = 600;
+    let now = crate::now_ms();
+    // A window that ended about a minute ago: still open for late readings.
+    let old = now - now.rem_euclid(10_000) - 60_000;
+    let topic = "agg/d1/temp/10s";
+    {
+        let mut b = Buffer::open(&c.buffer, &c.aggregate, now).expect("open");
+        b.commit(&[reading("d1", Some(1), 4.0, old + 1)])
+            .expect("commit");
+        assert_eq!(published_count(&b.take_aggregates(&[]), topic), Some(1));
+        assert_eq!(b.open_windows(), 1);
+        // The next commit carries the checkpoint; the window then leaves memory.
+        b.request_checkpoint();
+        b.commit(&[reading("d2", Some(1), 1.0, now)])
+            .expect("commit");
+        assert_eq!(b.open_windows(), 1, "only d2's current window stays");
+        assert_eq!(stored_windows(&b), 1);
+        // A late reading finds the stored window, not an empty one.
+        b.commit(&[reading("d1", Some(2), 8.0, old + 2)])
+            .expect("commit");
+        assert_eq!(published_count(&b.take_aggregates(&[]), topic), Some(2));
+        b.checkpoint().expect("checkpoint");
+        assert_eq!(b.open_windows(), 1, "spilled again once stored");
+    }
+    // After a restart the ended window stays in storage until it is needed.
+    let mut b = Buffer::open(&c.buffer, &c.aggregate, now).expect("reopen");
+    assert_eq!(b.open_windows(), 1);
+    b.commit(&[reading("d1", Some(3), 6.0, old + 3)])
+        .expect("commit");
+    assert_eq!(published_count(&b.take_aggregates(&[]), topic), Some(3));
+    b.checkpoint().expect("checkpoint");
+    drop(b);
+    // Once past its lateness a stored window is swept away, in memory or not.
+    c.aggregate.lateness_secs = 10;
+    let mut b = Buffer::open(&c.buffer, &c.aggregate, now).expect("reopen");
+    assert_eq!(stored_windows(&b), 2);
+    b.checkpoint().expect("checkpoint");
+    assert_eq!(
+        stored_windows(&b),
+        1,
+        "d1's old window is gone, d2's current one stays"
+    );
+    let done = b
+        .commit(&[reading("d1", Some(4), 6.0, old + 4)])
+        .expect("commit");
+    assert_eq!(done.too_late, 1);
 }
 
 #[test]

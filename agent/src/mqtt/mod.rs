@@ -127,7 +127,9 @@ impl Ingest {
             Ok(()) => Offered::Queued,
             Err(flume::TrySendError::Full(item)) => {
                 self.metrics.queue_full.inc();
-                if queue.send_async(item).await.is_ok() {
+                // Boxed: only a connection that has to wait pays for the wait's state
+                // (with a thousand publishers, a thousand of them wait at saturation).
+                if Box::pin(queue.send_async(item)).await.is_ok() {
                     Offered::Queued
                 } else {
                     Offered::Closed
@@ -738,9 +740,15 @@ impl Server {
                         }
                         Guard::Node => conn::serve(&server, stream, peer, Rights::All).await,
                         Guard::Tls(acceptor) => {
-                            if let Some(tls) = server.tls_accept(&acceptor, stream, peer).await {
-                                conn::serve(&server, tls, peer, Rights::All).await;
-                            }
+                            // Boxed: a TLS stream is large, and inline it would size
+                            // every plain connection's task too.
+                            Box::pin(async {
+                                if let Some(tls) = server.tls_accept(&acceptor, stream, peer).await
+                                {
+                                    conn::serve(&server, tls, peer, Rights::All).await;
+                                }
+                            })
+                            .await;
                         }
                     }
                     server.open.fetch_sub(1, Ordering::SeqCst);
