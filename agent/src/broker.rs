@@ -71,6 +71,9 @@ impl Publisher {
                 messages.extend(local);
             }
         }
+        // The writer thread calls this between commits: it waits for the router at most
+        // this long per call, then hands over regardless (memory over acks).
+        let until = Instant::now() + HANDOVER_WAIT;
         let mut messages = messages.into_iter().peekable();
         while messages.peek().is_some() {
             let mut packets: Vec<Packet> = messages
@@ -81,16 +84,15 @@ impl Publisher {
             let Some(last) = packets.pop() else {
                 break;
             };
-            self.wait_handed_over();
+            self.wait_handed_over(until);
             self.tx.buffer().extend(packets);
             self.rt.block_on(self.tx.send(last))?;
         }
         Ok(())
     }
 
-    /// Waits (briefly, bounded) until the router took what the link holds.
-    fn wait_handed_over(&self) {
-        let until = Instant::now() + Duration::from_millis(100);
+    /// Waits, until `until` at most, for the router to take what the link holds.
+    fn wait_handed_over(&self, until: Instant) {
         while !self.tx.buffer().is_empty() && Instant::now() < until {
             std::thread::sleep(Duration::from_micros(50));
         }
@@ -102,6 +104,7 @@ impl Publisher {
 /// neither ever shrinks: a second's aggregates of a thousand devices handed over at once
 /// kept two 4 MiB queues for the rest of the agent's life.
 const HANDOVER_CHUNK: usize = 256;
+const HANDOVER_WAIT: Duration = Duration::from_millis(20);
 
 fn settings(name: &str, listen: SocketAddr, mqtt: &MqttConfig) -> ServerSettings {
     ServerSettings {
