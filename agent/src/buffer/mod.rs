@@ -1170,7 +1170,19 @@ fn stored_window(
     k: &WindowKey,
 ) -> Option<WindowState> {
     match table.get((&*k.device, &*k.metric, k.len_secs, k.start_ms)) {
-        Ok(Some(v)) => WindowState::from_bytes(v.value()),
+        Ok(Some(v)) => {
+            let state = WindowState::from_bytes(v.value());
+            if state.is_none() {
+                tracing::warn!(
+                    "stored window {}/{}/{}s cannot be decoded (see `fogline-agent buffer \
+                     check`), it restarts empty",
+                    k.device,
+                    k.metric,
+                    k.len_secs
+                );
+            }
+            state
+        }
         Ok(None) => None,
         Err(e) => {
             tracing::warn!(
