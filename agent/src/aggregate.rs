@@ -24,7 +24,8 @@ pub struct WindowKey {
 
 impl WindowKey {
     pub fn end_ms(&self) -> i64 {
-        self.start_ms + i64::from(self.len_secs) * 1000
+        self.start_ms
+            .saturating_add(i64::from(self.len_secs).saturating_mul(1000))
     }
 
     /// `agg/<device>/<metric>/<len>s`
@@ -38,6 +39,16 @@ impl WindowKey {
 /// of a slow sensor hold a handful of readings: a thousand sensors reporting every few
 /// seconds would otherwise spend megabytes on nearly empty sketches.
 const EXACT_MAX: usize = 64;
+
+/// The start of the `len_ms` window holding `ts_ms` (saturating: a stored timestamp may
+/// be anything).
+pub fn window_start(ts_ms: i64, len_ms: i64) -> i64 {
+    ts_ms.saturating_sub(ts_ms.rem_euclid(len_ms.max(1)))
+}
+
+/// A window that starts further ahead of the agent's clock than this is not opened
+/// (ingest already stamps such readings with their arrival time).
+const MAX_AHEAD_MS: i64 = 24 * 3600 * 1000;
 
 /// How long after its end a window stays in memory (it is spilled to storage later, and
 /// read back if a late reading comes).
@@ -369,12 +380,17 @@ impl Aggregator {
                 device: device.clone(),
                 metric: metric.clone(),
                 len_secs,
-                start_ms: ts_ms.div_euclid(len_ms) * len_ms,
+                start_ms: window_start(ts_ms, len_ms),
             };
             let w = match self.open.get_mut(&key) {
                 Some(w) => w,
                 None => {
-                    if key.end_ms().saturating_add(self.lateness_ms) < now_ms {
+                    if key.end_ms().saturating_add(self.lateness_ms) < now_ms
+                        || key.start_ms > now_ms.saturating_add(MAX_AHEAD_MS)
+                    {
+                        // Closed for good, or so far ahead of the agent's clock (a
+                        // device's clock that ingest did not see, e.g. in an old block)
+                        // that it would stay open until then.
                         late += 1;
                         continue;
                     }
@@ -497,6 +513,32 @@ impl Aggregator {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Regression: a device timestamp near `i64::MAX` overflowed the window arithmetic
+    /// (a panic in the writer), and one far in the future opened a window that would
+    /// stay in memory until then.
+    #[test]
+    fn extreme_timestamps_neither_overflow_nor_linger() {
+        let mut a = Aggregator::new(&[10, 60, 3600], 600);
+        let now = 1_700_000_000_000;
+        for ts in [i64::MAX, i64::MIN, i64::MAX - 1, 0, -1, now + 48 * 3_600_000] {
+            let fold = a.fold("d", "m", ts, 1.0, now, &mut |_| None);
+            assert_eq!(fold, Fold::TooLateFor(3), "ts {ts}: too far either way");
+        }
+        assert_eq!(a.open_windows(), 0);
+        assert_eq!(a.fold("d", "m", now, 1.0, now, &mut |_| None), Fold::Applied);
+        assert_eq!(window_start(i64::MIN, 10_000), i64::MIN);
+        assert_eq!(window_start(-1, 10_000), -10_000);
+        assert_eq!(window_start(19_999, 10_000), 10_000);
+        let key = a.key("d", "m", 10, i64::MAX - 5);
+        assert_eq!(key.end_ms(), i64::MAX);
+        let _ = to_json(&key, &WindowState::default(), &[0.5]);
+        // Nothing open in the far future: everything is evicted once its time has passed.
+        assert_eq!(a.evict(now + 3_700_000 + 600_000 + 1).len(), 0, "still unpublished");
+        let _ = a.take_publish(&[0.5]);
+        assert_eq!(a.evict(now + 3_700_000 + 600_000 + 1).len(), 3);
+        assert_eq!(a.open_windows(), 0);
+    }
 
     const NOW: i64 = 1_700_000_000_000;
 

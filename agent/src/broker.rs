@@ -406,14 +406,18 @@ pub async fn start(
     }
 
     let cluster_on = !config.cluster.peers.is_empty();
-    let mut max_packet = mqtt_cfg.max_packet_bytes;
-    if cluster_on {
-        // Replication batches are larger than readings; readings are still held to
-        // ingest.max_payload_bytes.
-        max_packet = max_packet.max(config.cluster.max_batch_bytes + 1024);
-    }
     let settings = Settings {
-        max_packet,
+        max_packet: mqtt_cfg.max_packet_bytes,
+        // Replication batches are larger than readings; only peers get to send them.
+        max_batch_packet: if cluster_on {
+            mqtt_cfg
+                .max_packet_bytes
+                .max(config.cluster.max_batch_bytes + 1024)
+        } else {
+            mqtt_cfg.max_packet_bytes
+        },
+        topic_alias_max: mqtt_cfg.topic_alias_max,
+        max_keep_alive_secs: mqtt_cfg.max_keep_alive_secs,
         max_inflight: mqtt_cfg.max_inflight,
         max_queued: mqtt_cfg.max_queued_messages,
         session_expiry_max_secs: mqtt_cfg.session_expiry_max_secs,

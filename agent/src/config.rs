@@ -153,6 +153,16 @@ pub struct MqttConfig {
     #[serde(default = "default_session_expiry")]
     pub session_expiry_max_secs: u32,
     pub connect_timeout_ms: u16,
+    /// Topic aliases an MQTT 5 client may set (Topic Alias Maximum); 0: none.
+    #[serde(default = "default_topic_alias_max")]
+    pub topic_alias_max: u16,
+    /// Longest keep alive a client may ask for; 0: any (including none).
+    #[serde(default)]
+    pub max_keep_alive_secs: u16,
+}
+
+fn default_topic_alias_max() -> u16 {
+    32
 }
 
 fn default_max_queued() -> usize {

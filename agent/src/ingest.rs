@@ -39,7 +39,15 @@ pub enum DeviceTime {
     SinceBoot(u64),
     /// Nothing: the arrival time is used.
     Unknown,
+    /// A wall time more than [`MAX_CLOCK_AHEAD_MS`] ahead of the agent's clock: a device
+    /// clock that is wrong. The arrival time is used (counted).
+    Ahead(i64),
 }
+
+/// How far ahead of the agent's clock a device's wall time may be and still be believed.
+/// Beyond it the reading keeps its arrival time: a window far in the future would stay
+/// open (and in memory) until that time comes.
+pub const MAX_CLOCK_AHEAD_MS: i64 = 10 * 60 * 1000;
 
 /// Why a publish was refused. Each has its own counter label.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -55,10 +63,18 @@ pub enum Reject {
     RateLimited,
     /// A new device beyond `limits.max_devices`.
     TooManyDevices,
+    /// A JSON reading with `seq` but no `boot`: after a reboot its numbers start again at
+    /// 1 under the same (missing) boot id and would be taken for re-sends.
+    SeqWithoutBoot,
+    /// The reading would open more gaps in its boot's sequence numbers than the agent
+    /// keeps track of (`buffer::seq::MAX_RANGES`); the device sends it again later.
+    TooManyGaps,
+    /// A sequence number implausibly far above the highest stored for its boot.
+    SeqJump,
 }
 
 impl Reject {
-    pub const ALL: [Reject; 9] = [
+    pub const ALL: [Reject; 12] = [
         Reject::MalformedTopic,
         Reject::InvalidId,
         Reject::Oversized,
@@ -68,6 +84,9 @@ impl Reject {
         Reject::TopicMismatch,
         Reject::RateLimited,
         Reject::TooManyDevices,
+        Reject::SeqWithoutBoot,
+        Reject::TooManyGaps,
+        Reject::SeqJump,
     ];
 
     /// The metric label.
@@ -82,7 +101,20 @@ impl Reject {
             Reject::TopicMismatch => "topic_mismatch",
             Reject::RateLimited => "rate_limited",
             Reject::TooManyDevices => "too_many_devices",
+            Reject::SeqWithoutBoot => "seq_without_boot",
+            Reject::TooManyGaps => "seq_gaps",
+            Reject::SeqJump => "seq_jump",
         }
+    }
+
+    /// A refusal that may not hold when the reading comes again (a rate, a cap, a gap
+    /// that fills): the reading must never be acknowledged, so that the device keeps it
+    /// and sends it again. Other refusals are about the reading itself and never change.
+    pub fn is_temporary(self) -> bool {
+        matches!(
+            self,
+            Reject::RateLimited | Reject::TooManyDevices | Reject::TooManyGaps | Reject::SeqJump
+        )
     }
 
     fn explain(self) -> &'static str {
@@ -98,6 +130,18 @@ impl Reject {
             Reject::TopicMismatch => "frame's device/metric differ from the topic's",
             Reject::RateLimited => "device publishes faster than limits.device_rate",
             Reject::TooManyDevices => "a new device beyond limits.max_devices",
+            Reject::SeqWithoutBoot => {
+                "a JSON reading with \"seq\" must carry \"boot\" (a new id at every boot), \
+                 or numbers that restart at 1 after a reboot would look like re-sends"
+            }
+            Reject::TooManyGaps => {
+                "too many sequence numbers of this boot are missing below it; send the \
+                 missing ones first (it is not acknowledged and will be taken later)"
+            }
+            Reject::SeqJump => {
+                "sequence number far above the highest stored for this boot (not \
+                 acknowledged)"
+            }
         }
     }
 }
@@ -140,11 +184,15 @@ pub fn parse_topic(topic: &str) -> Result<(&str, &str), Reject> {
     Ok((device, metric))
 }
 
-fn time_from_wall(ms: u64) -> DeviceTime {
+fn time_from_wall(ms: u64, received_ms: i64) -> DeviceTime {
     if ms < wire::CLOCK_SET_AFTER_MS {
-        DeviceTime::SinceBoot(ms)
+        return DeviceTime::SinceBoot(ms);
+    }
+    let ms = i64::try_from(ms).unwrap_or(i64::MAX);
+    if ms > received_ms.saturating_add(MAX_CLOCK_AHEAD_MS) {
+        DeviceTime::Ahead(ms)
     } else {
-        DeviceTime::Wall(i64::try_from(ms).unwrap_or(i64::MAX))
+        DeviceTime::Wall(ms)
     }
 }
 
@@ -187,7 +235,7 @@ pub fn parse(
             reading.boot = frame.boot;
             reading.seq = Some(frame.seq);
             reading.time = match frame.time {
-                wire::Timestamp::WallMs(ms) => time_from_wall(ms),
+                wire::Timestamp::WallMs(ms) => time_from_wall(ms, received_ms),
                 wire::Timestamp::BootMs(ms) => DeviceTime::SinceBoot(ms),
             };
             reading.value = frame.value;
@@ -198,11 +246,14 @@ pub fn parse(
             if text.starts_with('{') {
                 let json: JsonReading =
                     serde_json::from_str(text).map_err(|_| Reject::MalformedPayload)?;
+                if json.seq.is_some() && json.boot.is_none() {
+                    return Err(Reject::SeqWithoutBoot);
+                }
                 reading.value = json.value;
                 reading.seq = json.seq;
                 reading.boot = json.boot.unwrap_or(0);
                 reading.time = match (json.ts, json.uptime_ms) {
-                    (Some(ts), _) => time_from_wall(ts),
+                    (Some(ts), _) => time_from_wall(ts, received_ms),
                     (None, Some(up)) => DeviceTime::SinceBoot(up),
                     (None, None) => DeviceTime::Unknown,
                 };
@@ -261,6 +312,23 @@ mod tests {
     }
 
     #[test]
+    fn a_clock_far_ahead_is_not_believed() {
+        let now = 1_700_000_000_000i64;
+        let ahead = ok(
+            "sensors/d1/temp",
+            format!(r#"{{"value":1,"ts":{}}}"#, now + MAX_CLOCK_AHEAD_MS + 1).as_bytes(),
+        );
+        assert_eq!(ahead.time, DeviceTime::Ahead(now + MAX_CLOCK_AHEAD_MS + 1));
+        let edge = ok(
+            "sensors/d1/temp",
+            format!(r#"{{"value":1,"ts":{}}}"#, now + MAX_CLOCK_AHEAD_MS).as_bytes(),
+        );
+        assert_eq!(edge.time, DeviceTime::Wall(now + MAX_CLOCK_AHEAD_MS));
+        let max = ok("sensors/d1/temp", br#"{"value":1,"ts":18446744073709551615}"#);
+        assert_eq!(max.time, DeviceTime::Ahead(i64::MAX));
+    }
+
+    #[test]
     fn a_firmware_frame_must_match_its_topic() {
         let frame = wire::Reading {
             device: "d1",
@@ -304,8 +372,12 @@ mod tests {
             Reject::MalformedPayload
         );
         assert_eq!(
-            err("sensors/d1/temp", br#"{"value":1,"seq":0}"#),
+            err("sensors/d1/temp", br#"{"value":1,"seq":0,"boot":1}"#),
             Reject::MalformedPayload
+        );
+        assert_eq!(
+            err("sensors/d1/temp", br#"{"value":1,"seq":3}"#),
+            Reject::SeqWithoutBoot
         );
     }
 
@@ -337,12 +409,14 @@ impl From<Incoming> for Queued {
 }
 
 /// One MQTT connection's durable-ack cursor: the writer raises `committed` to the token
-/// of each reading once it is durable (and replicated, when acks wait for that), in the
-/// order the connection queued them.
+/// of each reading once it is durable (and replicated, when acks wait for that), or once
+/// it is refused, in the order the connection queued them. A refused token is recorded
+/// before the cursor passes it, so the connection never takes it for stored.
 #[derive(Debug, Default)]
 pub struct Commits {
     committed: std::sync::atomic::AtomicU64,
     failed: std::sync::atomic::AtomicBool,
+    refused: std::sync::Mutex<std::collections::BTreeMap<u64, Reject>>,
     pub notify: tokio::sync::Notify,
 }
 
@@ -355,6 +429,17 @@ impl Commits {
     /// must never be sent, so the connection is closed and the client re-sends.
     pub fn failed(&self) -> bool {
         self.failed.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Why reading `token` was refused by the writer, if it was (asked once, when its
+    /// turn to be acknowledged has come).
+    pub fn take_refusal(&self, token: u64) -> Option<Reject> {
+        let mut refused = self.refused.lock().unwrap_or_else(|e| e.into_inner());
+        // Older entries belong to acks already sent.
+        while refused.first_key_value().is_some_and(|(&t, _)| t < token) {
+            refused.pop_first();
+        }
+        refused.remove(&token)
     }
 }
 
@@ -373,10 +458,74 @@ impl Done {
         self.commits.notify.notify_one();
     }
 
+    /// The writer did not store it (see [`Reject::is_temporary`]): never acknowledged as
+    /// stored.
+    pub fn refuse(&self, why: Reject) {
+        self.commits
+            .refused
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(self.token, why);
+        self.durable();
+    }
+
     pub fn fail(&self) {
         self.commits
             .failed
             .store(true, std::sync::atomic::Ordering::SeqCst);
         self.commits.notify.notify_one();
+    }
+}
+
+/// What became of a reading at the writer, told to its connection in order.
+#[derive(Debug, Clone)]
+pub struct Outcome {
+    pub done: Done,
+    /// `None`: durable (as the ack it waits for requires).
+    pub refused: Option<Reject>,
+}
+
+impl Outcome {
+    pub fn release(&self) {
+        match self.refused {
+            Some(why) => self.done.refuse(why),
+            None => self.done.durable(),
+        }
+    }
+}
+
+/// At most one log line per reason per interval; the count of the others goes with it.
+pub struct RejectLog {
+    every: std::time::Duration,
+    last: std::collections::HashMap<Reject, (Option<std::time::Instant>, u64)>,
+}
+
+impl RejectLog {
+    pub fn new(every: std::time::Duration) -> Self {
+        RejectLog {
+            every,
+            last: std::collections::HashMap::new(),
+        }
+    }
+
+    /// Logs a refusal of `what` (a topic, a device) unless one of the same reason was
+    /// logged less than the interval ago.
+    pub fn log(&mut self, reason: Reject, what: &str) {
+        let now = std::time::Instant::now();
+        let entry = self.last.entry(reason).or_insert((None, 0));
+        if entry
+            .0
+            .is_some_and(|at| now.duration_since(at) < self.every)
+        {
+            entry.1 += 1;
+            return;
+        }
+        tracing::warn!(
+            reason = reason.as_str(),
+            of = %what,
+            suppressed = entry.1,
+            "refused a publish: {reason}"
+        );
+        *entry = (Some(now), 0);
     }
 }

@@ -19,8 +19,9 @@ pub struct Metrics {
     pub received: Counter,
     pub accepted: Counter,
     pub duplicates: Counter,
+    /// Readings whose device time was far ahead of the agent's clock.
+    pub clock_ahead: Counter,
     pub rejected: Family<Reason, Counter>,
-    pub seq_gaps_skipped: Counter,
     pub commits: Counter,
     pub commit_failures: Counter,
     pub buffer_bytes: Gauge,
@@ -61,8 +62,8 @@ impl Metrics {
             received: Counter::default(),
             accepted: Counter::default(),
             duplicates: Counter::default(),
+            clock_ahead: Counter::default(),
             rejected: Family::default(),
-            seq_gaps_skipped: Counter::default(),
             commits: Counter::default(),
             commit_failures: Counter::default(),
             buffer_bytes: Gauge::default(),
@@ -135,14 +136,15 @@ impl Metrics {
             m.duplicates.clone(),
         );
         r.register(
+            "ingest_clock_ahead",
+            "Readings whose device time was more than 10 minutes ahead of the agent's clock: \
+             stored with their arrival time",
+            m.clock_ahead.clone(),
+        );
+        r.register(
             "ingest_rejected",
             "Publishes refused, by reason",
             m.rejected.clone(),
-        );
-        r.register(
-            "ingest_seq_gaps_skipped",
-            "Sequence numbers never received and given up so the watermark could move on",
-            m.seq_gaps_skipped.clone(),
         );
         r.register(
             "ingest_queue_full",

@@ -15,7 +15,7 @@ use tokio::sync::watch;
 use crate::broker::Publisher;
 use crate::buffer::{Buffer, BufferError, Meta};
 use crate::config::Config;
-use crate::ingest::{Done, Incoming, Queued};
+use crate::ingest::{Incoming, Outcome, Queued};
 use crate::metrics::Metrics;
 use crate::uplink;
 
@@ -57,12 +57,15 @@ pub struct Pipeline {
     publish_every: Duration,
     quantiles: Vec<f64>,
     last_error_log: Option<Instant>,
+    /// Readings the writer refused (dedup limits), logged at most once per reason per
+    /// `ingest.reject_log_interval_ms`.
+    refusals: crate::ingest::RejectLog,
     /// The first uncommitted offset, for the uplink.
     head: watch::Sender<u64>,
     links: Links,
     /// Acks waiting for replication: offset after the commit, the newest ack per device,
-    /// and the MQTT PUBACKs the commit allows.
-    pending_acks: std::collections::VecDeque<(u64, HashMap<String, Ack>, Vec<Done>)>,
+    /// and what the commit tells the connections of its readings (PUBACK or refusal).
+    pending_acks: std::collections::VecDeque<(u64, HashMap<String, Ack>, Vec<Outcome>)>,
     retention: Duration,
     /// (when, gateway ack) samples; blocks below an ack older than `retention` go.
     acks_seen: std::collections::VecDeque<(Instant, u64)>,
@@ -88,6 +91,9 @@ impl Pipeline {
             publish_every: Duration::from_millis(config.aggregate.publish_interval_ms),
             quantiles: config.aggregate.quantiles.clone(),
             last_error_log: None,
+            refusals: crate::ingest::RejectLog::new(Duration::from_millis(
+                config.ingest.reject_log_interval_ms,
+            )),
             head,
             links,
             pending_acks: std::collections::VecDeque::new(),
@@ -182,8 +188,9 @@ impl Pipeline {
         let mut dones = Vec::new();
         let batch: Vec<Incoming> = batch
             .into_iter()
-            .map(|q| {
-                dones.extend(q.done);
+            .enumerate()
+            .map(|(i, q)| {
+                dones.extend(q.done.map(|d| (i, d)));
                 q.reading
             })
             .collect();
@@ -213,11 +220,23 @@ impl Pipeline {
                 }
                 self.metrics.accepted.inc_by(done.accepted);
                 self.metrics.duplicates.inc_by(done.duplicates);
-                self.metrics.seq_gaps_skipped.inc_by(done.gaps_skipped);
                 self.metrics.aggregates_too_late.inc_by(done.too_late);
+                for &(i, why) in &done.refused {
+                    self.metrics.reject(why);
+                    self.refusals.log(why, batch.get(i).map_or("", |r| r.device.as_str()));
+                }
                 let t1 = Instant::now();
                 let acks = done.acks.len();
-                self.ack(done.acks, dones);
+                let refused: HashMap<usize, crate::ingest::Reject> =
+                    done.refused.iter().copied().collect();
+                let outcomes = dones
+                    .into_iter()
+                    .map(|(i, done)| Outcome {
+                        done,
+                        refused: refused.get(&i).copied(),
+                    })
+                    .collect();
+                self.ack(done.acks, outcomes);
                 tracing::trace!(
                     readings = n,
                     acks,
@@ -229,7 +248,7 @@ impl Pipeline {
             Err(e) => {
                 self.metrics.commit_failures.inc();
                 self.log_error(&e, n);
-                dones.iter().for_each(Done::fail);
+                dones.iter().for_each(|(_, d)| d.fail());
             }
         }
         match self.buffer.keep_disk_free() {
@@ -253,7 +272,9 @@ impl Pipeline {
     }
 
     /// Sends device acks and PUBACKs now, or queues them until replication catches up.
-    fn ack(&mut self, acks: Vec<(String, Ack)>, dones: Vec<Done>) {
+    /// Refusals wait with the acks of their batch: telling a connection about a later
+    /// reading raises its cursor past the earlier ones still waiting.
+    fn ack(&mut self, acks: Vec<(String, Ack)>, dones: Vec<Outcome>) {
         if acks.is_empty() && dones.is_empty() {
             return;
         }
@@ -261,7 +282,7 @@ impl Pipeline {
             // Acks first: a connection woken for its PUBACKs then finds its device's ack
             // queued too, and writes both at once.
             self.publish_acks(acks);
-            dones.iter().for_each(Done::durable);
+            dones.iter().for_each(Outcome::release);
             return;
         }
         let end = self.buffer.meta().next_offset;
@@ -302,7 +323,7 @@ impl Pipeline {
             }
         }
         self.publish_acks(ready);
-        released.iter().for_each(Done::durable);
+        released.iter().for_each(Outcome::release);
     }
 
     /// Publishes the acks of a commit in one hand-over to the router.

@@ -178,8 +178,7 @@ impl Agent {
         writeln!(log, "===== fogline-tests: start #{} =====", self.starts)?;
         let log_err: File = log.try_clone()?;
         let mut cmd = Command::new(&self.bin);
-        // The test's own FOGLINE_TEST_SEED would read as an (unknown) agent setting.
-        cmd.env_remove(crate::SEED_VAR);
+        crate::clean_env(&mut cmd);
         cmd.arg("run");
         if let Some(config) = &self.opts.config {
             cmd.arg("--config").arg(config);
@@ -197,13 +196,6 @@ impl Agent {
             .arg("--http-listen")
             .arg(local(self.http_port).to_string())
             .args(&self.opts.args);
-        // The caller's own FOGLINE_<SECTION>__<KEY> settings must not leak into tests.
-        for (key, _) in std::env::vars_os() {
-            let key = key.to_string_lossy();
-            if key.starts_with("FOGLINE_") && key.contains("__") {
-                cmd.env_remove(key.as_ref());
-            }
-        }
         cmd.env("NO_COLOR", "1");
         for (key, value) in &self.opts.env {
             cmd.env(key, value);
@@ -388,7 +380,7 @@ impl Agent {
 
     fn buffer_cmd(&self, args: &[&str]) -> anyhow::Result<crate::BoundedOutput> {
         let mut cmd = Command::new(&self.bin);
-        cmd.env_remove(crate::SEED_VAR);
+        crate::clean_env(&mut cmd);
         cmd.arg("buffer")
             .arg(args[0])
             .arg("--data-dir")

@@ -75,7 +75,7 @@ impl Gateway {
         writeln!(log, "===== fogline-tests: gateway start =====")?;
         let err = log.try_clone()?;
         let mut cmd = Command::new(&self.bin);
-        cmd.env_remove(crate::SEED_VAR);
+        crate::clean_env(&mut cmd);
         cmd.arg("run")
             .arg("--data-dir")
             .arg(&self.data_dir)
@@ -208,7 +208,7 @@ impl Gateway {
     /// `store export` on the (stopped) gateway's data dir.
     pub fn export(&self) -> anyhow::Result<Vec<GatewayReading>> {
         let out = run_bounded(
-            Command::new(&self.bin)
+            crate::clean_env(&mut Command::new(&self.bin))
                 .arg("store")
                 .arg("export")
                 .arg("--data-dir")

@@ -69,6 +69,18 @@ pub fn now_ms() -> i64 {
 /// environment: the agent and gateway read every `FOGLINE_…` variable as a setting).
 pub const SEED_VAR: &str = "FOGLINE_TEST_SEED";
 
+/// Keeps this process's `FOGLINE_…` variables (a test's seed, `FOGLINE_AGENT_BIN`, a
+/// developer's own settings) out of a child fogline program, which would read every one
+/// of them as a setting; a test gives its settings to the child explicitly.
+pub fn clean_env(cmd: &mut std::process::Command) -> &mut std::process::Command {
+    for (key, _) in std::env::vars_os() {
+        if key.to_string_lossy().starts_with("FOGLINE_") {
+            cmd.env_remove(&key);
+        }
+    }
+    cmd
+}
+
 /// The random seed for a test: `FOGLINE_TEST_SEED` if set, else a fresh one.
 /// It is printed so that a failing run can be repeated.
 pub fn test_seed(test: &str) -> u64 {

@@ -1,11 +1,16 @@
-//! A QoS 1 publisher that counts a reading as acknowledged only by the PUBACK carrying
-//! its own packet id: the packet id is derived from the sequence number, so a PUBACK can
-//! never be credited to the wrong reading, not even across reconnects. (rumqttc re-sends
-//! requests queued before a connection failed on the next one, which makes "the n-th
-//! PUBACK belongs to the n-th publish" unreliable right where a crash test looks.)
+//! A QoS 1 (or QoS 2) publisher that counts a reading as acknowledged only by the PUBACK
+//! (PUBREC) carrying its own packet id: the packet id is derived from the sequence number,
+//! so an ack can never be credited to the wrong reading, not even across reconnects.
+//! (rumqttc re-sends requests queued before a connection failed on the next one, which
+//! makes "the n-th PUBACK belongs to the n-th publish" unreliable right where a crash test
+//! looks.)
 //!
-//! Plain MQTT 3.1.1 over a blocking socket, one thread per device, keepalive 0, clean
-//! session: after each reconnect it re-sends every reading above its PUBACK watermark.
+//! Plain MQTT 3.1.1 over a blocking socket, one thread per device, keepalive 0: after each
+//! reconnect it re-sends every reading above its ack watermark (with DUP, as the
+//! specification asks of a client resuming a session), and with QoS 2 the PUBREL of every
+//! reading PUBREC'd but not yet PUBCOMP'd. A clean session is the default; with
+//! [`PubackSpec::persistent`] the agent keeps the session, and with it the QoS 2 packet
+//! ids it has seen, across reconnects and restarts.
 
 use std::collections::{BTreeSet, VecDeque};
 use std::io::{ErrorKind, Read, Write};
@@ -60,10 +65,11 @@ fn mqtt_str(out: &mut Vec<u8>, s: &[u8]) {
     out.extend(s);
 }
 
-fn connect_packet(client_id: &str) -> Vec<u8> {
+fn connect_packet(client_id: &str, clean: bool) -> Vec<u8> {
     let mut body = Vec::new();
     mqtt_str(&mut body, b"MQTT");
-    body.extend([4, 0x02, 0, 0]); // 3.1.1, clean session, keepalive 0
+    // 3.1.1, clean session or not, keepalive 0
+    body.extend([4, if clean { 0x02 } else { 0x00 }, 0, 0]);
     mqtt_str(&mut body, client_id.as_bytes());
     let mut p = vec![0x10];
     encode_len(&mut p, body.len());
@@ -71,20 +77,53 @@ fn connect_packet(client_id: &str) -> Vec<u8> {
     p
 }
 
-fn publish_packet(topic: &str, pkid: u16, payload: &[u8]) -> Vec<u8> {
+fn publish_packet(topic: &str, qos: u8, dup: bool, pkid: u16, payload: &[u8]) -> Vec<u8> {
     let mut body = Vec::new();
     mqtt_str(&mut body, topic.as_bytes());
     body.extend(pkid.to_be_bytes());
     body.extend(payload);
-    let mut p = vec![0x32];
+    let mut p = vec![0x30 | (qos << 1) | if dup { 0x08 } else { 0 }];
     encode_len(&mut p, body.len());
     p.extend(body);
     p
 }
 
+/// How a [`PubackDevice`] publishes.
+#[derive(Debug, Clone)]
+pub struct PubackSpec {
+    pub device: String,
+    pub metric: String,
+    pub boot: u32,
+    /// Most readings unacknowledged at once.
+    pub window: u32,
+    /// The last sequence number it sends.
+    pub max_seq: u32,
+    /// 1 (PUBACK) or 2 (PUBREC, PUBREL, PUBCOMP).
+    pub qos: u8,
+    /// Clean session 0: the agent keeps the session across reconnects.
+    pub persistent: bool,
+    /// At most one new reading per this interval (`None`: as fast as the window allows).
+    pub pace: Option<Duration>,
+}
+
+impl PubackSpec {
+    pub fn new(device: &str, metric: &str, boot: u32, window: u32, max_seq: u32) -> PubackSpec {
+        PubackSpec {
+            device: device.to_owned(),
+            metric: metric.to_owned(),
+            boot,
+            window,
+            max_seq,
+            qos: 1,
+            persistent: false,
+            pace: None,
+        }
+    }
+}
+
 impl PubackDevice {
-    /// Starts publishing `{"value","seq","boot"}` on `sensors/<device>/<metric>` with at
-    /// most `window` readings unacknowledged, up to `max_seq`.
+    /// Starts publishing `{"value","seq","boot"}` on `sensors/<device>/<metric>` at QoS 1
+    /// with at most `window` readings unacknowledged, up to `max_seq`.
     pub fn start(
         addr: SocketAddr,
         device: &str,
@@ -93,26 +132,32 @@ impl PubackDevice {
         window: u32,
         max_seq: u32,
     ) -> anyhow::Result<PubackDevice> {
+        PubackDevice::start_with(addr, PubackSpec::new(device, metric, boot, window, max_seq))
+    }
+
+    /// Starts a device as `spec` says.
+    pub fn start_with(addr: SocketAddr, spec: PubackSpec) -> anyhow::Result<PubackDevice> {
+        anyhow::ensure!(matches!(spec.qos, 1 | 2), "QoS must be 1 or 2");
         let state = Arc::new(Mutex::new(PubackSnapshot {
-            device: device.to_owned(),
-            boot,
+            device: spec.device.clone(),
+            boot: spec.boot,
             ..PubackSnapshot::default()
         }));
         let stop_new = Arc::new(AtomicBool::new(false));
         let quit = Arc::new(AtomicBool::new(false));
+        let name = format!("puback-{}", spec.device);
         let worker = Worker {
             addr,
-            topic: format!("sensors/{device}/{metric}"),
-            client_id: device.to_owned(),
-            boot,
-            window,
-            max_seq,
+            topic: format!("sensors/{}/{}", spec.device, spec.metric),
+            client_id: spec.device.clone(),
+            spec,
+            released: Mutex::new(BTreeSet::new()),
             state: state.clone(),
             stop_new: stop_new.clone(),
             quit: quit.clone(),
         };
         let thread = std::thread::Builder::new()
-            .name(format!("puback-{device}"))
+            .name(name)
             .spawn(move || worker.run())?;
         Ok(PubackDevice {
             state,
@@ -150,9 +195,9 @@ struct Worker {
     addr: SocketAddr,
     topic: String,
     client_id: String,
-    boot: u32,
-    window: u32,
-    max_seq: u32,
+    spec: PubackSpec,
+    /// QoS 2: PUBREC'd, PUBREL sent, PUBCOMP not yet seen (sent again after a reconnect).
+    released: Mutex<BTreeSet<u16>>,
     state: Arc<Mutex<PubackSnapshot>>,
     stop_new: Arc<AtomicBool>,
     quit: Arc<AtomicBool>,
@@ -175,9 +220,10 @@ impl Worker {
 
     /// One connection: connect, re-send what is unacknowledged, publish until it breaks.
     fn session(&self) -> std::io::Result<()> {
+        let spec = &self.spec;
         let mut s = TcpStream::connect_timeout(&self.addr, Duration::from_millis(500))?;
         s.set_nodelay(true)?;
-        s.write_all(&connect_packet(&self.client_id))?;
+        s.write_all(&connect_packet(&self.client_id, !spec.persistent))?;
         s.set_read_timeout(Some(Duration::from_secs(5)))?;
         let mut connack = [0u8; 4];
         s.read_exact(&mut connack)?;
@@ -191,28 +237,38 @@ impl Worker {
             st.connected = true;
             (st.acked, st.sent)
         };
-        // In flight on this connection, oldest first; PUBACKed above the watermark.
+        // In flight on this connection, oldest first; acked above the watermark.
         let mut inflight: VecDeque<u32> = VecDeque::new();
         let mut above: BTreeSet<u32> = BTreeSet::new();
         let mut out = Vec::new();
+        let released: Vec<u16> = self.released_lock().iter().copied().collect();
+        for pkid in released {
+            out.extend([0x62, 2]);
+            out.extend(pkid.to_be_bytes());
+        }
         for seq in acked.saturating_add(1)..=sent {
-            out.extend(self.publish(seq));
+            out.extend(self.publish(seq, true));
             inflight.push_back(seq);
         }
         self.lock().resent += u64::from(sent.saturating_sub(acked));
         let mut rbuf: Vec<u8> = Vec::new();
         let mut chunk = [0u8; 4096];
+        let mut next_at = Instant::now();
         while !self.quit.load(Ordering::SeqCst) {
             // New readings while the window has room.
             {
                 let mut st = self.lock();
                 while !self.stop_new.load(Ordering::SeqCst)
-                    && st.sent < self.max_seq
-                    && st.sent.saturating_sub(st.acked) < self.window
+                    && st.sent < spec.max_seq
+                    && st.sent.saturating_sub(st.acked) < spec.window
+                    && Instant::now() >= next_at
                 {
                     st.sent += 1;
-                    out.extend(self.publish(st.sent));
+                    out.extend(self.publish(st.sent, false));
                     inflight.push_back(st.sent);
+                    if let Some(pace) = spec.pace {
+                        next_at = Instant::now() + pace;
+                    }
                 }
             }
             if !out.is_empty() {
@@ -227,14 +283,33 @@ impl Worker {
             }
             let mut at = 0;
             while rbuf.len() >= at + 4 {
-                if rbuf[at] != 0x40 || rbuf[at + 1] != 2 {
+                let kind = rbuf[at];
+                if rbuf[at + 1] != 2 || !matches!(kind, 0x40 | 0x50 | 0x70) {
                     return Err(std::io::Error::other(format!(
-                        "unexpected packet {:#04x}",
-                        rbuf[at]
+                        "unexpected packet {kind:#04x}"
                     )));
                 }
                 let pkid = u16::from_be_bytes([rbuf[at + 2], rbuf[at + 3]]);
                 at += 4;
+                match (spec.qos, kind) {
+                    (2, 0x70) => {
+                        self.released_lock().remove(&pkid);
+                        continue;
+                    }
+                    (1, 0x40) => {}
+                    (2, 0x50) => {
+                        // PUBREC: the reading is the agent's now; release it.
+                        self.released_lock().insert(pkid);
+                        out.extend([0x62, 2]);
+                        out.extend(pkid.to_be_bytes());
+                    }
+                    _ => {
+                        return Err(std::io::Error::other(format!(
+                            "packet {kind:#04x} in a QoS {} flow",
+                            spec.qos
+                        )))
+                    }
+                }
                 let Some(pos) = inflight.iter().position(|&q| packet_id(q) == pkid) else {
                     continue;
                 };
@@ -254,9 +329,18 @@ impl Worker {
         Ok(())
     }
 
-    fn publish(&self, seq: u32) -> Vec<u8> {
-        let payload = crate::json_payload(f64::from(seq % 1000), Some(seq), Some(self.boot), None);
-        publish_packet(&self.topic, packet_id(seq), &payload)
+    fn released_lock(&self) -> std::sync::MutexGuard<'_, BTreeSet<u16>> {
+        self.released.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn publish(&self, seq: u32, dup: bool) -> Vec<u8> {
+        let payload = crate::json_payload(
+            f64::from(seq % 1000),
+            Some(seq),
+            Some(self.spec.boot),
+            None,
+        );
+        publish_packet(&self.topic, self.spec.qos, dup, packet_id(seq), &payload)
     }
 }
 

@@ -12,7 +12,7 @@ use crate::{agent_bin, run_bounded, BoundedOutput};
 
 fn agent(args: &[&str]) -> anyhow::Result<BoundedOutput> {
     let out = run_bounded(
-        Command::new(agent_bin()?).args(args),
+        crate::clean_env(&mut Command::new(agent_bin()?)).args(args),
         Duration::from_secs(30),
     )?;
     if !out.status.success() {
@@ -55,7 +55,7 @@ pub fn certs_node(
 
 /// `echo PASSWORD | fogline-agent auth hash`.
 pub fn auth_hash(password: &str) -> anyhow::Result<String> {
-    let mut child = Command::new(agent_bin()?)
+    let mut child = crate::clean_env(&mut Command::new(agent_bin()?))
         .args(["auth", "hash"])
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
@@ -130,8 +130,19 @@ pub fn pub_lines(
     topic: &str,
     lines: &[String],
 ) -> anyhow::Result<std::process::ExitStatus> {
+    pub_lines_with(port, creds, topic, lines, &[])
+}
+
+/// [`pub_lines`] with more `mosquitto_pub` arguments (e.g. `-V mqttv5`).
+pub fn pub_lines_with(
+    port: u16,
+    creds: Option<(&str, &str)>,
+    topic: &str,
+    lines: &[String],
+    extra: &[&str],
+) -> anyhow::Result<std::process::ExitStatus> {
     let mut cmd = crate::mosquitto::pub_command(port, topic);
-    cmd.arg("-l");
+    cmd.arg("-l").args(extra);
     if let Some((id, pass)) = creds {
         cmd.args(["-i", id, "-u", id, "-P", pass]);
     }

@@ -1,6 +1,13 @@
 //! Promise: malformed, oversized, non-finite, mis-addressed or badly-named input is
 //! refused with a counted reason in `/metrics`, the agent stays healthy, and a
 //! well-behaved sensor publishing at the same time loses nothing.
+//!
+//! Two holes a review found are guarded here too. A JSON reading with `seq` but no
+//! `boot` was taken with boot 0: after the device rebooted its numbers started again at
+//! 1 and were dropped as duplicates, yet acknowledged — it is refused now
+//! (`seq_without_boot`). And a device clock far ahead (or a timestamp near `u64::MAX`)
+//! overflowed the window arithmetic and opened windows that never closed: such a reading
+//! keeps its arrival time now, counted in `fogline_ingest_clock_ahead_total`.
 
 use std::time::Duration;
 
@@ -84,6 +91,11 @@ fn scenario(agent: &mut Agent) -> anyhow::Result<()> {
             "invalid_id",
             format!("sensors/{long_id}/temp"),
             b"1".to_vec(),
+        ),
+        (
+            "seq_without_boot",
+            "sensors/bad-src/temp".into(),
+            br#"{"value":1,"seq":5}"#.to_vec(),
         ),
     ];
     const REPEAT: u64 = 3;
@@ -169,5 +181,62 @@ fn scenario(agent: &mut Agent) -> anyhow::Result<()> {
     let problems = check_sequences(&readings, &[("good".into(), 42, snap.sent)]);
     assert!(problems.is_empty(), "{}", problems.join("\n"));
     assert_eq!(readings.len(), snap.sent as usize);
+    Ok(())
+}
+
+/// Readings from clocks that are far ahead (and a timestamp at the top of the range) are
+/// stored with their arrival time, aggregated in the current window, and counted; the
+/// agent stays healthy.
+#[test]
+fn a_clock_far_ahead_gets_the_arrival_time() -> anyhow::Result<()> {
+    let mut agent = Agent::start(AgentOptions {
+        name: Some("clock-agent".into()),
+        ..AgentOptions::default()
+    })?;
+    let fleet = Fleet::new(agent.mqtt_addr())?;
+    let raw = fleet.raw_publisher("clocks")?;
+    let before = now_ms();
+    let ahead = before + 3 * 24 * 3_600_000;
+    let payloads = [
+        format!(r#"{{"value":1,"seq":1,"boot":1,"ts":{ahead}}}"#),
+        r#"{"value":2,"seq":2,"boot":1,"ts":18446744073709551615}"#.to_owned(),
+        r#"{"value":3,"seq":3,"boot":1,"ts":9223372036854775807}"#.to_owned(),
+    ];
+    for p in &payloads {
+        raw.publish("sensors/clock-dev/temp", p.as_bytes().to_vec())?;
+    }
+    raw.wait_pubacks(3, Duration::from_secs(10))?;
+    let counted = poll_until(Duration::from_secs(10), Duration::from_millis(50), || {
+        let m = agent.metrics().ok()?;
+        (metric(&m, "fogline_ingest_clock_ahead_total", &[]) >= 3.0).then_some(())
+    });
+    assert!(counted.is_some(), "{}", agent.metrics()?);
+    let agg = fogline_tests::mosquitto::subscribe_one(
+        agent.mqtt_port(),
+        "agg/clock-dev/temp/3600s",
+        10,
+    )?
+    .context("an aggregate for the current hour")?;
+    let agg: serde_json::Value = serde_json::from_str(&agg)?;
+    assert_eq!(agg["count"], 3, "{agg}");
+    let start = agg["start_ms"].as_i64().context("start_ms")?;
+    assert!(
+        start <= before && before - start <= 3_600_000,
+        "the window is the current one: {agg}"
+    );
+    assert_eq!(agent.get("/healthz")?.trim(), "ok");
+    drop(raw);
+    drop(fleet);
+    let after = now_ms();
+    agent.stop(Duration::from_secs(10))?;
+    agent.check()?;
+    let readings = agent.export()?;
+    assert_eq!(readings.len(), 3);
+    for r in &readings {
+        assert!(
+            r.ts >= before - 1000 && r.ts <= after + 1000,
+            "stored with its arrival time: {r:?}"
+        );
+    }
     Ok(())
 }

@@ -5,11 +5,17 @@
 //!
 //! The same holds for the plain MQTT PUBACK: the agent sends it only after the reading
 //! is committed, so a QoS 1 client that knows nothing of the ack topic gets the same
-//! promise (the second test counts acks by PUBACK).
+//! promise (the second test counts acks by PUBACK). And for QoS 2's PUBREC, also for a
+//! client whose session the agent keeps across restarts (the third test).
+//!
+//! The QoS 2 test guards a bug a review found: the agent remembered a QoS 2 packet id in
+//! the session as soon as the PUBLISH came, before the reading was stored. A reading
+//! refused while the agent shut down (or lost to a SIGKILL before its commit) then got
+//! a PUBREC for its re-send with the same id, although it was never stored.
 
 use std::time::{Duration, Instant};
 
-use fogline_tests::puback::{self, PubackDevice};
+use fogline_tests::puback::{self, PubackDevice, PubackSpec};
 use fogline_tests::{
     check_sequences, test_seed, AckSource, Agent, AgentOptions, DeviceSpec, Fleet,
 };
@@ -41,19 +47,42 @@ fn sigkill_loses_no_pubacked_reading() {
     }
 }
 
+/// QoS 2 with sessions the agent keeps: every PUBREC'd reading is stored once, across
+/// clean stops (SIGTERM, which refuses what comes in while it shuts down) and SIGKILLs.
+#[test]
+fn restarts_lose_no_pubrecd_reading_of_a_persistent_qos2_session() {
+    let seed = test_seed("agent_crash_pubrec");
+    let mut agent = Agent::start(AgentOptions {
+        name: Some("crash-pubrec".into()),
+        ..AgentOptions::default()
+    })
+    .expect("the agent starts");
+    if let Err(e) = ack_scenario(&mut agent, seed, 2) {
+        panic!("{e:?}");
+    }
+}
+
 fn puback_scenario(agent: &mut Agent, seed: u64) -> anyhow::Result<()> {
+    ack_scenario(agent, seed, 1)
+}
+
+/// QoS 1: clean sessions and SIGKILLs. QoS 2: persistent sessions, and every other
+/// restart is a clean stop.
+fn ack_scenario(agent: &mut Agent, seed: u64, qos: u8) -> anyhow::Result<()> {
     let mut rng = fastrand::Rng::with_seed(seed);
     let started = Instant::now();
     let mut devices = Vec::new();
     for i in 0..DEVICES {
-        devices.push(PubackDevice::start(
-            agent.mqtt_addr(),
-            &format!("pa-{i}"),
+        let mut spec = PubackSpec::new(
+            &format!("q{qos}-{i}"),
             "temp",
             100 + rng.u32(0..1000),
             500,
             PUBACK_MAX_PER_DEVICE,
-        )?);
+        );
+        spec.qos = qos;
+        spec.persistent = qos == 2;
+        devices.push(PubackDevice::start_with(agent.mqtt_addr(), spec)?);
     }
     puback::wait_connected(&devices, Duration::from_secs(10))?;
     for kill in 1..=KILLS {
@@ -66,10 +95,16 @@ fn puback_scenario(agent: &mut Agent, seed: u64) -> anyhow::Result<()> {
             !done,
             "the devices finished before kill #{kill}: raise the maximum"
         );
-        agent.kill9()?;
+        let clean_stop = qos == 2 && kill % 2 == 1;
+        if clean_stop {
+            agent.stop(Duration::from_secs(20))?;
+        } else {
+            agent.kill9()?;
+        }
         eprintln!(
-            "[{:>5.1}s] SIGKILL #{kill}: PUBACKed {acked}",
-            started.elapsed().as_secs_f64()
+            "[{:>5.1}s] {} #{kill}: acknowledged {acked}",
+            started.elapsed().as_secs_f64(),
+            if clean_stop { "SIGTERM" } else { "SIGKILL" }
         );
         std::thread::sleep(Duration::from_millis(rng.u64(0..300)));
         agent.restart()?;
@@ -113,12 +148,13 @@ fn puback_scenario(agent: &mut Agent, seed: u64) -> anyhow::Result<()> {
     let problems = check_sequences(&readings, &acked);
     assert!(
         problems.is_empty(),
-        "PUBACKed readings lost or duplicated after {KILLS} SIGKILLs (seed {seed}):\n  {}",
+        "QoS {qos}: acknowledged readings lost or duplicated after {KILLS} restarts (seed \
+         {seed}):\n  {}",
         problems.join("\n  ")
     );
     assert!(
         snaps.iter().all(|s| s.out_of_order == 0),
-        "PUBACKs came out of order: {snaps:?}"
+        "acks came out of order: {snaps:?}"
     );
     assert!(
         snaps.iter().all(|s| s.sent > 1000),

@@ -26,7 +26,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::aggregate::{Aggregator, Fold, WindowKey, WindowState};
 use crate::config::{AggregateConfig, BufferConfig};
-use crate::ingest::{DeviceTime, Incoming};
+use crate::ingest::{DeviceTime, Incoming, Reject};
 use block::Record;
 use seq::{DeviceState, Insert};
 
@@ -239,7 +239,9 @@ pub struct Committed {
     pub acks: Vec<(String, Ack)>,
     pub accepted: u64,
     pub duplicates: u64,
-    pub gaps_skipped: u64,
+    /// Readings of the batch (by index) that were not stored, and why: none of them may
+    /// be acknowledged.
+    pub refused: Vec<(usize, Reject)>,
     pub too_late: u64,
 }
 
@@ -567,7 +569,7 @@ impl Buffer {
         // A set: a batch from thousands of devices made a list scan quadratic.
         let mut acked: std::collections::HashSet<(String, u32)> = std::collections::HashSet::new();
         let mut records = Vec::with_capacity(batch.len());
-        for r in batch {
+        for (i, r) in batch.iter().enumerate() {
             let state = overlay
                 .entry(r.device.clone())
                 .or_insert_with(|| self.devices.get(&r.device).cloned().unwrap_or_default());
@@ -579,14 +581,21 @@ impl Buffer {
                         out.duplicates += 1;
                         continue;
                     }
-                    Insert::NewAfterSkipping(n) => out.gaps_skipped += n,
+                    Insert::TooManyGaps => {
+                        out.refused.push((i, Reject::TooManyGaps));
+                        continue;
+                    }
+                    Insert::TooFarAhead => {
+                        out.refused.push((i, Reject::SeqJump));
+                        continue;
+                    }
                     Insert::New => {}
                 }
             }
             let ts_ms = match r.time {
                 DeviceTime::Wall(ms) => ms,
                 DeviceTime::SinceBoot(up) => boot.rebase(up, r.received_ms),
-                DeviceTime::Unknown => r.received_ms,
+                DeviceTime::Unknown | DeviceTime::Ahead(_) => r.received_ms,
             };
             records.push(Record {
                 device: r.device.clone(),
@@ -1127,7 +1136,7 @@ fn fold_rollups(
 ) -> Result<(), BufferError> {
     let mut merged: HashMap<(i64, &str, &str), Rollup> = HashMap::new();
     for r in records {
-        let start = r.ts_ms.div_euclid(window_ms) * window_ms;
+        let start = crate::aggregate::window_start(r.ts_ms, window_ms);
         merged
             .entry((start, r.device.as_str(), r.metric.as_str()))
             .and_modify(|s| s.add(r))

@@ -5,9 +5,16 @@
 
 use serde::{Deserialize, Serialize};
 
-/// Gaps above the watermark kept at most; past that the oldest gap is given up (counted),
-/// so a device that lost readings for good cannot pin memory or the watermark forever.
+/// Separate ranges kept above the watermark at most. A reading that would open one more
+/// gap is refused for now ([`Insert::TooManyGaps`]): the device keeps it and sends it
+/// again, by which time the gaps below have usually filled. The firmware numbers readings
+/// without holes, so gaps are readings in flight, never readings lost for good; the
+/// watermark never moves over one.
 pub const MAX_RANGES: usize = 1024;
+/// How far above the highest sequence number already stored for a boot a new one may be.
+/// Farther is refused ([`Insert::TooFarAhead`]): no device gets 16 million readings ahead
+/// of this agent, but a forged publish in `auth.mode = "open"` could claim any number.
+pub const MAX_AHEAD: u32 = 1 << 24;
 /// Boots remembered per device.
 pub const MAX_BOOTS: usize = 4;
 
@@ -26,8 +33,10 @@ pub struct SeqTracker {
 pub enum Insert {
     New,
     Duplicate,
-    /// New, and the tracker had to give up this many never-seen sequence numbers.
-    NewAfterSkipping(u64),
+    /// Not taken: it would open more than [`MAX_RANGES`] gaps. Never acknowledged.
+    TooManyGaps,
+    /// Not taken: more than [`MAX_AHEAD`] above the highest stored. Never acknowledged.
+    TooFarAhead,
 }
 
 impl SeqTracker {
@@ -36,41 +45,54 @@ impl SeqTracker {
     }
 
     pub fn contains(&self, seq: u32) -> bool {
-        seq <= self.watermark || self.above.iter().any(|&(a, b)| a <= seq && seq <= b)
+        if seq <= self.watermark {
+            return true;
+        }
+        let i = self.above.partition_point(|&(_, b)| b < seq);
+        self.above.get(i).is_some_and(|&(a, _)| a <= seq)
+    }
+
+    /// The highest sequence number stored.
+    pub fn highest(&self) -> u32 {
+        self.above.last().map_or(self.watermark, |&(_, b)| b)
     }
 
     pub fn insert(&mut self, seq: u32) -> Insert {
         if self.contains(seq) {
             return Insert::Duplicate;
         }
+        let highest = self.highest();
+        if seq > highest && seq - highest > MAX_AHEAD {
+            return Insert::TooFarAhead;
+        }
         let i = self.above.partition_point(|&(_, b)| b < seq);
-        self.above.insert(i, (seq, seq));
-        // Merge with the right neighbour, then the left one.
-        if i + 1 < self.above.len() && self.above[i + 1].0 == seq + 1 {
-            self.above[i].1 = self.above[i + 1].1;
-            self.above.remove(i + 1);
+        let joins_left = if i == 0 {
+            self.watermark.checked_add(1) == Some(seq)
+        } else {
+            self.above[i - 1].1.checked_add(1) == Some(seq)
+        };
+        let joins_right = self
+            .above
+            .get(i)
+            .is_some_and(|&(a, _)| seq.checked_add(1) == Some(a));
+        if !joins_left && !joins_right && self.above.len() >= MAX_RANGES {
+            return Insert::TooManyGaps;
         }
-        if i > 0 && self.above[i - 1].1 + 1 == seq {
-            self.above[i - 1].1 = self.above[i].1;
-            self.above.remove(i);
-        }
-        let mut skipped = 0u64;
-        if self.above.len() > MAX_RANGES {
-            let (a, _) = self.above[0];
-            skipped = u64::from(a - self.watermark - 1);
-            self.watermark = a - 1;
-        }
-        if let Some(&(a, b)) = self.above.first() {
-            if a == self.watermark + 1 {
-                self.watermark = b;
+        match (joins_left, joins_right) {
+            (true, true) if i == 0 => {
+                self.watermark = self.above[0].1;
                 self.above.remove(0);
             }
+            (true, true) => {
+                self.above[i - 1].1 = self.above[i].1;
+                self.above.remove(i);
+            }
+            (true, false) if i == 0 => self.watermark = seq,
+            (true, false) => self.above[i - 1].1 = seq,
+            (false, true) => self.above[i].0 = seq,
+            (false, false) => self.above.insert(i, (seq, seq)),
         }
-        if skipped > 0 {
-            Insert::NewAfterSkipping(skipped)
-        } else {
-            Insert::New
-        }
+        Insert::New
     }
 }
 
@@ -162,16 +184,53 @@ mod tests {
         assert_eq!(t.watermark(), 5);
     }
 
+    /// Regression: with more than 1,024 gaps the tracker used to give up the oldest gap
+    /// and move the watermark over readings that never arrived, acking them.
     #[test]
-    fn too_many_gaps_give_up_the_oldest_and_say_so() {
+    fn the_watermark_never_covers_a_reading_that_never_arrived() {
         let mut t = SeqTracker::default();
         for i in 0..MAX_RANGES as u32 {
             assert_eq!(t.insert(10 + 2 * i), Insert::New);
         }
         assert_eq!(t.watermark(), 0);
-        // One more gap: the oldest (1..=9) is given up.
-        assert_eq!(t.insert(100_000), Insert::NewAfterSkipping(9));
+        // One more gap would need more memory than a device is given: refused for now
+        // (the device re-sends it), and the watermark stays where the data is.
+        assert_ne!(t.insert(100_000), Insert::New);
+        assert_eq!(t.watermark(), 0, "1..=9 never arrived");
+        assert!(!t.contains(100_000));
+        // A reading that fills a gap is always taken, and the watermark follows the data.
+        for seq in 1..=9 {
+            assert_eq!(t.insert(seq), Insert::New);
+        }
         assert_eq!(t.watermark(), 10);
+        assert_eq!(t.insert(100_000), Insert::New, "room again");
+    }
+
+    /// Regression: one publish of a huge sequence number was believed.
+    #[test]
+    fn an_absurd_jump_is_refused_and_real_readings_go_on() {
+        let mut t = SeqTracker::default();
+        for seq in 1..=100 {
+            t.insert(seq);
+        }
+        assert_ne!(t.insert(u32::MAX), Insert::New);
+        assert_ne!(t.insert(100 + MAX_AHEAD + 1), Insert::New);
+        assert!(!t.contains(u32::MAX));
+        assert_eq!(t.insert(100 + MAX_AHEAD), Insert::New, "within reach");
+        assert_eq!(t.insert(101), Insert::New);
+        assert_eq!(t.watermark(), 101);
+    }
+
+    #[test]
+    fn the_top_of_the_sequence_space_does_not_overflow() {
+        let mut t = SeqTracker {
+            watermark: u32::MAX - 2,
+            above: Vec::new(),
+        };
+        assert_eq!(t.insert(u32::MAX), Insert::New);
+        assert_eq!(t.insert(u32::MAX - 1), Insert::New);
+        assert_eq!(t.watermark(), u32::MAX);
+        assert_eq!(t.insert(u32::MAX), Insert::Duplicate);
     }
 
     #[test]

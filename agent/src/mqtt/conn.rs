@@ -20,7 +20,7 @@ use super::session::{Dropped, InFlight, Record, Session, Sub};
 use super::topic::{self, Tag};
 use super::{Offered, Server};
 use crate::auth::{Authenticator, Refusal};
-use crate::ingest::{Commits, Done};
+use crate::ingest::{Commits, Done, Reject};
 
 /// What a connection may do.
 #[derive(Clone)]
@@ -38,6 +38,15 @@ pub enum Rights {
 const SITE_PREFIXES: [&str; 2] = ["fogline/cluster/", "fogline/repl/"];
 
 impl Rights {
+    /// May this connection ship a site's log batches (larger than any reading)?
+    fn may_ship(&self, site_private: bool) -> bool {
+        match self {
+            Rights::All => true,
+            Rights::Open => !site_private,
+            Rights::Device(_) | Rights::Authenticate(_) => false,
+        }
+    }
+
     fn may_publish(&self, topic: &str, site_private: bool) -> bool {
         match self {
             Rights::All => true,
@@ -130,17 +139,50 @@ enum End {
 
 /// An acknowledgement the client waits for, sent in the order the packets came.
 struct PendingAck {
-    /// A reading: wait until the writer made it durable.
+    /// A reading: wait until the writer made it durable (or refused it).
     token: Option<u64>,
     pkid: u16,
     kind: AckKind,
+    /// Refused before it reached the writer.
+    refused: Option<Reject>,
 }
 
-#[derive(Clone, Copy)]
+#[derive(Clone, Copy, PartialEq, Eq)]
 enum AckKind {
-    Ack(PubAckReason),
-    Rec(PubRecReason),
+    /// PUBACK of a QoS 1 publish.
+    Ack,
+    /// PUBREC of a QoS 2 publish: its packet id is remembered (so a re-send is not
+    /// delivered twice) only when the PUBREC goes out, i.e. once the reading is stored.
+    Rec,
+    /// PUBCOMP after a PUBREL.
     Comp,
+}
+
+/// The MQTT 5 reason code for a reading that was not stored.
+fn ack_reason(why: Reject) -> PubAckReason {
+    match why {
+        Reject::MalformedTopic | Reject::InvalidId | Reject::TopicMismatch => {
+            PubAckReason::TopicNameInvalid
+        }
+        Reject::RateLimited | Reject::TooManyDevices | Reject::TooManyGaps => {
+            PubAckReason::QuotaExceeded
+        }
+        Reject::SeqJump => PubAckReason::ImplementationSpecificError,
+        Reject::Oversized
+        | Reject::MalformedPayload
+        | Reject::NonFinite
+        | Reject::UnsupportedVersion
+        | Reject::SeqWithoutBoot => PubAckReason::PayloadFormatInvalid,
+    }
+}
+
+fn rec_reason(why: Reject) -> PubRecReason {
+    match ack_reason(why) {
+        PubAckReason::TopicNameInvalid => PubRecReason::TopicNameInvalid,
+        PubAckReason::QuotaExceeded => PubRecReason::QuotaExceeded,
+        PubAckReason::ImplementationSpecificError => PubRecReason::ImplementationSpecificError,
+        _ => PubRecReason::PayloadFormatInvalid,
+    }
 }
 
 struct Conn<'a> {
@@ -154,6 +196,16 @@ struct Conn<'a> {
     commits: Arc<Commits>,
     next_token: u64,
     will: Option<Box<(LastWill, Option<LastWillProperties>)>>,
+    /// Topic aliases the client set (MQTT 5), at most `Settings::topic_alias_max`.
+    aliases_in: std::collections::HashMap<u16, Bytes>,
+    /// Topic aliases this connection gives the client's topics, at most the client's
+    /// Topic Alias Maximum.
+    aliases_out: std::collections::HashMap<Vec<u8>, u16>,
+    alias_out_max: u16,
+    /// A reading was refused for a reason that may pass, and this 3.1.1 client has no
+    /// way to hear it: no packet is read any more, the acks owed before it go out, then
+    /// the connection closes (the client sends it again after reconnecting).
+    closing: bool,
 }
 
 /// Serves one client connection until it ends.
@@ -336,6 +388,30 @@ where
             .map_or(limit, |r| usize::from(r).clamp(1, limit));
         st.max_packet = props.as_ref().and_then(|p| p.max_packet_size);
     }
+    // A client that asks for no keep alive, or for more than the server allows, gets the
+    // server's (MQTT 5: told in the CONNACK; 3.1.1 has no way to say it: refused).
+    let max_keep_alive = server.settings.max_keep_alive_secs;
+    let keep_alive_secs = if max_keep_alive > 0
+        && (connect.keep_alive == 0 || connect.keep_alive > max_keep_alive)
+    {
+        if !v5 {
+            refuse(ConnectReturnCode::ClientIdentifierNotValid, &mut wbuf);
+            let _ = writer.write_all(&wbuf).await;
+            server.front.refuse(
+                "keep_alive",
+                peer,
+                &format!(
+                    "keep alive {} s is above mqtt.max_keep_alive_secs ({max_keep_alive})",
+                    connect.keep_alive
+                ),
+            );
+            return None;
+        }
+        max_keep_alive
+    } else {
+        connect.keep_alive
+    };
+    let server_keep_alive = (keep_alive_secs != connect.keep_alive).then_some(keep_alive_secs);
     let connack_props = v5.then(|| ConnAckProperties {
         session_expiry_interval: (expiry_secs
             != props
@@ -348,13 +424,14 @@ where
         retain_available: Some(1),
         max_packet_size: Some(u32::try_from(server.settings.max_packet).unwrap_or(u32::MAX)),
         assigned_client_identifier: assigned,
-        topic_alias_max: None,
+        topic_alias_max: (server.settings.topic_alias_max > 0)
+            .then_some(server.settings.topic_alias_max),
         reason_string: None,
         user_properties: Vec::new(),
         wildcard_subscription_available: Some(1),
         subscription_identifiers_available: Some(1),
         shared_subscription_available: Some(0),
-        server_keep_alive: None,
+        server_keep_alive,
         response_information: None,
         server_reference: None,
         authentication_method: None,
@@ -383,8 +460,12 @@ where
         commits: Arc::new(Commits::default()),
         next_token: 0,
         will: will.map(|w| Box::new((w, will_props))),
+        aliases_in: std::collections::HashMap::new(),
+        aliases_out: std::collections::HashMap::new(),
+        alias_out_max: props.as_ref().and_then(|p| p.topic_alias_max).unwrap_or(0),
+        closing: false,
     };
-    let keep_alive = Duration::from_millis(u64::from(connect.keep_alive) * 1500);
+    let keep_alive = Duration::from_millis(u64::from(keep_alive_secs) * 1500);
     Some((conn, keep_alive))
 }
 
@@ -445,6 +526,54 @@ fn connect_level(buf: &[u8]) -> Option<u8> {
     at += 1;
     let name_len = usize::from(u16::from_be_bytes([*buf.get(at)?, *buf.get(at + 1)?]));
     buf.get(at + 2 + name_len).copied()
+}
+
+/// The largest packet the connection may send next: `device` (`mqtt.max_packet_bytes`),
+/// except a PUBLISH of a site's log batch (`fogline/repl/…`) on a connection that may
+/// ship them (`batch`: `cluster.max_batch_bytes` and room for the header). The topic is
+/// read from the packet's first bytes, before the rest is buffered, so a device never
+/// gets a byte more than `device` into memory.
+fn packet_limit(buf: &[u8], device: usize, batch: Option<usize>) -> usize {
+    let Some(batch) = batch else {
+        return device;
+    };
+    let Some(&b0) = buf.first() else {
+        return device;
+    };
+    if b0 >> 4 != 3 {
+        return device;
+    }
+    let mut at = 1;
+    let mut remaining = 0usize;
+    let mut shift = 0;
+    loop {
+        let Some(&b) = buf.get(at) else {
+            // The length is not all here yet: nothing is decided (or buffered) beyond it.
+            return device;
+        };
+        remaining |= usize::from(b & 0x7f) << shift;
+        at += 1;
+        if b & 0x80 == 0 {
+            break;
+        }
+        shift += 7;
+        if shift > 21 {
+            return device;
+        }
+    }
+    if remaining <= device {
+        return device;
+    }
+    let (Some(&hi), Some(&lo)) = (buf.get(at), buf.get(at + 1)) else {
+        return batch;
+    };
+    let len = usize::from(u16::from_be_bytes([hi, lo]));
+    match buf.get(at + 2..at + 2 + len) {
+        Some(topic) if topic.starts_with(b"fogline/repl/") => batch,
+        Some(_) => device,
+        // Wait for the topic (at most 64 KiB): the codec asks for the rest only then.
+        None => batch,
+    }
 }
 
 /// QoS and packet id of the PUBLISH at the start of `buf`, if it is one and is all there
@@ -545,11 +674,14 @@ impl Conn<'_> {
         W: AsyncWrite + Unpin,
     {
         let mut deadline = tokio::time::Instant::now() + keep_alive;
+        let settings = &self.server.settings;
+        let may_ship = self.rights.may_ship(settings.site_private);
         loop {
             // Everything already read.
-            loop {
+            while !self.closing {
                 let meta = publish_meta(rbuf);
-                match self.codec.read(rbuf, self.server.settings.max_packet) {
+                let limit = packet_limit(rbuf, settings.max_packet, may_ship.then_some(settings.max_batch_packet));
+                match self.codec.read(rbuf, limit) {
                     Ok(packet) => {
                         deadline = tokio::time::Instant::now() + keep_alive;
                         // Boxed: handling a packet needs a large future (a decoded
@@ -588,7 +720,10 @@ impl Conn<'_> {
                 // A batch with one of our readings was not stored: never ack it.
                 return End::Abnormal;
             }
-            self.flush_acks();
+            if let Some(end) = self.flush_acks() {
+                let _ = writer.write_all(&self.wbuf).await;
+                return end;
+            }
             self.pump();
             if !self.wbuf.is_empty() {
                 if writer.write_all(&self.wbuf).await.is_err() {
@@ -598,7 +733,7 @@ impl Conn<'_> {
             }
             let waiting_for_client = keep_alive.is_zero();
             tokio::select! {
-                r = reader.read_buf(rbuf) => match r {
+                r = reader.read_buf(rbuf), if !self.closing => match r {
                     Ok(0) | Err(_) => return End::Abnormal,
                     Ok(_) => {}
                 },
@@ -683,6 +818,7 @@ impl Conn<'_> {
                     token: None,
                     pkid: rel.pkid,
                     kind: AckKind::Comp,
+                    refused: None,
                 });
                 None
             }
@@ -751,17 +887,30 @@ impl Conn<'_> {
 
     async fn publish(
         &mut self,
-        publish: Publish,
-        props: Option<PublishProperties>,
+        mut publish: Publish,
+        mut props: Option<PublishProperties>,
         qos: u8,
         pkid: u16,
     ) -> Option<End> {
+        if let Some(p) = props.as_mut() {
+            if !p.subscription_identifiers.is_empty() {
+                // Only a server sets them (MQTT-3.3.4-6).
+                self.disconnect(DisconnectReasonCode::ProtocolError);
+                return Some(End::Abnormal);
+            }
+            if let Some(alias) = p.topic_alias.take() {
+                if let Err(code) = self.resolve_alias(&mut publish, alias) {
+                    self.disconnect(code);
+                    return Some(End::Abnormal);
+                }
+            }
+        }
         let Ok(topic) = std::str::from_utf8(&publish.topic) else {
             self.disconnect(DisconnectReasonCode::TopicNameInvalid);
             return Some(End::Abnormal);
         };
         if !topic::valid_topic(topic) {
-            // An empty topic with an alias: we never offered aliases (Topic Alias Maximum 0).
+            // An empty topic without an alias, or wildcards in a topic name.
             self.disconnect(DisconnectReasonCode::TopicNameInvalid);
             return Some(End::Abnormal);
         }
@@ -782,22 +931,43 @@ impl Conn<'_> {
             return Some(End::Abnormal);
         }
         if qos == 2 {
-            let mut st = self.session.lock();
-            if st.rec.incoming_qos2.contains(&pkid) {
-                // A re-send of a message we have: acknowledge again, deliver once.
-                drop(st);
+            if self.session.lock().rec.incoming_qos2.contains(&pkid) {
+                // A re-send of a message we have (its PUBREC was sent): acknowledge again,
+                // deliver once.
                 self.acks.push_back(PendingAck {
                     token: None,
                     pkid,
-                    kind: AckKind::Rec(PubRecReason::Success),
+                    kind: AckKind::Rec,
+                    refused: None,
                 });
                 return None;
             }
-            st.rec.incoming_qos2.push(pkid);
-            st.dirty = true;
+            if self
+                .acks
+                .iter()
+                .any(|a| a.pkid == pkid && a.kind == AckKind::Rec)
+            {
+                // A re-send of one still waiting for its commit: the PUBREC it waits for
+                // answers both.
+                return None;
+            }
+        }
+        if qos > 0 && self.v5() && self.incoming_in_flight() >= self.server.settings.max_inflight
+        {
+            // More than the Receive Maximum we offered (MQTT-3.3.4-9).
+            self.disconnect(DisconnectReasonCode::ReceiveMaximumExceeded);
+            self.server.front.refuse(
+                "receive_maximum",
+                SocketAddr::from(([0, 0, 0, 0], 0)),
+                &format!(
+                    "client {:?} sent more than {} unacknowledged QoS 1/2 publishes",
+                    self.session.client_id, self.server.settings.max_inflight
+                ),
+            );
+            return Some(End::Abnormal);
         }
         let mut token = None;
-        let mut refused = false;
+        let mut refused = None;
         if topic.starts_with('$') {
             self.server.dropped(Dropped::Dollar);
         } else if topic.starts_with(super::LOCAL_PREFIX) {
@@ -820,9 +990,13 @@ impl Conn<'_> {
                 .await
             {
                 Offered::Queued => {}
-                Offered::Rejected(_) => {
+                Offered::Rejected(why) => {
                     token = None;
-                    refused = true;
+                    refused = Some(why);
+                    if why.is_temporary() && !self.v5() && qos > 0 {
+                        // Acks owed before it still go out; nothing after it is read.
+                        self.closing = true;
+                    }
                 }
                 Offered::Closed => return Some(End::Abnormal),
             }
@@ -834,15 +1008,51 @@ impl Conn<'_> {
             // inline it would size the future of every reading a connection waits with.
             Box::pin(self.route(publish, props, qos)).await;
         }
-        let kind = match (qos, refused && self.v5()) {
-            (0, _) => return None,
-            (1, false) => AckKind::Ack(PubAckReason::Success),
-            (1, true) => AckKind::Ack(PubAckReason::PayloadFormatInvalid),
-            (_, false) => AckKind::Rec(PubRecReason::Success),
-            (_, true) => AckKind::Rec(PubRecReason::PayloadFormatInvalid),
+        let kind = match qos {
+            0 => return None,
+            1 => AckKind::Ack,
+            _ => AckKind::Rec,
         };
-        self.acks.push_back(PendingAck { token, pkid, kind });
+        self.acks.push_back(PendingAck {
+            token,
+            pkid,
+            kind,
+            refused,
+        });
         None
+    }
+
+    /// MQTT 5 topic aliases from the client (MQTT-3.3.2-8 to -12): a topic with an alias
+    /// sets it, an empty topic with an alias uses it. The router never sees an alias: its
+    /// one link carries every client's publishes.
+    fn resolve_alias(
+        &mut self,
+        publish: &mut Publish,
+        alias: u16,
+    ) -> Result<(), DisconnectReasonCode> {
+        if !self.v5() || alias == 0 || alias > self.server.settings.topic_alias_max {
+            return Err(DisconnectReasonCode::TopicAliasInvalid);
+        }
+        if publish.topic.is_empty() {
+            match self.aliases_in.get(&alias) {
+                Some(topic) => publish.topic = topic.clone(),
+                None => return Err(DisconnectReasonCode::ProtocolError),
+            }
+        } else {
+            self.aliases_in.insert(alias, publish.topic.clone());
+        }
+        Ok(())
+    }
+
+    /// QoS 1 and 2 publishes from the client not yet completed: PUBACK or PUBREC owed, or
+    /// PUBREC sent and PUBCOMP not yet.
+    fn incoming_in_flight(&self) -> usize {
+        let owed = self
+            .acks
+            .iter()
+            .filter(|a| a.kind != AckKind::Comp)
+            .count();
+        owed + self.session.lock().rec.incoming_qos2.len()
     }
 
     async fn route(&self, publish: Publish, props: Option<PublishProperties>, qos: u8) {
@@ -944,28 +1154,84 @@ impl Conn<'_> {
         }
     }
 
-    /// Sends the acks whose turn has come, in the order their packets arrived.
-    fn flush_acks(&mut self) {
+    /// Sends the acks whose turn has come, in the order their packets arrived. A reading
+    /// that was not stored is never acknowledged as stored: MQTT 5 clients get a reason
+    /// code, a 3.1.1 client (which knows no negative PUBACK) is disconnected when the
+    /// refusal may pass, so that it sends the reading again; `Some` ends the connection.
+    fn flush_acks(&mut self) -> Option<End> {
         let committed = self.commits.committed();
         while let Some(a) = self.acks.front() {
             if a.token.is_some_and(|t| t > committed) {
                 break;
             }
-            let (pkid, kind) = (a.pkid, a.kind);
-            self.acks.pop_front();
-            let packet = match kind {
-                AckKind::Ack(reason) => Packet::PubAck(PubAck { pkid, reason }, None),
-                AckKind::Rec(reason) => Packet::PubRec(PubRec { pkid, reason }, None),
-                AckKind::Comp => Packet::PubComp(
+            let Some(a) = self.acks.pop_front() else {
+                break;
+            };
+            let refused = a
+                .refused
+                .or_else(|| a.token.and_then(|t| self.commits.take_refusal(t)));
+            let pkid = a.pkid;
+            let packet = match (a.kind, refused) {
+                (AckKind::Comp, _) => Packet::PubComp(
                     PubComp {
                         pkid,
                         reason: PubCompReason::Success,
                     },
                     None,
                 ),
+                (AckKind::Ack, Some(why)) if self.v5() => Packet::PubAck(
+                    PubAck {
+                        pkid,
+                        reason: ack_reason(why),
+                    },
+                    None,
+                ),
+                (AckKind::Rec, Some(why)) if self.v5() => Packet::PubRec(
+                    PubRec {
+                        pkid,
+                        reason: rec_reason(why),
+                    },
+                    None,
+                ),
+                (_, Some(why)) if why.is_temporary() => {
+                    self.server.front.refuse(
+                        "reading_not_stored",
+                        SocketAddr::from(([0, 0, 0, 0], 0)),
+                        &format!(
+                            "MQTT 3.1.1 client {:?} disconnected instead of acknowledging a \
+                             reading that was not stored ({}); it sends it again",
+                            self.session.client_id,
+                            why.as_str()
+                        ),
+                    );
+                    return Some(End::Normal { will: false });
+                }
+                (AckKind::Ack, _) => Packet::PubAck(
+                    PubAck {
+                        pkid,
+                        reason: PubAckReason::Success,
+                    },
+                    None,
+                ),
+                (AckKind::Rec, _) => {
+                    let mut st = self.session.lock();
+                    if !st.rec.incoming_qos2.contains(&pkid) {
+                        st.rec.incoming_qos2.push(pkid);
+                        st.dirty = true;
+                    }
+                    drop(st);
+                    Packet::PubRec(
+                        PubRec {
+                            pkid,
+                            reason: PubRecReason::Success,
+                        },
+                        None,
+                    )
+                }
             };
             self.codec.write(packet, &mut self.wbuf);
         }
+        None
     }
 
     /// On a resumed session: what was sent and not acknowledged goes again (DUP).
@@ -993,32 +1259,51 @@ impl Conn<'_> {
                 );
             } else {
                 let mut out = BytesMut::new();
-                self.encode_publish(&f.msg, pkid, true, now, &mut out);
+                self.encode_publish(&f.msg, pkid, true, now, None, &mut out);
                 self.wbuf.extend_from_slice(&out);
             }
         }
     }
 
+    /// The topic alias for a message to this client (MQTT 5, when the client allows
+    /// aliases): `(alias, true)` when it is new and the PUBLISH must carry the topic too.
+    fn alias_for(&self, topic: &[u8]) -> Option<(u16, bool)> {
+        if let Some(&a) = self.aliases_out.get(topic) {
+            return Some((a, false));
+        }
+        let next = u16::try_from(self.aliases_out.len() + 1).ok()?;
+        (next <= self.alias_out_max).then_some((next, true))
+    }
+
     /// Encodes a PUBLISH for this client. rumqttd's `Publish` keeps QoS, DUP and the
     /// packet id private, so its codec writes a QoS 0 packet and the packet id goes in here.
+    /// With `alias`, the topic is sent as that topic alias (and only named when new).
     fn encode_publish(
         &self,
         msg: &super::session::Msg,
         pkid: u16,
         dup: bool,
         now: i64,
+        alias: Option<(u16, bool)>,
         out: &mut BytesMut,
     ) {
-        let props = if self.v5() {
+        let mut props = if self.v5() {
             msg.props.to_publish(msg.expires_at, now)
         } else {
             None
         };
-        let publish = Publish::new(
-            Bytes::from(msg.topic.clone()),
-            Bytes::from(msg.payload.clone()),
-            msg.retain,
-        );
+        let topic = match alias {
+            Some((a, new)) => {
+                props.get_or_insert_with(PublishProperties::default).topic_alias = Some(a);
+                if new {
+                    Bytes::from(msg.topic.clone())
+                } else {
+                    Bytes::new()
+                }
+            }
+            None => Bytes::from(msg.topic.clone()),
+        };
+        let publish = Publish::new(topic, Bytes::from(msg.payload.clone()), msg.retain);
         let mut plain = BytesMut::new();
         self.codec
             .write(Packet::Publish(publish, props), &mut plain);
@@ -1052,11 +1337,16 @@ impl Conn<'_> {
                 (msg, pkid, st.max_packet)
             };
             scratch.clear();
-            self.encode_publish(&msg, pkid, false, now, &mut scratch);
+            let alias = self.alias_for(&msg.topic);
+            self.encode_publish(&msg, pkid, false, now, alias, &mut scratch);
             if max_packet.is_some_and(|m| scratch.len() > m as usize) {
                 self.session.lock().dirty = true;
                 self.server.dropped(Dropped::TooLarge);
                 continue;
+            }
+            if let Some((a, true)) = alias {
+                // Only once the client is told it.
+                self.aliases_out.insert(msg.topic.clone(), a);
             }
             self.wbuf.extend_from_slice(&scratch);
             let mut st = self.session.lock();
@@ -1216,6 +1506,9 @@ mod tests {
         ));
         let settings = super::super::Settings {
             max_packet: 1 << 16,
+            max_batch_packet: 1 << 16,
+            topic_alias_max: 8,
+            max_keep_alive_secs: 0,
             max_inflight: 10,
             max_queued: 10,
             session_expiry_max_secs: 60,

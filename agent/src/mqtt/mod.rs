@@ -55,7 +55,16 @@ const PERSIST_EVERY: Duration = Duration::from_millis(100);
 /// The front end's settings, from `[mqtt]`.
 #[derive(Debug, Clone)]
 pub struct Settings {
+    /// Largest packet from a client (`mqtt.max_packet_bytes`).
     pub max_packet: usize,
+    /// Largest log batch a node of the site may ship (`cluster.max_batch_bytes` with
+    /// room for its header); only connections that may ship batches get it.
+    pub max_batch_packet: usize,
+    /// Topic aliases a client may set (MQTT 5 Topic Alias Maximum); 0: none.
+    pub topic_alias_max: u16,
+    /// Longest keep alive a client may ask for, and what a client asking for none gets
+    /// (MQTT 5 Server Keep Alive; a 3.1.1 client asking for more is refused); 0: any.
+    pub max_keep_alive_secs: u16,
     pub max_inflight: usize,
     pub max_queued: usize,
     pub session_expiry_max_secs: u32,
@@ -70,7 +79,7 @@ pub struct Settings {
 pub struct Ingest {
     queue: Mutex<Option<flume::Sender<Queued>>>,
     limiter: Mutex<crate::limits::Limiter>,
-    rejects: Mutex<RejectLog>,
+    rejects: Mutex<ingest::RejectLog>,
     metrics: Arc<Metrics>,
     max_payload: usize,
 }
@@ -94,7 +103,7 @@ impl Ingest {
         Ingest {
             queue: Mutex::new(Some(queue)),
             limiter: Mutex::new(crate::limits::Limiter::new(limits)),
-            rejects: Mutex::new(RejectLog::new(reject_log)),
+            rejects: Mutex::new(ingest::RejectLog::new(reject_log)),
             metrics,
             max_payload,
         }
@@ -110,11 +119,16 @@ impl Ingest {
                 limiter.admit(&r.device, Instant::now()).map(|()| r)
             });
         let reading = match parsed {
-            Ok(r) => r,
+            Ok(r) => {
+                if matches!(r.time, ingest::DeviceTime::Ahead(_)) {
+                    self.metrics.clock_ahead.inc();
+                }
+                r
+            }
             Err(reason) => {
                 self.metrics.reject(reason);
                 if let Ok(mut log) = self.rejects.lock() {
-                    log.log(reason, topic);
+                    log.log(reason, &String::from_utf8_lossy(&topic[..topic.len().min(120)]));
                 }
                 return Offered::Rejected(reason);
             }
@@ -848,39 +862,4 @@ pub async fn persist_loop(server: Arc<Server>, mut stop: tokio::sync::watch::Rec
         server.persist().await;
     }
     server.persist().await;
-}
-
-/// At most one log line per reason per interval; the count of the others goes with it.
-struct RejectLog {
-    every: Duration,
-    last: HashMap<Reject, (Option<Instant>, u64)>,
-}
-
-impl RejectLog {
-    fn new(every: Duration) -> Self {
-        RejectLog {
-            every,
-            last: HashMap::new(),
-        }
-    }
-
-    fn log(&mut self, reason: Reject, topic: &[u8]) {
-        let now = Instant::now();
-        let entry = self.last.entry(reason).or_insert((None, 0));
-        if entry
-            .0
-            .is_some_and(|at| now.duration_since(at) < self.every)
-        {
-            entry.1 += 1;
-            return;
-        }
-        let topic = String::from_utf8_lossy(&topic[..topic.len().min(120)]);
-        tracing::warn!(
-            reason = reason.as_str(),
-            topic = %topic,
-            suppressed = entry.1,
-            "refused a publish: {reason}"
-        );
-        *entry = (Some(now), 0);
-    }
 }
