@@ -521,12 +521,22 @@ mod tests {
     fn extreme_timestamps_neither_overflow_nor_linger() {
         let mut a = Aggregator::new(&[10, 60, 3600], 600);
         let now = 1_700_000_000_000;
-        for ts in [i64::MAX, i64::MIN, i64::MAX - 1, 0, -1, now + 48 * 3_600_000] {
+        for ts in [
+            i64::MAX,
+            i64::MIN,
+            i64::MAX - 1,
+            0,
+            -1,
+            now + 48 * 3_600_000,
+        ] {
             let fold = a.fold("d", "m", ts, 1.0, now, &mut |_| None);
             assert_eq!(fold, Fold::TooLateFor(3), "ts {ts}: too far either way");
         }
         assert_eq!(a.open_windows(), 0);
-        assert_eq!(a.fold("d", "m", now, 1.0, now, &mut |_| None), Fold::Applied);
+        assert_eq!(
+            a.fold("d", "m", now, 1.0, now, &mut |_| None),
+            Fold::Applied
+        );
         assert_eq!(window_start(i64::MIN, 10_000), i64::MIN);
         assert_eq!(window_start(-1, 10_000), -10_000);
         assert_eq!(window_start(19_999, 10_000), 10_000);
@@ -534,7 +544,11 @@ mod tests {
         assert_eq!(key.end_ms(), i64::MAX);
         let _ = to_json(&key, &WindowState::default(), &[0.5]);
         // Nothing open in the far future: everything is evicted once its time has passed.
-        assert_eq!(a.evict(now + 3_700_000 + 600_000 + 1).len(), 0, "still unpublished");
+        assert_eq!(
+            a.evict(now + 3_700_000 + 600_000 + 1).len(),
+            0,
+            "still unpublished"
+        );
         let _ = a.take_publish(&[0.5]);
         assert_eq!(a.evict(now + 3_700_000 + 600_000 + 1).len(), 3);
         assert_eq!(a.open_windows(), 0);

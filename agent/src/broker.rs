@@ -50,10 +50,23 @@ pub struct Publisher {
 impl Publisher {
     /// Publishes `payload` on `topic`, retained, at QoS 0 to the router.
     pub fn retained(&mut self, topic: String, payload: String) -> Result<(), BrokerError> {
-        let publish = Publish::new(topic, payload, true);
-        self.rt
-            .block_on(self.tx.send(Packet::Publish(publish, None)))?;
+        let packet = self.packet(topic, payload);
+        self.rt.block_on(self.tx.send(packet))?;
         Ok(())
+    }
+
+    /// A retained message of the agent's own. Behind the agent's front end it carries a
+    /// tag (QoS 1, retained, an id), as client publishes do; rumqttd's own listeners (the
+    /// gateway) get it plain.
+    fn packet(&self, topic: String, payload: String) -> Packet {
+        let props = self.local.as_ref().map(|_| {
+            crate::mqtt::topic::Tag {
+                retain: true,
+                ..crate::mqtt::topic::Tag::internal(crate::now_ms())
+            }
+            .attach(None)
+        });
+        Packet::Publish(Publish::new(topic, payload, true), props)
     }
 
     /// Publishes many retained messages with one wake-up of the router (each
@@ -79,7 +92,7 @@ impl Publisher {
             let mut packets: Vec<Packet> = messages
                 .by_ref()
                 .take(HANDOVER_CHUNK)
-                .map(|(topic, payload)| Packet::Publish(Publish::new(topic, payload, true), None))
+                .map(|(topic, payload)| self.packet(topic, payload))
                 .collect();
             let Some(last) = packets.pop() else {
                 break;

@@ -324,7 +324,10 @@ mod tests {
             format!(r#"{{"value":1,"ts":{}}}"#, now + MAX_CLOCK_AHEAD_MS).as_bytes(),
         );
         assert_eq!(edge.time, DeviceTime::Wall(now + MAX_CLOCK_AHEAD_MS));
-        let max = ok("sensors/d1/temp", br#"{"value":1,"ts":18446744073709551615}"#);
+        let max = ok(
+            "sensors/d1/temp",
+            br#"{"value":1,"ts":18446744073709551615}"#,
+        );
         assert_eq!(max.time, DeviceTime::Ahead(i64::MAX));
     }
 

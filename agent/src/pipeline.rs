@@ -223,7 +223,8 @@ impl Pipeline {
                 self.metrics.aggregates_too_late.inc_by(done.too_late);
                 for &(i, why) in &done.refused {
                     self.metrics.reject(why);
-                    self.refusals.log(why, batch.get(i).map_or("", |r| r.device.as_str()));
+                    self.refusals
+                        .log(why, batch.get(i).map_or("", |r| r.device.as_str()));
                 }
                 let t1 = Instant::now();
                 let acks = done.acks.len();

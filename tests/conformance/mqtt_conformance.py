@@ -13,6 +13,24 @@ checks behaviour the specifications require of a server:
   message_expiry   (5) Message Expiry Interval while a subscriber is offline
   no_local         (5) No Local subscription option
   max_packet       (5) the server honours the client's Maximum Packet Size
+  topic_alias      (5) topic aliases both ways: the server offers a Topic Alias Maximum and
+                   resolves the client's aliases; messages to a client that allows
+                   aliases arrive on the right topic whether or not the server uses them
+  alias_misuse     (5) a client that breaks the alias rules (alias 0, above the maximum,
+                   an empty topic with an unknown alias) is disconnected with 0x94 / 0x82,
+                   and publish/subscribe between other clients still works afterwards
+  receive_maximum  (5) a client sending more unacknowledged QoS 2 publishes than the
+                   server's Receive Maximum is disconnected with 0x93, others unaffected
+  overlapping      (5) overlapping subscriptions: one copy at the highest granted QoS
+                   with every matching Subscription Identifier, or one copy per
+                   subscription with its own identifier
+  properties       (5) Payload Format Indicator, Content Type, Response Topic,
+                   Correlation Data and User Properties reach the subscriber unchanged
+  shared_subs      (5) $share/... : delivered to one member of the group when the
+                   server offers shared subscriptions, refused with 0x9E when it says
+                   it does not
+  server_keep_alive (5) with --max-keep-alive N: a client asking for more (or for 0)
+                   gets Server Keep Alive N in the CONNACK
   sub_refused      a forbidden SUBSCRIBE gets a failure SUBACK, the connection stays up
                    (only with --forbidden-filter, --username and --password)
 
@@ -37,6 +55,8 @@ check failed, 2 on a usage error. Every wait is bounded; topics are under a rand
 import argparse
 import json
 import secrets
+import socket
+import struct
 import sys
 import threading
 import time
@@ -61,10 +81,19 @@ CHECKS = [
     "message_expiry",
     "no_local",
     "max_packet",
+    "topic_alias",
+    "alias_misuse",
+    "receive_maximum",
+    "overlapping",
+    "properties",
+    "shared_subs",
+    "server_keep_alive",
     "sub_refused",
     "session_restart",
 ]
-V5_ONLY = {"message_expiry", "no_local", "max_packet"}
+V5_ONLY = {"message_expiry", "no_local", "max_packet", "topic_alias", "alias_misuse",
+           "receive_maximum", "overlapping", "properties", "shared_subs",
+           "server_keep_alive"}
 VERSION_NAMES = {3: "3.1.1", 5: "5"}
 
 
@@ -100,7 +129,7 @@ class Client:
 
     def __init__(self, ctx, version, name, *, clean=True, session_expiry=None,
                  keepalive=30, max_packet=None, client_id=None, username=None,
-                 password=None):
+                 password=None, topic_alias_max=None):
         self.ctx = ctx
         self.version = version
         self.name = f"{name}[{VERSION_NAMES[version]}]"
@@ -109,6 +138,10 @@ class Client:
         self.session_expiry = session_expiry
         self.keepalive = keepalive
         self.max_packet = max_packet
+        self.topic_alias_max = topic_alias_max
+        # Topic aliases the server set for this client (paho 1.6 leaves them to us).
+        self.aliases = {}
+        self.aliased = 0
         if version == 5:
             self.c = mqtt.Client(client_id=self.cid, protocol=mqtt.MQTTv5,
                                  reconnect_on_failure=False)
@@ -120,6 +153,7 @@ class Client:
         self.cond = threading.Condition()
         self.connack = None  # (reason code, session present, properties)
         self.disconnected = None  # reason, once the connection is gone
+        self.disconnect_code = None
         self.subacks = {}  # mid -> [codes]
         self.received = []
         self.closing = False
@@ -141,6 +175,7 @@ class Client:
     def _on_disconnect(self, _c, _u, rc, properties=None):
         with self.cond:
             self.disconnected = str(rc)
+            self.disconnect_code = rc.value if hasattr(rc, "value") else rc
             self.cond.notify_all()
 
     def _on_subscribe(self, _c, _u, mid, granted, properties=None):
@@ -150,8 +185,16 @@ class Client:
             self.cond.notify_all()
 
     def _on_message(self, _c, _u, msg):
+        m = Message(msg)
+        alias = m.prop("TopicAlias")
         with self.cond:
-            self.received.append(Message(msg))
+            if alias is not None:
+                self.aliased += 1
+                if m.topic:
+                    self.aliases[alias] = m.topic
+                else:
+                    m.topic = self.aliases.get(alias, f"<unknown alias {alias}>")
+            self.received.append(m)
             self.cond.notify_all()
 
     # --- operations (check thread) ---
@@ -165,6 +208,8 @@ class Client:
                 props.SessionExpiryInterval = self.session_expiry
             if self.max_packet is not None:
                 props.MaximumPacketSize = self.max_packet
+            if self.topic_alias_max is not None:
+                props.TopicAliasMaximum = self.topic_alias_max
         try:
             if self.version == 5:
                 self.c.connect(self.ctx.host, self.ctx.port(5), self.keepalive,
@@ -192,14 +237,19 @@ class Client:
         props = self.connack[2] if self.connack else None
         return getattr(props, name, None) if props is not None else None
 
-    def subscribe(self, topic, qos=1, no_local=False, rap=False, rh=0, expect_codes=None):
+    def subscribe(self, topic, qos=1, no_local=False, rap=False, rh=0, expect_codes=None,
+                  sub_id=None):
         """SUBSCRIBE one filter and wait for its SUBACK; returns the code.
 
         By default the code must grant exactly `qos`."""
         if self.version == 5:
             opts = SubscribeOptions(qos=qos, noLocal=no_local, retainAsPublished=rap,
                                     retainHandling=rh)
-            rc, mid = self.c.subscribe(topic, options=opts)
+            props = None
+            if sub_id is not None:
+                props = Properties(PacketTypes.SUBSCRIBE)
+                props.SubscriptionIdentifier = sub_id
+            rc, mid = self.c.subscribe(topic, options=opts, properties=props)
         else:
             rc, mid = self.c.subscribe(topic, qos)
         expect(rc == mqtt.MQTT_ERR_SUCCESS,
@@ -220,10 +270,10 @@ class Client:
                    f"(expected the QoS granted as requested)")
         return code
 
-    def publish(self, topic, payload, qos=1, retain=False, expiry=None, wait=True):
-        props = None
+    def publish(self, topic, payload, qos=1, retain=False, expiry=None, wait=True,
+                props=None):
         if self.version == 5 and expiry is not None:
-            props = Properties(PacketTypes.PUBLISH)
+            props = props or Properties(PacketTypes.PUBLISH)
             props.MessageExpiryInterval = expiry
         info = self.c.publish(topic, payload, qos=qos, retain=retain, properties=props)
         expect(info.rc == mqtt.MQTT_ERR_SUCCESS,
@@ -266,6 +316,14 @@ class Client:
         with self.cond:
             gone = self.disconnected
         expect(gone is None, f"{self.name}: connection closed {what}: {gone}")
+
+    def wait_disconnected(self, what, timeout=WAIT):
+        """The server closes this connection within `timeout`; returns the reason."""
+        with self.cond:
+            self.cond.wait_for(lambda: self.disconnected is not None, timeout=timeout)
+            gone = self.disconnected
+        expect(gone is not None, f"{self.name}: still connected {timeout} s after {what}")
+        return gone
 
     def close(self):
         if self.closing:
@@ -560,6 +618,344 @@ def check_max_packet(ctx, v):
     m.take(lambda x: x.payload == b"after", 1, "round trip afterwards", since=mark)
 
 
+class Raw:
+    """A bare MQTT 5 client on a socket, for what paho will not send (protocol errors)."""
+
+    def __init__(self, ctx, name):
+        self.name = f"{name}[5]"
+        self.cid = ctx.client_id(5)
+        self.s = socket.create_connection((ctx.host, ctx.port(5)), timeout=WAIT)
+        self.buf = b""
+        props = b""
+        body = (b"\x00\x04MQTT\x05\x02\x00\x1e" + varint(len(props)) + props
+                + mqtt_str(self.cid.encode()))
+        self.s.sendall(b"\x10" + varint(len(body)) + body)
+        kind, body = self.packet()
+        expect(kind == 2 and len(body) >= 2 and body[1] == 0,
+               f"{self.name}: CONNACK refused or missing: {kind} {body!r}")
+        self.connack_props = parse_props(body[2:])
+
+    def packet(self, timeout=WAIT):
+        """The next packet: (type, body); (None, b"") when the server closed."""
+        deadline = time.monotonic() + timeout
+        while True:
+            got = split_packet(self.buf)
+            if got:
+                kind, body, rest = got
+                self.buf = rest
+                return kind, body
+            left = deadline - time.monotonic()
+            expect(left > 0, f"{self.name}: no packet from the server within {timeout} s")
+            self.s.settimeout(left)
+            try:
+                chunk = self.s.recv(65536)
+            except socket.timeout:
+                continue
+            except OSError:
+                chunk = b""
+            if not chunk:
+                return None, b""
+            self.buf += chunk
+
+    def send(self, data):
+        self.s.sendall(data)
+
+    def until_disconnect(self, what):
+        """Reads until the server sends DISCONNECT or closes; returns the DISCONNECT's
+        reason code (None if it just closed)."""
+        while True:
+            kind, body = self.packet()
+            if kind is None:
+                return None
+            if kind == 14:
+                return body[0] if body else 0
+
+    def close(self):
+        try:
+            self.s.close()
+        except OSError:
+            pass
+
+
+def varint(n):
+    out = b""
+    while True:
+        b = n & 0x7F
+        n >>= 7
+        out += bytes([b | (0x80 if n else 0)])
+        if not n:
+            return out
+
+
+def mqtt_str(b):
+    return struct.pack(">H", len(b)) + b
+
+
+def split_packet(buf):
+    if len(buf) < 2:
+        return None
+    n, shift, at = 0, 0, 1
+    while True:
+        if at >= len(buf):
+            return None
+        b = buf[at]
+        n |= (b & 0x7F) << shift
+        at += 1
+        if not b & 0x80:
+            break
+        shift += 7
+    if len(buf) < at + n:
+        return None
+    return buf[0] >> 4, buf[at:at + n], buf[at + n:]
+
+
+def parse_props(b):
+    """The MQTT 5 properties of a CONNACK body after its first two bytes: {id: value} for
+    the one- and two-byte and four-byte integer properties this suite reads."""
+    if not b:
+        return {}
+    n, shift, at = 0, 0, 0
+    while True:
+        x = b[at]
+        n |= (x & 0x7F) << shift
+        at += 1
+        if not x & 0x80:
+            break
+        shift += 7
+    end = at + n
+    out = {}
+    sizes = {0x24: 1, 0x25: 1, 0x28: 1, 0x29: 1, 0x2A: 1, 0x21: 2, 0x22: 2, 0x13: 2,
+             0x11: 4, 0x27: 4}
+    while at < end:
+        pid = b[at]
+        at += 1
+        if pid in sizes:
+            size = sizes[pid]
+            out[pid] = int.from_bytes(b[at:at + size], "big")
+            at += size
+        elif pid in (0x12, 0x1A, 0x1C, 0x1F, 0x15):  # strings
+            ln = struct.unpack(">H", b[at:at + 2])[0]
+            out[pid] = b[at + 2:at + 2 + ln]
+            at += 2 + ln
+        elif pid == 0x26:  # user property: two strings
+            for _ in range(2):
+                ln = struct.unpack(">H", b[at:at + 2])[0]
+                at += 2 + ln
+        elif pid == 0x16:  # binary
+            ln = struct.unpack(">H", b[at:at + 2])[0]
+            at += 2 + ln
+        else:
+            break
+    return out
+
+
+def raw_publish(topic, payload, qos, pkid, props=b""):
+    body = mqtt_str(topic.encode()) + (struct.pack(">H", pkid) if qos else b"")
+    body += varint(len(props)) + props + payload
+    return bytes([0x30 | (qos << 1)]) + varint(len(body)) + body
+
+
+def routing_still_works(ctx, v, check, what):
+    """Plain publish/subscribe between two fresh clients."""
+    t = ctx.topic(check, v, "after")
+    sub = ctx.client(v, f"{check}-sub")
+    sub.connect()
+    sub.subscribe(t, 1)
+    pub = ctx.client(v, f"{check}-pub")
+    pub.connect()
+    pub.publish(t, b"still routed", 1)
+    sub.take(on_topic(t), 1, f"publish/subscribe between other clients {what}")
+
+
+def check_topic_alias(ctx, v):
+    t = ctx.topic("topic_alias", v, "in")
+    sub = ctx.client(v, "subscriber")
+    sub.connect()
+    sub.subscribe(t, 1)
+    pub = ctx.client(v, "aliaser")
+    pub.connect()
+    offered = pub.connack_property("TopicAliasMaximum") or 0
+    expect(offered >= 1, f"{pub.name}: the server offers no topic aliases "
+           f"(Topic Alias Maximum {offered})")
+    props = Properties(PacketTypes.PUBLISH)
+    props.TopicAlias = 1
+    pub.publish(t, b"set", 1, props=props)
+    props = Properties(PacketTypes.PUBLISH)
+    props.TopicAlias = 1
+    pub.publish("", b"used", 1, props=props)
+    got = sub.take(on_topic(t), 2, "a publish that set an alias and one that used it")
+    expect([m.payload for m in got] == [b"set", b"used"],
+           f"{sub.name}: payloads {[m.payload for m in got]}")
+    pub.still_connected("after using a topic alias")
+    # To a client that allows aliases: every message arrives on its own topic.
+    t2 = ctx.topic("topic_alias", v, "out")
+    t3 = ctx.topic("topic_alias", v, "out2")
+    rx = ctx.client(v, "alias-receiver", topic_alias_max=4)
+    rx.connect()
+    rx.subscribe(t2, 1)
+    rx.subscribe(t3, 1)
+    for i in range(3):
+        sub.publish(t2, f"a{i}".encode(), 1)
+        sub.publish(t3, f"b{i}".encode(), 1)
+    got = rx.take(lambda m: m.topic in (t2, t3), 6, "messages to a client allowing aliases")
+    for m in got:
+        expect(m.payload.startswith(b"a" if m.topic == t2 else b"b"),
+               f"{rx.name}: {m} arrived on the wrong topic")
+    rx.still_connected("after receiving (maybe aliased) messages")
+
+
+def check_alias_misuse(ctx, v):
+    probe = ctx.client(v, "probe")
+    probe.connect()
+    offered = probe.connack_property("TopicAliasMaximum") or 0
+    probe.close()
+    t = ctx.topic("alias_misuse", v, "x")
+    # Alias 0 is forbidden (MQTT-3.3.2-8): malformed or a protocol error; 0x94 is defined
+    # for an alias above the maximum.
+    cases = [(t, 0, "a topic alias of 0", (0x81, 0x82)),
+             (t, offered + 1, f"alias {offered + 1} above the maximum {offered}", (0x94,))]
+    if offered >= 1:
+        # MQTT-3.3.2-7 makes this a protocol error; 0x94 is accepted too.
+        cases.append(("", offered, "an empty topic with an alias never set", (0x82, 0x94)))
+    for topic, alias, what, codes in cases:
+        raw = Raw(ctx, f"misuse-{alias}")
+        raw.send(raw_publish(topic, b"bad", 1, 1, b"\x23" + struct.pack(">H", alias)))
+        code = raw.until_disconnect(what)
+        raw.close()
+        shown = "no DISCONNECT" if code is None else f"DISCONNECT {code:#04x}"
+        expect(code in codes, f"{raw.name}: {what} got {shown}, expected "
+               + " or ".join(f"{c:#04x}" for c in codes))
+        routing_still_works(ctx, v, "alias_misuse", f"after {what}")
+
+
+def check_receive_maximum(ctx, v):
+    raw = Raw(ctx, "flooder")
+    most = raw.connack_props.get(0x21, 65535)
+    if most > 1000:
+        raw.close()
+        print(f"# receive_maximum: the server's Receive Maximum is {most}; "
+              "sending that many is not tried", flush=True)
+        return
+    t = ctx.topic("receive_maximum", v)
+    # QoS 2 stays unacknowledged until PUBREL, which this client never sends.
+    raw.send(b"".join(raw_publish(t, b"q", 2, i + 1) for i in range(most + 1)))
+    refused, code = [], None
+    while True:
+        kind, body = raw.packet()
+        if kind is None:
+            break
+        if kind == 5 and len(body) >= 3 and body[2] >= 0x80:
+            refused.append(struct.unpack(">H", body[:2])[0])
+        if kind == 14:
+            code = body[0] if body else 0
+            break
+        if kind == 5 and struct.unpack(">H", body[:2])[0] == most + 1:
+            break
+    raw.close()
+    # MQTT 5 section 4.9: the receiver of too many "uses DISCONNECT with Reason Code
+    # 0x93". Mosquitto 2.0.11 answers some of the excess with PUBREC 0x97 instead.
+    if ctx.args.strict_receive_maximum:
+        expect(code == 0x93, f"{raw.name}: {most + 1} QoS 2 publishes above the Receive "
+               f"Maximum {most} got " + (f"DISCONNECT {code:#04x}" if code is not None
+                                         else f"no DISCONNECT (refused: {refused})")
+               + ", expected DISCONNECT 0x93")
+    else:
+        expect(code == 0x93 or (most + 1) in refused,
+               f"{raw.name}: publish {most + 1} above the Receive Maximum {most} was "
+               f"neither refused nor answered with DISCONNECT 0x93 (refused: {refused})")
+    routing_still_works(ctx, v, "receive_maximum", "after a client broke its quota")
+
+
+def check_overlapping(ctx, v):
+    base = ctx.topic("overlapping", v)
+    c = ctx.client(v, "overlap")
+    c.connect()
+    c.subscribe(base + "/#", 0, sub_id=1)
+    c.subscribe(base + "/+", 1, sub_id=2)
+    pub = ctx.client(v, "publisher")
+    pub.connect()
+    t = base + "/x"
+    pub.publish(t, b"both", 1)
+    got = c.wait_for(on_topic(t), 2, timeout=QUIET + 1)
+    expect(got, f"{c.name}: nothing delivered for two overlapping subscriptions")
+
+    def ids(m):
+        x = m.prop("SubscriptionIdentifier")
+        return sorted(x if isinstance(x, list) else [x]) if x is not None else []
+    if len(got) == 1:
+        m = got[0]
+        expect(m.qos == 1, f"{c.name}: one copy at QoS {m.qos}, expected the highest "
+               "granted (1)")
+        expect(ids(m) == [1, 2], f"{c.name}: one copy with identifiers {ids(m)}, "
+               "expected both [1, 2] (MQTT-3.3.4-3)")
+    else:
+        expect(len(got) == 2, f"{c.name}: {len(got)} copies for two subscriptions")
+        by_id = sorted((ids(m), m.qos) for m in got)
+        expect(by_id == [([1], 0), ([2], 1)],
+               f"{c.name}: copies (identifiers, QoS) {by_id}, expected ([1], 0), ([2], 1)")
+
+
+def check_properties(ctx, v):
+    t = ctx.topic("properties", v)
+    sub = ctx.client(v, "subscriber")
+    sub.connect()
+    sub.subscribe(t, 1)
+    pub = ctx.client(v, "publisher")
+    pub.connect()
+    props = Properties(PacketTypes.PUBLISH)
+    props.PayloadFormatIndicator = 1
+    props.ContentType = "application/json"
+    props.ResponseTopic = ctx.topic("properties", v, "reply")
+    props.CorrelationData = b"\x01\x02corr"
+    props.UserProperty = [("k1", "v1"), ("k2", "v2")]
+    pub.publish(t, b'{"x":1}', 1, props=props)
+    m = sub.take(on_topic(t), 1, "a publish with request/response properties")[0]
+    for name, want in [("PayloadFormatIndicator", 1), ("ContentType", "application/json"),
+                       ("ResponseTopic", ctx.topic("properties", v, "reply")),
+                       ("CorrelationData", b"\x01\x02corr")]:
+        expect(m.prop(name) == want, f"{sub.name}: {name} arrived as {m.prop(name)!r}, "
+               f"sent {want!r}")
+    users = [tuple(x) for x in (m.prop("UserProperty") or [])]
+    expect(users == [("k1", "v1"), ("k2", "v2")],
+           f"{sub.name}: user properties arrived as {users}")
+
+
+def check_shared_subs(ctx, v):
+    t = ctx.topic("shared_subs", v)
+    a = ctx.client(v, "member-a")
+    a.connect()
+    offered = a.connack_property("SharedSubscriptionAvailable")
+    shared = f"$share/g{ctx.run}/{t}"
+    if offered == 0:
+        code = a.subscribe(shared, 1, expect_codes="any")
+        expect(code == 0x9E, f"{a.name}: the server says it has no shared subscriptions "
+               f"but answered SUBSCRIBE {shared} with {code:#04x}, expected 0x9E")
+        a.still_connected("after a refused shared subscription")
+        return
+    b = ctx.client(v, "member-b")
+    b.connect()
+    a.subscribe(shared, 1)
+    b.subscribe(shared, 1)
+    pub = ctx.client(v, "publisher")
+    pub.connect()
+    pub.publish(t, b"one of you", 1)
+    time.sleep(QUIET)
+    got = a.wait_for(on_topic(t), 1, 0) + b.wait_for(on_topic(t), 1, 0)
+    expect(len(got) == 1, f"a message to a shared subscription reached {len(got)} "
+           "members of the group, expected exactly one")
+
+
+def check_server_keep_alive(ctx, v):
+    most = ctx.args.max_keep_alive
+    for asked in (most * 6, 0):
+        c = ctx.client(v, f"keepalive-{asked}", keepalive=asked)
+        c.connect()
+        got = c.connack_property("ServerKeepAlive")
+        expect(got == most, f"{c.name}: asked for keep alive {asked} s with a server "
+               f"maximum of {most} s; CONNACK Server Keep Alive {got!r}")
+        c.close()
+
+
 def check_sub_refused(ctx, v):
     a = ctx.args
     c = ctx.client(v, f"user {a.username}", client_id=a.username, username=a.username,
@@ -600,6 +996,13 @@ CHECK_FUNCS = {
     "message_expiry": check_message_expiry,
     "no_local": check_no_local,
     "max_packet": check_max_packet,
+    "topic_alias": check_topic_alias,
+    "alias_misuse": check_alias_misuse,
+    "receive_maximum": check_receive_maximum,
+    "overlapping": check_overlapping,
+    "properties": check_properties,
+    "shared_subs": check_shared_subs,
+    "server_keep_alive": check_server_keep_alive,
     "sub_refused": check_sub_refused,
 }
 
@@ -639,6 +1042,11 @@ def main():
                     help="sub_refused: a topic --username may publish to (a QoS 1 PUBLISH "
                     "there must be acknowledged after the refusal)")
     ap.add_argument("--allowed-payload", default="1.5")
+    ap.add_argument("--strict-receive-maximum", action="store_true",
+                    help="receive_maximum: require DISCONNECT 0x93 as section 4.9 says "
+                    "(without it a refused PUBREC for the excess passes too)")
+    ap.add_argument("--max-keep-alive", type=int,
+                    help="server_keep_alive: the broker's maximum keep alive in seconds")
     args = ap.parse_args()
     versions = {"3.1.1": [3], "5": [5], "both": [3, 5]}[args.protocol]
     failures = []
@@ -680,6 +1088,10 @@ def main():
                 continue
             if name == "sub_refused" and not sub_refused_ready:
                 print(f"SKIP {full}: needs --forbidden-filter, --username and --password",
+                      flush=True)
+                continue
+            if name == "server_keep_alive" and not args.max_keep_alive:
+                print(f"SKIP {full}: needs --max-keep-alive (the broker's setting)",
                       flush=True)
                 continue
             run_one(ctx, full, lambda: CHECK_FUNCS[name](ctx, v), failures)

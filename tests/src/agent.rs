@@ -187,15 +187,13 @@ impl Agent {
             .arg(&self.data_dir)
             .arg("--mqtt-listen")
             .arg(local(self.mqtt_port).to_string())
-            .arg("--mqtt-listen-v5")
-            .arg(
-                self.mqtt_v5_port
-                    .map(|p| local(p).to_string())
-                    .unwrap_or_default(),
-            )
             .arg("--http-listen")
             .arg(local(self.http_port).to_string())
             .args(&self.opts.args);
+        // Without it the agent serves 3.1.1 and 5 on --mqtt-listen only (the default).
+        if let Some(port) = self.mqtt_v5_port {
+            cmd.arg("--mqtt-listen-v5").arg(local(port).to_string());
+        }
         cmd.env("NO_COLOR", "1");
         for (key, value) in &self.opts.env {
             cmd.env(key, value);

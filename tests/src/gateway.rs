@@ -227,6 +227,35 @@ impl Gateway {
             .collect()
     }
 
+    /// `store stats` on the (stopped) gateway's data dir: per origin as JSON.
+    pub fn stats(&self) -> anyhow::Result<Vec<serde_json::Value>> {
+        let out = run_bounded(
+            crate::clean_env(&mut Command::new(&self.bin))
+                .arg("store")
+                .arg("stats")
+                .arg("--data-dir")
+                .arg(&self.data_dir),
+            Duration::from_secs(60),
+        )?;
+        if !out.status.success() {
+            bail!("store stats failed: {}", out.stderr);
+        }
+        let v: serde_json::Value = serde_json::from_str(out.stdout.trim())
+            .with_context(|| format!("store stats is not JSON: {}", out.stdout))?;
+        Ok(v["origins"].as_array().cloned().unwrap_or_default())
+    }
+
+    /// The origins for which the (stopped) gateway recorded readings skipped at the edge
+    /// (dropped before they could be sent): a problem unless the test made it happen.
+    pub fn skipped_at_edge(&self) -> anyhow::Result<Vec<String>> {
+        Ok(self
+            .stats()?
+            .iter()
+            .filter(|o| o["skipped_at_edge"].as_u64().unwrap_or(0) > 0)
+            .map(|o| o.to_string())
+            .collect())
+    }
+
     pub fn log_tail(&self, lines: usize) -> String {
         crate::proc::tail(&self.log_path, lines)
     }

@@ -37,6 +37,33 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use fogline_firmware::wire::{self, Reading, Timestamp, MAX_FRAME_LEN};
 
+/// Is this a CI run (`CI=true` or `CI=1`, which `.ci/run` sets)?
+pub fn in_ci() -> bool {
+    ci_says(std::env::var("CI").ok().as_deref())
+}
+
+fn ci_says(ci: Option<&str>) -> bool {
+    matches!(ci.map(str::trim), Some("true" | "1" | "yes"))
+}
+
+/// A required test cannot run here (not root, a tool missing). In CI that is a failure:
+/// `Err` with `why`. Elsewhere the test is skipped, and says so on the terminal itself —
+/// written to the process's stderr, past cargo's capture of a passing test's output, so
+/// that a green run without root is never mistaken for a run that checked everything.
+pub fn cannot_run(test: &str, why: &str) -> anyhow::Result<()> {
+    skip_or_fail(test, why, in_ci())
+}
+
+fn skip_or_fail(test: &str, why: &str, ci: bool) -> anyhow::Result<()> {
+    if ci {
+        anyhow::bail!("{test} must run in CI but cannot: {why}");
+    }
+    use std::io::Write;
+    let line = format!("\nSKIPPED (not run): {test}: {why}\n");
+    let _ = std::io::stderr().write_all(line.as_bytes());
+    Ok(())
+}
+
 /// Is this process running as root (`id -u` is 0)?
 pub fn is_root() -> bool {
     run_bounded(
@@ -185,21 +212,26 @@ pub fn check_sequences(readings: &[ExportedReading], expect: &[(String, u32, u32
     problems
 }
 
-/// Checks a gateway export: per (site, origin) the offsets are contiguous and in order
-/// (nothing lost, nothing twice, order kept), and every `(device, boot, 1..=upto)` in
-/// `expect` is there exactly once.
+/// Checks a gateway export: per (site, origin) the offsets start at 0 and are contiguous
+/// and in order (nothing lost, nothing twice, order kept), and every
+/// `(device, boot, 1..=upto)` in `expect` is there exactly once.
 pub fn check_gateway_log(stored: &[GatewayReading], expect: &[(String, u32, u32)]) -> Vec<String> {
     let mut problems = Vec::new();
     let mut last: std::collections::HashMap<(&str, &str), u64> = std::collections::HashMap::new();
     for r in stored {
         let key = (r.site.as_str(), r.origin.as_str());
-        if let Some(prev) = last.get(&key) {
-            if r.offset != prev + 1 && problems.len() < 20 {
+        match last.get(&key) {
+            Some(prev) if r.offset != prev + 1 && problems.len() < 20 => {
                 problems.push(format!(
                     "{}/{}: offset {} follows {prev}",
                     r.site, r.origin, r.offset
                 ));
             }
+            None if r.offset != 0 => problems.push(format!(
+                "{}/{}: the log starts at offset {}: the readings below never arrived",
+                r.site, r.origin, r.offset
+            )),
+            _ => {}
         }
         last.insert(key, r.offset);
     }
@@ -217,4 +249,37 @@ pub fn check_gateway_log(stored: &[GatewayReading], expect: &[(String, u32, u32)
         .collect();
     problems.extend(check_sequences(&as_agent, expect));
     problems
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_test_that_cannot_run_fails_in_ci_and_skips_elsewhere() {
+        assert!(ci_says(Some("true")) && ci_says(Some("1")) && !ci_says(None));
+        assert!(!ci_says(Some("false")));
+        assert!(skip_or_fail("t", "not root", true).is_err());
+        assert!(skip_or_fail("t", "not root", false).is_ok());
+    }
+
+    #[test]
+    fn a_gateway_log_must_start_at_offset_zero() {
+        let r = |offset| GatewayReading {
+            site: "s".into(),
+            origin: "o".into(),
+            offset,
+            device: "d".into(),
+            metric: "m".into(),
+            boot: 1,
+            seq: Some(u32::try_from(offset).unwrap_or(0) + 1),
+            value: 1.0,
+            ts: 0,
+        };
+        assert!(check_gateway_log(&[r(0), r(1)], &[]).is_empty());
+        let late = check_gateway_log(&[r(5), r(6)], &[]);
+        assert_eq!(late.len(), 1, "{late:?}");
+        assert!(late[0].contains("starts at offset 5"));
+        assert_eq!(check_gateway_log(&[r(0), r(2)], &[]).len(), 1);
+    }
 }

@@ -334,12 +334,8 @@ impl Worker {
     }
 
     fn publish(&self, seq: u32, dup: bool) -> Vec<u8> {
-        let payload = crate::json_payload(
-            f64::from(seq % 1000),
-            Some(seq),
-            Some(self.spec.boot),
-            None,
-        );
+        let payload =
+            crate::json_payload(f64::from(seq % 1000), Some(seq), Some(self.spec.boot), None);
         publish_packet(&self.topic, self.spec.qos, dup, packet_id(seq), &payload)
     }
 }

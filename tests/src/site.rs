@@ -43,6 +43,27 @@ pub struct Site {
     /// Agent `i` → the gateway.
     pub cloud: Vec<TcpProxy>,
     pub gateway: Gateway,
+    /// The agents' lease (`cluster.lease_ticks` × `cluster.tick_ms`), as they run.
+    lease: Duration,
+}
+
+/// The lease of agents started with `env`, as the agent itself computes its config.
+fn lease_of(env: &[(String, String)]) -> anyhow::Result<Duration> {
+    let mut cmd = std::process::Command::new(crate::agent_bin()?);
+    crate::clean_env(&mut cmd).args(["config", "check"]);
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let out = crate::run_bounded(&mut cmd, Duration::from_secs(30))?;
+    anyhow::ensure!(out.status.success(), "config check: {}", out.stderr.trim());
+    let c: serde_json::Value = serde_json::from_str(out.stdout.trim())?;
+    let (Some(ticks), Some(tick_ms)) = (
+        c["cluster"]["lease_ticks"].as_u64(),
+        c["cluster"]["tick_ms"].as_u64(),
+    ) else {
+        anyhow::bail!("config check shows no cluster.lease_ticks / tick_ms: {c}");
+    };
+    Ok(Duration::from_millis(ticks * tick_ms))
 }
 
 impl Site {
@@ -99,6 +120,7 @@ impl Site {
         for a in &mut agents {
             a.wait_ready(Duration::from_secs(30))?;
         }
+        let lease = lease_of(&opts.env)?;
         Ok(Site {
             site: opts.site.clone(),
             ids,
@@ -106,7 +128,14 @@ impl Site {
             links,
             cloud,
             gateway,
+            lease,
         })
+    }
+
+    /// How long a leader keeps forwarding without hearing a majority: the lease the
+    /// agents run with (from `fogline-agent config check` with the site's environment).
+    pub fn lease(&self) -> Duration {
+        self.lease
     }
 
     /// The agents that run and say they are leader.
@@ -350,7 +379,10 @@ impl Site {
     ) -> anyhow::Result<Vec<crate::GatewayReading>> {
         self.stop()?;
         let stored = self.gateway.export()?;
-        let problems = crate::check_gateway_log(&stored, expect);
+        let mut problems = crate::check_gateway_log(&stored, expect);
+        for o in self.gateway.skipped_at_edge()? {
+            problems.push(format!("readings skipped at the edge: {o}"));
+        }
         assert!(
             problems.is_empty(),
             "seed {seed}: {} readings at the gateway; problems:\n{}",

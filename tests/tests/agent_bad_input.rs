@@ -211,12 +211,9 @@ fn a_clock_far_ahead_gets_the_arrival_time() -> anyhow::Result<()> {
         (metric(&m, "fogline_ingest_clock_ahead_total", &[]) >= 3.0).then_some(())
     });
     assert!(counted.is_some(), "{}", agent.metrics()?);
-    let agg = fogline_tests::mosquitto::subscribe_one(
-        agent.mqtt_port(),
-        "agg/clock-dev/temp/3600s",
-        10,
-    )?
-    .context("an aggregate for the current hour")?;
+    let agg =
+        fogline_tests::mosquitto::subscribe_one(agent.mqtt_port(), "agg/clock-dev/temp/3600s", 10)?
+            .context("an aggregate for the current hour")?;
     let agg: serde_json::Value = serde_json::from_str(&agg)?;
     assert_eq!(agg["count"], 3, "{agg}");
     let start = agg["start_ms"].as_i64().context("start_ms")?;

@@ -59,17 +59,13 @@ fn fill_up(path: &Path) {
     }
 }
 
-fn is_root() -> bool {
-    run_bounded(Command::new("id").arg("-u"), Duration::from_secs(5))
-        .map(|o| o.stdout.trim() == "0")
-        .unwrap_or(false)
-}
-
 #[test]
 fn a_full_disk_drops_the_oldest_counts_it_and_keeps_ingesting() -> anyhow::Result<()> {
-    if !is_root() {
-        eprintln!("SKIPPED: agent_disk_full needs root to mount a tmpfs (CI runs it as root)");
-        return Ok(());
+    if !fogline_tests::is_root() {
+        return fogline_tests::cannot_run(
+            "agent_disk_full",
+            "needs root to mount a tmpfs (CI runs as root)",
+        );
     }
     let disk = SmallDisk::mount("4m")?;
     let mut agent = Agent::start(AgentOptions {

@@ -199,3 +199,20 @@ fn scenario(agent: &mut Agent) -> anyhow::Result<()> {
     );
     Ok(())
 }
+
+/// Two agents on one machine, each given its own `--mqtt-listen` and nothing else, both
+/// start: the default is one MQTT port for 3.1.1 and 5. (A second listener on
+/// 0.0.0.0:1884 used to be on by default, so the second agent could not bind it and a
+/// port nobody asked for was open on every interface.)
+#[test]
+fn two_agents_share_a_host_with_the_defaults() -> anyhow::Result<()> {
+    let mut first = Agent::start(AgentOptions::default())?;
+    let mut second = Agent::start(AgentOptions::default())?;
+    for agent in [&first, &second] {
+        let status = agent.status()?;
+        assert!(status.get("origin").is_some(), "{status}");
+    }
+    second.stop(Duration::from_secs(10))?;
+    first.stop(Duration::from_secs(10))?;
+    Ok(())
+}

@@ -155,3 +155,39 @@ fn a_3_1_1_client_is_never_pubacked_for_a_reading_refused_for_now() -> anyhow::R
     );
     Ok(())
 }
+
+/// In a site, peers ship log batches of up to `cluster.max_batch_bytes` (1 MiB), but a
+/// device still gets `mqtt.max_packet_bytes` (64 KiB): a 200 KiB publish on a reading's
+/// topic closes its connection as `oversized_packet` before it is read into memory. (The
+/// device port used to take every packet up to the batch size whenever peers were set.)
+#[test]
+fn devices_get_the_packet_limit_even_when_peers_ship_batches() -> anyhow::Result<()> {
+    mosquitto::require_clients()?;
+    let ghost = fogline_tests::free_port()?;
+    let agent = Agent::start(AgentOptions {
+        args: vec!["--peers".into(), format!("ghost=127.0.0.1:{ghost}")],
+        ..AgentOptions::default()
+    })?;
+    let big = agent.root().join("big.bin");
+    std::fs::write(&big, vec![b'7'; 200 * 1024])?;
+    let mut cmd = mosquitto::pub_command(agent.mqtt_port(), "sensors/big-dev/temp");
+    cmd.arg("-f").arg(&big);
+    let out = fogline_tests::run_bounded(&mut cmd, Duration::from_secs(15))?;
+    eprintln!("mosquitto_pub: {} {}", out.status, out.stderr.trim());
+    let refused = poll_until(Duration::from_secs(5), Duration::from_millis(50), || {
+        let m = agent.metrics().ok()?;
+        let n = metric(
+            &m,
+            "fogline_connections_refused_total",
+            &[("reason", "oversized_packet")],
+        );
+        (n >= 1.0).then_some(n)
+    });
+    assert!(
+        refused.is_some(),
+        "a 200 KiB packet from a device was taken:\n{}",
+        agent.metrics()?
+    );
+    assert!(!out.status.success(), "the publish was not acknowledged");
+    Ok(())
+}

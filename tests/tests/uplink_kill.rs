@@ -95,7 +95,10 @@ fn sigkill_of_gateway_and_agent_mid_drain_keeps_exactly_once() -> anyhow::Result
         "{} readings at the gateway, {head} at the edge",
         stored.len()
     );
-    let problems = check_gateway_log(&stored, &sent);
+    let mut problems = check_gateway_log(&stored, &sent);
+    for o in gw.skipped_at_edge()? {
+        problems.push(format!("readings skipped at the edge: {o}"));
+    }
     assert!(
         problems.is_empty(),
         "seed {seed}:\n  {}",

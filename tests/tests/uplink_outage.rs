@@ -93,7 +93,10 @@ fn a_20s_outage_loses_nothing_and_duplicates_nothing() -> anyhow::Result<()> {
         .iter()
         .map(|s| (s.device.clone(), s.boot, s.sent))
         .collect();
-    let problems = check_gateway_log(&stored, &sent);
+    let mut problems = check_gateway_log(&stored, &sent);
+    for o in gw.skipped_at_edge()? {
+        problems.push(format!("readings skipped at the edge: {o}"));
+    }
     assert!(
         problems.is_empty(),
         "seed {seed}:\n  {}",

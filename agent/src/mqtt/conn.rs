@@ -391,26 +391,25 @@ where
     // A client that asks for no keep alive, or for more than the server allows, gets the
     // server's (MQTT 5: told in the CONNACK; 3.1.1 has no way to say it: refused).
     let max_keep_alive = server.settings.max_keep_alive_secs;
-    let keep_alive_secs = if max_keep_alive > 0
-        && (connect.keep_alive == 0 || connect.keep_alive > max_keep_alive)
-    {
-        if !v5 {
-            refuse(ConnectReturnCode::ClientIdentifierNotValid, &mut wbuf);
-            let _ = writer.write_all(&wbuf).await;
-            server.front.refuse(
-                "keep_alive",
-                peer,
-                &format!(
-                    "keep alive {} s is above mqtt.max_keep_alive_secs ({max_keep_alive})",
-                    connect.keep_alive
-                ),
-            );
-            return None;
-        }
-        max_keep_alive
-    } else {
-        connect.keep_alive
-    };
+    let keep_alive_secs =
+        if max_keep_alive > 0 && (connect.keep_alive == 0 || connect.keep_alive > max_keep_alive) {
+            if !v5 {
+                refuse(ConnectReturnCode::ClientIdentifierNotValid, &mut wbuf);
+                let _ = writer.write_all(&wbuf).await;
+                server.front.refuse(
+                    "keep_alive",
+                    peer,
+                    &format!(
+                        "keep alive {} s is above mqtt.max_keep_alive_secs ({max_keep_alive})",
+                        connect.keep_alive
+                    ),
+                );
+                return None;
+            }
+            max_keep_alive
+        } else {
+            connect.keep_alive
+        };
     let server_keep_alive = (keep_alive_secs != connect.keep_alive).then_some(keep_alive_secs);
     let connack_props = v5.then(|| ConnAckProperties {
         session_expiry_interval: (expiry_secs
@@ -680,7 +679,11 @@ impl Conn<'_> {
             // Everything already read.
             while !self.closing {
                 let meta = publish_meta(rbuf);
-                let limit = packet_limit(rbuf, settings.max_packet, may_ship.then_some(settings.max_batch_packet));
+                let limit = packet_limit(
+                    rbuf,
+                    settings.max_packet,
+                    may_ship.then_some(settings.max_batch_packet),
+                );
                 match self.codec.read(rbuf, limit) {
                     Ok(packet) => {
                         deadline = tokio::time::Instant::now() + keep_alive;
@@ -952,8 +955,7 @@ impl Conn<'_> {
                 return None;
             }
         }
-        if qos > 0 && self.v5() && self.incoming_in_flight() >= self.server.settings.max_inflight
-        {
+        if qos > 0 && self.v5() && self.incoming_in_flight() >= self.server.settings.max_inflight {
             // More than the Receive Maximum we offered (MQTT-3.3.4-9).
             self.disconnect(DisconnectReasonCode::ReceiveMaximumExceeded);
             self.server.front.refuse(
@@ -1030,7 +1032,10 @@ impl Conn<'_> {
         publish: &mut Publish,
         alias: u16,
     ) -> Result<(), DisconnectReasonCode> {
-        if !self.v5() || alias == 0 || alias > self.server.settings.topic_alias_max {
+        if !self.v5() || alias == 0 {
+            return Err(DisconnectReasonCode::ProtocolError);
+        }
+        if alias > self.server.settings.topic_alias_max {
             return Err(DisconnectReasonCode::TopicAliasInvalid);
         }
         if publish.topic.is_empty() {
@@ -1047,11 +1052,7 @@ impl Conn<'_> {
     /// QoS 1 and 2 publishes from the client not yet completed: PUBACK or PUBREC owed, or
     /// PUBREC sent and PUBCOMP not yet.
     fn incoming_in_flight(&self) -> usize {
-        let owed = self
-            .acks
-            .iter()
-            .filter(|a| a.kind != AckKind::Comp)
-            .count();
+        let owed = self.acks.iter().filter(|a| a.kind != AckKind::Comp).count();
         owed + self.session.lock().rec.incoming_qos2.len()
     }
 
@@ -1294,7 +1295,9 @@ impl Conn<'_> {
         };
         let topic = match alias {
             Some((a, new)) => {
-                props.get_or_insert_with(PublishProperties::default).topic_alias = Some(a);
+                props
+                    .get_or_insert_with(PublishProperties::default)
+                    .topic_alias = Some(a);
                 if new {
                     Bytes::from(msg.topic.clone())
                 } else {
@@ -1495,30 +1498,7 @@ mod tests {
     #[tokio::test]
     async fn a_connection_task_is_small() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let metrics = Arc::new(crate::metrics::Metrics::new());
-        let (tx, _rx) = flume::bounded(16);
-        let ingest = Arc::new(super::super::Ingest::new(
-            tx,
-            crate::limits::LimitsConfig::default(),
-            Duration::from_secs(1),
-            metrics.clone(),
-            1024,
-        ));
-        let settings = super::super::Settings {
-            max_packet: 1 << 16,
-            max_batch_packet: 1 << 16,
-            topic_alias_max: 8,
-            max_keep_alive_secs: 0,
-            max_inflight: 10,
-            max_queued: 10,
-            session_expiry_max_secs: 60,
-            connect_timeout: Duration::from_secs(1),
-            max_connections: 10,
-            site_private: false,
-        };
-        let make = super::super::start_router(super::super::router_config(10, &[]));
-        let server =
-            super::super::Server::new(make, dir.path(), ingest, settings, metrics).expect("server");
+        let server = super::super::tests::server(dir.path());
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind");
@@ -1528,6 +1508,48 @@ mod tests {
         let size = std::mem::size_of_val(&fut);
         eprintln!("connection future: {size} bytes");
         assert!(size < 2048, "a connection's future takes {size} bytes");
+    }
+
+    #[test]
+    fn only_log_batches_from_peers_get_the_batch_size() {
+        let publish = |topic: &str, len: usize| {
+            let mut plain = BytesMut::new();
+            Codec::V4(V4).write(
+                Packet::Publish(
+                    Publish::new(
+                        Bytes::from(topic.to_owned()),
+                        Bytes::from(vec![0u8; len]),
+                        false,
+                    ),
+                    None,
+                ),
+                &mut plain,
+            );
+            plain
+        };
+        let (device, batch) = (1000, 100_000);
+        let big_reading = publish("sensors/d1/temp", 5000);
+        let big_batch = publish("fogline/repl/s/a.00000001/log", 5000);
+        assert_eq!(packet_limit(&big_reading, device, Some(batch)), device);
+        assert_eq!(packet_limit(&big_batch, device, Some(batch)), batch);
+        assert_eq!(packet_limit(&big_batch, device, None), device, "not a peer");
+        assert_eq!(
+            packet_limit(&publish("fogline/repl/x", 10), device, Some(batch)),
+            device,
+            "small packets need nothing more"
+        );
+        // Only the header is there: the device limit holds until the topic shows.
+        assert_eq!(packet_limit(&big_batch[..2], device, Some(batch)), device);
+        assert_eq!(packet_limit(&big_batch[..5], device, Some(batch)), batch);
+        assert_eq!(packet_limit(&big_reading[..5], device, Some(batch)), batch);
+        assert_eq!(
+            packet_limit(&big_reading[..25], device, Some(batch)),
+            device
+        );
+        assert_eq!(
+            packet_limit(&[0x82, 0x80, 0x80, 0x01], device, Some(batch)),
+            device
+        );
     }
 
     #[test]

@@ -128,7 +128,10 @@ impl Ingest {
             Err(reason) => {
                 self.metrics.reject(reason);
                 if let Ok(mut log) = self.rejects.lock() {
-                    log.log(reason, &String::from_utf8_lossy(&topic[..topic.len().min(120)]));
+                    log.log(
+                        reason,
+                        &String::from_utf8_lossy(&topic[..topic.len().min(120)]),
+                    );
                 }
                 return Offered::Rejected(reason);
             }
@@ -239,9 +242,7 @@ impl Server {
         settings: Settings,
         metrics: Arc<Metrics>,
     ) -> Result<Arc<Server>, String> {
-        let (publish, _rx) = make_link("fogline-front").map_err(|e| e.to_string())?;
-        // The publishing link never subscribes; its receiver may go.
-        drop(_rx);
+        let (publish, publish_rx) = make_link("fogline-front").map_err(|e| e.to_string())?;
         let store = Store::open(&data_dir.join("sessions.redb")).map_err(|e| e.to_string())?;
         let hashing = std::thread::available_parallelism().map_or(2, |n| n.get().min(4));
         let front = metrics.front.clone();
@@ -273,6 +274,7 @@ impl Server {
             hashing: tokio::sync::Semaphore::new(hashing),
             open: AtomicUsize::new(0),
         });
+        tokio::spawn(watch_front_link(Arc::downgrade(&server), publish_rx));
         Ok(server)
     }
 
@@ -471,7 +473,7 @@ impl Server {
             };
             for session in subscribers {
                 let publish = Publish::new(Bytes::from(topic.clone()), payload.clone(), false);
-                self.offer_at(&session, publish, None, now);
+                self.offer_at(&session, publish, None, Tag::internal(now), now);
             }
         }
         self.local_wildcards.load(Ordering::SeqCst) > 0
@@ -489,7 +491,8 @@ impl Server {
             let retained = self.lock_local().retained.get(filter).cloned();
             if let Some(payload) = retained {
                 let publish = Publish::new(Bytes::from(filter.to_owned()), payload, true);
-                self.offer_at(session, publish, None, crate::now_ms());
+                let now = crate::now_ms();
+                self.offer_at(session, publish, None, Tag::internal(now), now);
             }
             return;
         }
@@ -559,21 +562,35 @@ impl Server {
         }
     }
 
-    /// A message from the router for `session`: delivered per its subscriptions.
-    fn offer(&self, session: &Session, publish: Publish, props: Option<PublishProperties>) {
-        self.offer_at(session, publish, props, crate::now_ms());
+    /// A message from the router for `session`: delivered per its subscriptions, once
+    /// (the router forwards it once per matching filter).
+    fn offer(&self, session: &Session, publish: Publish, mut props: Option<PublishProperties>) {
+        let now = crate::now_ms();
+        let tagged = Tag::detach(&mut props);
+        // The router marks retained messages it sends right after a SUBSCRIBE: those
+        // come through the new filter only.
+        if let (Some((_, id)), false) = (&tagged, publish.retain) {
+            let Ok(topic) = std::str::from_utf8(&publish.topic) else {
+                return;
+            };
+            if session.lock().repeated(*id, topic) {
+                return;
+            }
+        }
+        let tag = tagged.map_or_else(|| Tag::internal(now), |(t, _)| t);
+        self.offer_at(session, publish, props, tag, now);
     }
 
     fn offer_at(
         &self,
         session: &Session,
         publish: Publish,
-        mut props: Option<PublishProperties>,
+        props: Option<PublishProperties>,
+        tag: Tag,
         now: i64,
     ) {
         // The router marks retained messages it sends right after a SUBSCRIBE.
         let retained_delivery = publish.retain;
-        let tag = Tag::detach(&mut props).unwrap_or_else(|| Tag::internal(now));
         let Ok(topic) = std::str::from_utf8(&publish.topic) else {
             return;
         };
@@ -831,6 +848,46 @@ pub enum Guard {
     Tls(tokio_rustls::TlsAcceptor),
 }
 
+/// Watches the link every client publish enters the router by. The router disconnects a
+/// link whose publish it refuses (a topic alias it does not know, say): after that every
+/// client's publishes would go nowhere. The front end never passes such a publish on
+/// (aliases are resolved per connection); if the router closes the link anyway, a new one
+/// takes over.
+async fn watch_front_link(server: std::sync::Weak<Server>, mut rx: LinkRx) {
+    loop {
+        let closed = match rx.next().await {
+            Ok(Some(Notification::Disconnect(..))) | Err(_) => true,
+            Ok(_) => false,
+        };
+        if !closed {
+            continue;
+        }
+        let Some(server) = server.upgrade() else {
+            return;
+        };
+        let name = format!("fogline-front-{}", server.next_generation());
+        let maker = server.clone();
+        let made = tokio::task::spawn_blocking(move || (maker.make_link)(&name)).await;
+        match made {
+            Ok(Ok((tx, new_rx))) => {
+                tracing::error!(
+                    "the router closed the link of client publishes; a new one took over"
+                );
+                *server.publish.lock().await = tx;
+                rx = new_rx;
+            }
+            Ok(Err(e)) => {
+                tracing::error!("the router closed the link of client publishes: {e}");
+                return;
+            }
+            Err(e) => {
+                tracing::error!("the router closed the link of client publishes: {e}");
+                return;
+            }
+        }
+    }
+}
+
 /// Reads a session's router link for as long as the session lives.
 async fn drain(server: Arc<Server>, session: std::sync::Weak<Session>, mut rx: LinkRx) {
     loop {
@@ -862,4 +919,86 @@ pub async fn persist_loop(server: Arc<Server>, mut stop: tokio::sync::watch::Rec
         server.persist().await;
     }
     server.persist().await;
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+
+    /// A front end over a real router, with no listener, for unit tests.
+    pub(crate) fn server(dir: &Path) -> Arc<Server> {
+        let metrics = Arc::new(Metrics::new());
+        let (tx, rx) = flume::bounded(16);
+        // Readings are not what these tests are about; the queue stays open.
+        std::mem::forget(rx);
+        let ingest = Arc::new(Ingest::new(
+            tx,
+            crate::limits::LimitsConfig::default(),
+            Duration::from_secs(1),
+            metrics.clone(),
+            1024,
+        ));
+        let settings = Settings {
+            max_packet: 1 << 16,
+            max_batch_packet: 1 << 16,
+            topic_alias_max: 8,
+            max_keep_alive_secs: 0,
+            max_inflight: 10,
+            max_queued: 10,
+            session_expiry_max_secs: 60,
+            connect_timeout: Duration::from_secs(1),
+            max_connections: 10,
+            site_private: false,
+        };
+        let make = start_router(router_config(10, &[]));
+        Server::new(make, dir, ingest, settings, metrics).expect("server")
+    }
+
+    /// The router disconnects a link whose publish it refuses; the link every client
+    /// publishes through is replaced, so routing goes on for everybody.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn routing_survives_the_router_dropping_the_publishing_link() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let server = server(dir.path());
+        let (mut sub_tx, mut sub_rx) = (server.make_link)("test-sub").expect("link");
+        sub_tx.subscribe("t/#").expect("subscribe");
+        // What a client's aliased publish did before the front end resolved aliases.
+        let bad = PublishProperties {
+            topic_alias: Some(0),
+            ..PublishProperties::default()
+        };
+        let publish = Publish::new(
+            Bytes::from_static(b"t/bad"),
+            Bytes::from_static(b"x"),
+            false,
+        );
+        let _ = server
+            .publish
+            .lock()
+            .await
+            .send(Packet::Publish(publish, Some(bad)))
+            .await;
+        let tag = Tag::internal(crate::now_ms());
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let mut n = 0u32;
+        let delivered = loop {
+            assert!(
+                Instant::now() < deadline,
+                "nothing routed after the link was dropped"
+            );
+            n += 1;
+            let topic = Bytes::from(format!("t/good{n}"));
+            server
+                .route(topic, Bytes::from_static(b"ok"), None, &tag)
+                .await;
+            match tokio::time::timeout(Duration::from_millis(100), sub_rx.next()).await {
+                Ok(Ok(Some(Notification::Forward(f)))) => break f,
+                Ok(Ok(Some(Notification::Unschedule))) => {
+                    let _ = sub_rx.wake().await;
+                }
+                _ => {}
+            }
+        };
+        assert!(delivered.publish.topic.starts_with(b"t/good"));
+    }
 }

@@ -131,7 +131,14 @@ pub struct State {
     pub receive_max: usize,
     /// Maximum Packet Size of the current connection.
     pub max_packet: Option<u32>,
+    /// Messages delivered that more filters of this session match: their id and how
+    /// many more copies the router will forward (one per matching filter).
+    repeats: VecDeque<(u64, usize)>,
 }
+
+/// Messages whose further copies a session waits for, at most (overlapping
+/// subscriptions are rare; an entry whose copies never come is pushed out).
+const MAX_REPEATS: usize = 64;
 
 /// Why a message for a session was not kept.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -199,6 +206,31 @@ impl Session {
 }
 
 impl State {
+    /// Is message `id` on `topic` a further copy of one delivered already? The router
+    /// forwards a message once per matching filter of the session's link; the session
+    /// delivers it once, at the highest QoS granted, with every subscription identifier
+    /// (MQTT-3.3.4-2, -3). `$` and exact `fogline/ack/…` filters are not the router's.
+    pub fn repeated(&mut self, id: u64, topic: &str) -> bool {
+        if let Some(i) = self.repeats.iter().position(|&(x, _)| x == id) {
+            self.repeats[i].1 -= 1;
+            if self.repeats[i].1 == 0 {
+                self.repeats.remove(i);
+            }
+            return true;
+        }
+        let copies = self
+            .matching(topic)
+            .filter(|s| !s.filter.starts_with('$') && !super::is_local_exact(&s.filter))
+            .count();
+        if copies > 1 {
+            if self.repeats.len() >= MAX_REPEATS {
+                self.repeats.pop_front();
+            }
+            self.repeats.push_back((id, copies - 1));
+        }
+        false
+    }
+
     /// The subscriptions that match `topic`.
     pub fn matching<'a>(&'a self, topic: &'a str) -> impl Iterator<Item = &'a Sub> + 'a {
         self.rec

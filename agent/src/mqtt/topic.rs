@@ -89,9 +89,9 @@ impl Tag {
         }
     }
 
-    fn encode(&self) -> String {
+    fn encode(&self, id: u64) -> String {
         format!(
-            "{}{}{},{}",
+            "{}{}{},{id:x},{}",
             self.qos,
             u8::from(self.retain),
             self.at_ms,
@@ -99,30 +99,38 @@ impl Tag {
         )
     }
 
-    fn decode(s: &str) -> Option<Tag> {
-        let (head, from) = s.split_once(',')?;
+    fn decode(s: &str) -> Option<(Tag, u64)> {
+        let (head, rest) = s.split_once(',')?;
+        let (id, from) = rest.split_once(',')?;
         let mut chars = head.chars();
         let qos = chars.next()?.to_digit(10)?;
         let retain = chars.next()? == '1';
         let at_ms = chars.as_str().parse().ok()?;
-        Some(Tag {
+        let tag = Tag {
             qos: u8::try_from(qos).ok()?.min(2),
             retain,
             at_ms,
             from: from.to_owned(),
-        })
+        };
+        Some((tag, u64::from_str_radix(id, 16).ok()?))
     }
 
-    /// Adds the tag to a publish's properties (creating them).
+    /// Adds the tag to a publish's properties (creating them), with an id no other
+    /// message of this process has: the router forwards a message once per matching
+    /// filter of a session, and the id lets the session deliver it once.
     pub fn attach(&self, props: Option<PublishProperties>) -> PublishProperties {
+        static NEXT_ID: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+        let id = NEXT_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let mut props = props.unwrap_or_default();
         props.user_properties.retain(|(k, _)| k != TAG);
-        props.user_properties.push((TAG.to_owned(), self.encode()));
+        props
+            .user_properties
+            .push((TAG.to_owned(), self.encode(id)));
         props
     }
 
-    /// Takes the tag off; `None` if the message carried none (published inside the agent).
-    pub fn detach(props: &mut Option<PublishProperties>) -> Option<Tag> {
+    /// Takes the tag off: the tag and the message's id; `None` if it carried none.
+    pub fn detach(props: &mut Option<PublishProperties>) -> Option<(Tag, u64)> {
         let p = props.as_mut()?;
         let at = p.user_properties.iter().position(|(k, _)| k == TAG)?;
         let (_, v) = p.user_properties.remove(at);
@@ -185,7 +193,14 @@ mod tests {
         let mut props = PublishProperties::default();
         props.user_properties.push(("k".into(), "v".into()));
         let mut props = Some(tag.attach(Some(props)));
-        assert_eq!(Tag::detach(&mut props), Some(tag));
+        let (back, id) = Tag::detach(&mut props).expect("tagged");
+        assert_eq!(back, tag);
+        let mut again = Some(tag.attach(None));
+        assert_ne!(
+            Tag::detach(&mut again).map(|(_, id)| id),
+            Some(id),
+            "ids differ"
+        );
         assert_eq!(
             props.map(|p| p.user_properties),
             Some(vec![("k".to_owned(), "v".to_owned())])
