@@ -61,27 +61,76 @@ enum Values {
     Sketch(Box<DDSketch>),
 }
 
-/// Running summary of one window.
-#[derive(Clone)]
-pub struct WindowState {
+/// Count, min, max, sum and the last value (by device time) of some readings: a window's
+/// running summary, and what downsampling keeps of readings it folds away.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, serde::Deserialize)]
+pub struct Summary {
     pub count: u64,
     pub min: f64,
     pub max: f64,
     pub sum: f64,
     pub last: f64,
     pub last_ts_ms: i64,
-    values: Values,
 }
 
-impl Default for WindowState {
+impl Default for Summary {
     fn default() -> Self {
-        WindowState {
+        Summary {
             count: 0,
             min: f64::INFINITY,
             max: f64::NEG_INFINITY,
             sum: 0.0,
             last: 0.0,
             last_ts_ms: i64::MIN,
+        }
+    }
+}
+
+impl Summary {
+    pub fn record(&mut self, ts_ms: i64, value: f64) {
+        self.count += 1;
+        self.min = self.min.min(value);
+        self.max = self.max.max(value);
+        self.sum += value;
+        if ts_ms >= self.last_ts_ms {
+            self.last = value;
+            self.last_ts_ms = ts_ms;
+        }
+    }
+
+    /// Both summaries in one.
+    pub fn merge(&mut self, other: &Summary) {
+        self.count += other.count;
+        self.min = self.min.min(other.min);
+        self.max = self.max.max(other.max);
+        self.sum += other.sum;
+        if other.last_ts_ms >= self.last_ts_ms {
+            self.last = other.last;
+            self.last_ts_ms = other.last_ts_ms;
+        }
+    }
+
+    #[allow(clippy::cast_precision_loss)]
+    pub fn mean(&self) -> f64 {
+        if self.count == 0 {
+            0.0
+        } else {
+            self.sum / self.count as f64
+        }
+    }
+}
+
+/// Running summary of one window, and the values behind its quantiles.
+#[derive(Clone)]
+pub struct WindowState {
+    pub summary: Summary,
+    values: Values,
+}
+
+impl Default for WindowState {
+    fn default() -> Self {
+        WindowState {
+            summary: Summary::default(),
             values: Values::Exact(Vec::new()),
         }
     }
@@ -101,14 +150,7 @@ fn new_sketch() -> Box<DDSketch> {
 
 impl WindowState {
     pub fn record(&mut self, ts_ms: i64, value: f64) {
-        self.count += 1;
-        self.min = self.min.min(value);
-        self.max = self.max.max(value);
-        self.sum += value;
-        if ts_ms >= self.last_ts_ms {
-            self.last = value;
-            self.last_ts_ms = ts_ms;
-        }
+        self.summary.record(ts_ms, value);
         match &mut self.values {
             Values::Exact(v) if v.len() < EXACT_MAX => v.push(value),
             Values::Exact(v) => {
@@ -123,15 +165,6 @@ impl WindowState {
         }
     }
 
-    #[allow(clippy::cast_precision_loss)]
-    pub fn mean(&self) -> f64 {
-        if self.count == 0 {
-            0.0
-        } else {
-            self.sum / self.count as f64
-        }
-    }
-
     /// The nearest-rank quantile: the smallest value with at least `q` of the readings at
     /// or below it. Exact for small windows; from the sketch (within 1 %) for larger ones,
     /// clamped to the exact min and max. DDSketch itself rounds the rank down, which for
@@ -143,10 +176,13 @@ impl WindowState {
         clippy::cast_sign_loss
     )]
     pub fn quantile(&self, q: f64) -> Option<f64> {
-        if self.count == 0 {
+        let Summary {
+            count, min, max, ..
+        } = self.summary;
+        if count == 0 {
             return None;
         }
-        let n = self.count as f64;
+        let n = count as f64;
         let rank = ((q.clamp(0.0, 1.0) * n).ceil() - 1.0).max(0.0);
         match &self.values {
             Values::Exact(v) => {
@@ -157,13 +193,9 @@ impl WindowState {
                     .copied()
             }
             Values::Sketch(sketch) => {
-                let adjusted = if self.count > 1 {
-                    rank / (n - 1.0)
-                } else {
-                    0.0
-                };
+                let adjusted = if count > 1 { rank / (n - 1.0) } else { 0.0 };
                 let v = sketch.quantile(adjusted.clamp(0.0, 1.0)).ok().flatten()?;
-                Some(v.clamp(self.min, self.max))
+                Some(v.clamp(min, max))
             }
         }
     }
@@ -175,14 +207,7 @@ impl WindowState {
             Values::Sketch(s) => (s.to_java_bytes(), Vec::new()),
         };
         let head = Persisted {
-            summary: Summary {
-                count: self.count,
-                min: self.min,
-                max: self.max,
-                sum: self.sum,
-                last: self.last,
-                last_ts_ms: self.last_ts_ms,
-            },
+            summary: self.summary,
             sketch,
             exact,
         };
@@ -202,16 +227,8 @@ impl WindowState {
                 }
             }
         };
-        let Summary {
-            count,
-            min,
-            max,
-            sum,
-            last,
-            last_ts_ms,
-        } = p.summary;
         let values = if p.sketch.is_empty() {
-            if p.exact.len() as u64 != count || p.exact.len() > EXACT_MAX {
+            if p.exact.len() as u64 != p.summary.count || p.exact.len() > EXACT_MAX {
                 return None;
             }
             Values::Exact(p.exact)
@@ -219,26 +236,10 @@ impl WindowState {
             Values::Sketch(Box::new(DDSketch::from_java_bytes(&p.sketch).ok()?))
         };
         Some(WindowState {
-            count,
-            min,
-            max,
-            sum,
-            last,
-            last_ts_ms,
+            summary: p.summary,
             values,
         })
     }
-}
-
-/// What a stored window says besides its values.
-#[derive(Serialize, serde::Deserialize)]
-struct Summary {
-    count: u64,
-    min: f64,
-    max: f64,
-    sum: f64,
-    last: f64,
-    last_ts_ms: i64,
 }
 
 /// A window as stored: either `sketch` (DDSketch's Java encoding) or `exact` is empty.
@@ -266,11 +267,12 @@ pub fn to_json(key: &WindowKey, w: &WindowState, quantiles: &[f64]) -> String {
     obj.insert("window_secs".into(), key.len_secs.into());
     obj.insert("start_ms".into(), key.start_ms.into());
     obj.insert("end_ms".into(), key.end_ms().into());
-    obj.insert("count".into(), w.count.into());
-    obj.insert("min".into(), w.min.into());
-    obj.insert("max".into(), w.max.into());
-    obj.insert("mean".into(), w.mean().into());
-    obj.insert("last".into(), w.last.into());
+    let s = &w.summary;
+    obj.insert("count".into(), s.count.into());
+    obj.insert("min".into(), s.min.into());
+    obj.insert("max".into(), s.max.into());
+    obj.insert("mean".into(), s.mean().into());
+    obj.insert("last".into(), s.last.into());
     for &q in quantiles {
         if let Some(v) = w.quantile(q) {
             obj.insert(quantile_name(q), v.into());
@@ -586,7 +588,10 @@ mod tests {
         let fold = a.fold("d", "t", start + 2, 8.0, after_end, &mut load);
         assert_eq!((fold, asked), (Fold::Applied, 1));
         let w = a.get(&key(10, start)).expect("back in memory");
-        assert_eq!((w.count, w.min, w.max), (2, 4.0, 8.0));
+        assert_eq!(
+            (w.summary.count, w.summary.min, w.summary.max),
+            (2, 4.0, 8.0)
+        );
         assert_eq!(a.take_publish(&[]).len(), 1, "and republished");
         // Past the lateness nothing is loaded.
         let mut never = |_: &WindowKey| -> Option<WindowState> { panic!("loaded") };
@@ -613,8 +618,16 @@ mod tests {
             a.fold("d", "t", start + i as i64, v, NOW, &mut none);
         }
         let w = a.get(&key(60, start)).expect("window");
-        assert_eq!((w.count, w.min, w.max, w.last), (3, 1.0, 3.0, 2.0));
-        assert!((w.mean() - 2.0).abs() < 1e-12);
+        assert_eq!(
+            (
+                w.summary.count,
+                w.summary.min,
+                w.summary.max,
+                w.summary.last
+            ),
+            (3, 1.0, 3.0, 2.0)
+        );
+        assert!((w.summary.mean() - 2.0).abs() < 1e-12);
         let p50 = w.quantile(0.5).expect("p50");
         assert!((p50 - 2.0).abs() < 0.05, "{p50}");
         let published = a.take_publish(&[0.5, 0.99]);
@@ -638,7 +651,7 @@ mod tests {
         );
         let published = a.take_publish(&[]);
         assert_eq!(published.len(), 1);
-        assert_eq!(a.get(&key(10, start)).expect("window").max, 9.0);
+        assert_eq!(a.get(&key(10, start)).expect("window").summary.max, 9.0);
     }
 
     #[test]
@@ -669,7 +682,12 @@ mod tests {
         }
         let back = WindowState::from_bytes(&w.to_bytes()).expect("decodes");
         assert_eq!(
-            (back.count, back.min, back.max, back.sum),
+            (
+                back.summary.count,
+                back.summary.min,
+                back.summary.max,
+                back.summary.sum
+            ),
             (3, -4.0, 10.5, 9.75)
         );
         assert_eq!(back.quantile(0.5), w.quantile(0.5));
@@ -709,7 +727,7 @@ mod tests {
             w.record(0, i as f64);
         }
         assert!(matches!(w.values, Values::Sketch(_)));
-        assert_eq!(w.count, 1000);
+        assert_eq!(w.summary.count, 1000);
         let p50 = w.quantile(0.5).expect("p50");
         assert!((p50 - 500.0).abs() <= 500.0 * 0.02, "{p50}");
         let sketched = WindowState::from_bytes(&w.to_bytes()).expect("decodes");
@@ -758,12 +776,20 @@ mod tests {
         })
         .expect("encode");
         let w = WindowState::from_bytes(&old).expect("decodes");
-        assert_eq!((w.count, w.min, w.max, w.last_ts_ms), (3, 1.0, 3.0, 7));
+        assert_eq!(
+            (
+                w.summary.count,
+                w.summary.min,
+                w.summary.max,
+                w.summary.last_ts_ms
+            ),
+            (3, 1.0, 3.0, 7)
+        );
         assert_eq!(w.quantile(1.0), Some(3.0));
         // A stored window whose exact values disagree with its count is refused.
         let mut bad = WindowState::default();
         bad.record(0, 1.0);
-        bad.count = 2;
+        bad.summary.count = 2;
         assert!(WindowState::from_bytes(&bad.to_bytes()).is_none());
     }
 

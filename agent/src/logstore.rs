@@ -10,7 +10,7 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use crate::buffer::block::{self, Record};
+use crate::buffer::block::{self, Entry, Record, Summaries, SummaryRow};
 use crate::buffer::StoredBlock;
 use crate::uplink::proto::BatchFrame;
 use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinition};
@@ -58,6 +58,33 @@ pub struct OriginState {
     pub stored: u64,
     /// Offsets the agent vouched were dropped at the edge before it could send them.
     pub skipped: u64,
+    /// Offsets that arrived as summaries (downsampled at the edge, a full buffer).
+    pub downsampled: u64,
+}
+
+/// [`OriginState`] as stores written before summaries kept it.
+#[derive(serde::Deserialize)]
+struct OriginStateV1 {
+    next: u64,
+    stored: u64,
+    skipped: u64,
+}
+
+impl OriginState {
+    fn decode(bytes: &[u8]) -> Result<OriginState, postcard::Error> {
+        match postcard::from_bytes::<OriginState>(bytes) {
+            Ok(s) => Ok(s),
+            Err(e) => match postcard::from_bytes::<OriginStateV1>(bytes) {
+                Ok(old) => Ok(OriginState {
+                    next: old.next,
+                    stored: old.stored,
+                    skipped: old.skipped,
+                    downsampled: 0,
+                }),
+                Err(_) => Err(e),
+            },
+        }
+    }
 }
 
 /// What [`Store::apply`] did with a batch.
@@ -87,12 +114,33 @@ impl Applied {
 /// (site, origin).
 pub type Key = (String, String);
 
+/// What [`Store::trim`] did to one origin.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Trimmed {
+    pub key: Key,
+    /// Readings folded into summaries.
+    pub downsampled: u64,
+    /// Offsets dropped (the uplink then says they are gone).
+    pub dropped: u64,
+}
+
 /// A batch of work for one commit.
 #[derive(Default)]
 pub struct Txn {
     blocks: Vec<(Key, u64, Vec<u8>)>,
     origins: HashMap<Key, OriginState>,
     aggregates: Vec<(String, String)>,
+}
+
+impl Txn {
+    /// The newest aggregate of `topic` put in this transaction.
+    pub fn aggregate(&self, topic: &str) -> Option<&str> {
+        self.aggregates
+            .iter()
+            .rev()
+            .find(|(t, _)| t == topic)
+            .map(|(_, j)| j.as_str())
+    }
 }
 
 pub struct Store {
@@ -134,13 +182,30 @@ impl Store {
         for row in read.open_table(ORIGINS)?.iter()? {
             let (k, v) = row?;
             let (site, origin) = k.value();
-            let state: OriginState = postcard::from_bytes(v.value())
+            let state = OriginState::decode(v.value())
                 .map_err(|e| StoreError::Corrupt(format!("origin {site}/{origin}: {e}")))?;
             origins.insert((site.to_owned(), origin.to_owned()), state);
         }
         Ok(Store {
             db: Arc::new(db),
             origins,
+            sizes: None,
+        })
+    }
+
+    /// A store in memory (for tests and the fuzzer): nothing survives it.
+    pub fn in_memory() -> Result<Store, StoreError> {
+        let db = Database::builder().create_with_backend(redb::backends::InMemoryBackend::new())?;
+        let txn = db.begin_write()?;
+        {
+            txn.open_table(LOG)?;
+            txn.open_table(ORIGINS)?;
+            txn.open_table(AGGREGATES)?;
+        }
+        txn.commit()?;
+        Ok(Store {
+            db: Arc::new(db),
+            origins: HashMap::new(),
             sizes: None,
         })
     }
@@ -164,7 +229,9 @@ impl Store {
             .map_or(0, |s| s.next)
     }
 
-    /// Adds a batch to `txn` if it joins the origin's log without a hole.
+    /// Adds a batch to `txn` if it joins the origin's log without a hole. The block is
+    /// counted from its header only; it is decoded just when it overlaps what is stored
+    /// (then only its new tail is kept).
     pub fn apply(
         &self,
         txn: &mut Txn,
@@ -179,26 +246,46 @@ impl Store {
             .or_else(|| self.origins.get(&key))
             .copied()
             .unwrap_or_default();
-        let Ok(records) = block::decode(frame.block) else {
+        let Ok(n) = block::count(frame.block) else {
             return Applied::Malformed;
         };
-        let end = frame.first_offset + records.len() as u64;
+        let Some(end) = frame.first_offset.checked_add(n) else {
+            return Applied::Malformed;
+        };
         if frame.start.min(frame.first_offset) > state.next {
             return Applied::Gap;
         }
         if end <= state.next {
             return Applied::Duplicate;
         }
+        let summaries = block::is_summaries(frame.block);
         let (first, bytes) = if frame.first_offset < state.next {
             // Partly stored already: keep only the new tail.
-            let skip = (state.next - frame.first_offset) as usize;
-            (state.next, block::encode(&records[skip..]))
+            let skip = state.next - frame.first_offset;
+            let tail = match block::decode_entry(frame.block) {
+                Ok(Entry::Readings(records)) => {
+                    let skip = usize::try_from(skip).unwrap_or(usize::MAX);
+                    block::encode(records.get(skip..).unwrap_or_default())
+                }
+                // Summaries cannot be split: they stand for the offsets not yet stored
+                // (the windows they share with readings stored raw count those twice).
+                Ok(Entry::Summaries(mut s)) => {
+                    s.covers = end - state.next;
+                    block::encode_summaries(&s)
+                }
+                Err(_) => return Applied::Malformed,
+            };
+            (state.next, tail)
         } else {
             state.skipped += frame.first_offset - state.next;
             (frame.first_offset, frame.block.to_vec())
         };
         let stored = end - first;
-        state.stored += stored;
+        if summaries {
+            state.downsampled += stored;
+        } else {
+            state.stored += stored;
+        }
         state.next = end;
         txn.blocks.push((key.clone(), first, bytes));
         txn.origins.insert(key, state);
@@ -207,6 +294,13 @@ impl Store {
 
     pub fn put_aggregate(txn: &mut Txn, topic: String, json: String) {
         txn.aggregates.push((topic, json));
+    }
+
+    /// The stored aggregate of `topic`, if any.
+    pub fn aggregate(&self, topic: &str) -> Result<Option<String>, StoreError> {
+        let read = self.db.begin_read()?;
+        let table = read.open_table(AGGREGATES)?;
+        Ok(table.get(topic)?.map(|v| v.value().to_owned()))
     }
 
     /// Writes `txn` with one fsync.
@@ -280,7 +374,7 @@ impl Store {
                 let first = k.value().2;
                 let n = block::count(v.value()).map_err(|e| {
                     StoreError::Corrupt(format!("block {site}/{origin}@{first}: {e}"))
-                })? as u64;
+                })?;
                 let len = v.value().len() as u64;
                 if !take(first, first + n, len) {
                     break;
@@ -319,26 +413,126 @@ impl Store {
         Ok(())
     }
 
-    /// Keeps every origin within `max_bytes` (after [`Store::track_sizes`]): an origin
-    /// above it loses its oldest blocks until it is below nine tenths of it. Returns the
-    /// readings dropped per origin.
-    pub fn trim(&mut self, max_bytes: u64) -> Result<Vec<(Key, u64)>, StoreError> {
-        let over: Vec<(Key, u64)> = self
+    /// Keeps every origin within `max_bytes` (after [`Store::track_sizes`]), as a full
+    /// buffer does: an origin above it has its oldest raw readings folded into summaries
+    /// per `window_secs` window (which then ship upstream in their place), until it is
+    /// below nine tenths of it; summaries may take half of it, beyond that the oldest
+    /// blocks go. Returns, per origin trimmed, the readings downsampled and dropped.
+    pub fn trim(&mut self, max_bytes: u64, window_secs: u32) -> Result<Vec<Trimmed>, StoreError> {
+        let over: Vec<Key> = self
             .sizes
             .iter()
             .flatten()
             .filter(|(_, &size)| size > max_bytes)
-            .map(|(k, &size)| (k.clone(), size))
+            .map(|(k, _)| k.clone())
             .collect();
         let mut out = Vec::new();
-        for ((site, origin), size) in over {
-            let mut excess = size - max_bytes + max_bytes / 10;
-            let (readings, _) = self.delete_oldest(&site, &origin, |_, _, bytes| {
-                let go = excess > 0;
-                excess = excess.saturating_sub(bytes);
-                go
-            })?;
-            out.push(((site, origin), readings));
+        for key in over {
+            out.push(self.trim_origin(key, max_bytes, window_secs)?);
+        }
+        Ok(out)
+    }
+
+    fn trim_origin(
+        &mut self,
+        key: Key,
+        max_bytes: u64,
+        window_secs: u32,
+    ) -> Result<Trimmed, StoreError> {
+        let (site, origin) = (key.0.as_str(), key.1.as_str());
+        let corrupt = |first: u64, e: block::BlockError| {
+            StoreError::Corrupt(format!("block {site}/{origin}@{first}: {e}"))
+        };
+        let target = max_bytes - max_bytes / 10;
+        let summary_cap = max_bytes / 2;
+        let mut size = self
+            .sizes
+            .as_ref()
+            .and_then(|s| s.get(&key))
+            .copied()
+            .unwrap_or(0);
+        let mut out = Trimmed {
+            key: key.clone(),
+            downsampled: 0,
+            dropped: 0,
+        };
+        let mut w = self.db.begin_write()?;
+        w.set_durability(Durability::Immediate)?;
+        {
+            let mut log = w.open_table(LOG)?;
+            // (first offset, bytes, summaries?) of every block, oldest first.
+            let mut blocks: Vec<(u64, u64, bool)> = Vec::new();
+            for row in log.range((site, origin, 0)..=(site, origin, u64::MAX))? {
+                let (k, v) = row?;
+                blocks.push((
+                    k.value().2,
+                    v.value().len() as u64,
+                    block::is_summaries(v.value()),
+                ));
+            }
+            let summary_bytes: u64 = blocks.iter().filter(|b| b.2).map(|b| b.1).sum();
+            // Fold the oldest raw blocks into one summaries block.
+            let mut folded: Option<(u64, Summaries)> = None;
+            let mut estimate = 0;
+            for &(first, len, is_summary) in &blocks {
+                if is_summary {
+                    continue;
+                }
+                // `estimate`: what the summaries folded so far will take.
+                if size + estimate <= target || summary_bytes + estimate >= summary_cap {
+                    break;
+                }
+                let Some(v) = log.remove((site, origin, first))? else {
+                    continue;
+                };
+                let records = block::decode(v.value()).map_err(|e| corrupt(first, e))?;
+                drop(v);
+                let (_, s) = folded.get_or_insert_with(|| {
+                    (
+                        first,
+                        Summaries {
+                            covers: 0,
+                            rows: Vec::new(),
+                        },
+                    )
+                });
+                block::summarise(&records, window_secs, s);
+                out.downsampled += records.len() as u64;
+                size = size.saturating_sub(len);
+                estimate = s
+                    .rows
+                    .iter()
+                    .map(|r| (r.device.len() + r.metric.len()) as u64 + 56)
+                    .sum();
+            }
+            if let Some((first, s)) = folded {
+                let bytes = block::encode_summaries(&s);
+                size += bytes.len() as u64;
+                log.insert((site, origin, first), bytes.as_slice())?;
+            }
+            // Then drop the oldest blocks (summaries first: they are the oldest).
+            while size > target {
+                let Some(row) = log
+                    .range((site, origin, 0)..=(site, origin, u64::MAX))?
+                    .next()
+                else {
+                    break;
+                };
+                let (k, v) = row?;
+                let first = k.value().2;
+                let (len, covers) = (
+                    v.value().len() as u64,
+                    block::count(v.value()).map_err(|e| corrupt(first, e))?,
+                );
+                drop((k, v));
+                log.remove((site, origin, first))?;
+                size = size.saturating_sub(len);
+                out.dropped += covers;
+            }
+        }
+        w.commit()?;
+        if let Some(sizes) = self.sizes.as_mut() {
+            sizes.insert(key, size);
         }
         Ok(out)
     }
@@ -359,15 +553,39 @@ impl Store {
         &self,
         mut f: impl FnMut(&str, &str, u64, Record),
     ) -> Result<(), StoreError> {
+        self.for_each_entry(|site, origin, first, entry| {
+            if let Entry::Readings(records) = entry {
+                for (i, r) in records.into_iter().enumerate() {
+                    f(site, origin, first + i as u64, r);
+                }
+            }
+        })
+    }
+
+    /// Every stored summary of downsampled readings, per (site, origin) in offset order,
+    /// with the offsets its block covers.
+    pub fn for_each_summary(
+        &self,
+        mut f: impl FnMut(&str, &str, (u64, u64), SummaryRow),
+    ) -> Result<(), StoreError> {
+        self.for_each_entry(|site, origin, first, entry| {
+            if let Entry::Summaries(s) = entry {
+                let span = (first, first + s.covers);
+                for row in s.rows {
+                    f(site, origin, span, row);
+                }
+            }
+        })
+    }
+
+    fn for_each_entry(&self, mut f: impl FnMut(&str, &str, u64, Entry)) -> Result<(), StoreError> {
         let read = self.db.begin_read()?;
         for row in read.open_table(LOG)?.iter()? {
             let (k, v) = row?;
             let (site, origin, first) = k.value();
-            let records = block::decode(v.value())
+            let entry = block::decode_entry(v.value())
                 .map_err(|e| StoreError::Corrupt(format!("block {site}/{origin}@{first}: {e}")))?;
-            for (i, r) in records.into_iter().enumerate() {
-                f(site, origin, first + i as u64, r);
-            }
+            f(site, origin, first, entry);
         }
         Ok(())
     }
@@ -394,25 +612,18 @@ impl StoreReader {
             Some(row) => row?.0.value().2,
             None => from,
         };
-        let mut out = Vec::new();
-        let mut readings = 0;
-        for row in log.range((site, origin, start)..(site, origin, head))? {
-            let (k, v) = row?;
-            let first = k.value().2;
-            let n = block::count(v.value())
-                .map_err(|e| StoreError::Corrupt(format!("block {site}/{origin}@{first}: {e}")))?
-                as u64;
-            out.push(StoredBlock {
-                first_offset: first,
-                end_offset: first + n,
-                bytes: v.value().to_vec(),
+        let rows = log
+            .range((site, origin, start)..(site, origin, head))?
+            .map(|row| {
+                let (k, v) = row?;
+                Ok((k.value().2, v.value().to_vec()))
             });
-            readings += n;
-            if readings >= max_readings {
-                break;
-            }
-        }
-        Ok(out)
+        crate::buffer::read_blocks(rows, from, max_readings, head).map_err(|e| {
+            e.either(
+                |e| StoreError::Corrupt(format!("block {site}/{origin}: {e}")),
+                |e: redb::StorageError| e.into(),
+            )
+        })
     }
 }
 
@@ -475,7 +686,8 @@ mod tests {
             OriginState {
                 next: 28,
                 stored: 23,
-                skipped: 5
+                skipped: 5,
+                downsampled: 0,
             }
         );
         let mut offsets = Vec::new();
@@ -506,7 +718,7 @@ mod tests {
         assert_eq!(left, vec![15, 25]);
         assert_eq!(s.origins()[&("s".to_owned(), "a".to_owned())].next, 28);
 
-        // A budget per origin drops the oldest blocks first.
+        // Within its budget nothing changes.
         s.track_sizes().expect("sizes");
         let left_bytes: u64 = s
             .blocks_from("s", "a", 0, 100, 28)
@@ -514,19 +726,94 @@ mod tests {
             .iter()
             .map(|b| b.bytes.len() as u64)
             .sum();
-        assert_eq!(s.trim(left_bytes).expect("trim"), vec![], "within budget");
-        let dropped = s.trim(left_bytes - 1).expect("trim");
         assert_eq!(
-            dropped,
-            vec![(("s".to_owned(), "a".to_owned()), 5)],
-            "15..20 went"
+            s.trim(left_bytes, 60).expect("trim"),
+            vec![],
+            "within budget"
         );
-        let first: Vec<u64> = s
-            .blocks_from("s", "a", 0, 100, 28)
-            .expect("blocks")
+    }
+
+    /// Regression: the replica's reader returned the block below a hole (ending before
+    /// `from`), and the uplink's `end - from` underflowed.
+    #[test]
+    fn a_log_with_a_hole_reads_from_the_block_after_it() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut s = Store::open(&dir.path().join("store.redb"), 1 << 20).expect("open");
+        assert_eq!(apply(&mut s, 0, 0, &block_of(10, 1)), Applied::Stored(10));
+        // 10..20 were dropped at the origin: it says so with `start`.
+        assert_eq!(apply(&mut s, 10, 20, &block_of(5, 21)), Applied::Stored(5));
+        let blocks = s.blocks_from("s", "a", 10, 100, 25).expect("blocks");
+        let spans: Vec<(u64, u64)> = blocks
             .iter()
-            .map(|b| b.first_offset)
+            .map(|b| (b.first_offset, b.end_offset))
             .collect();
-        assert_eq!(first, vec![25]);
+        assert_eq!(spans, vec![(20, 25)]);
+        assert!(blocks.iter().all(|b| b.end_offset > 10));
+    }
+
+    /// Regression: offset arithmetic on a batch from the network was unchecked.
+    #[test]
+    fn absurd_offsets_are_refused_not_overflowed() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut s = Store::open(&dir.path().join("store.redb"), 1 << 20).expect("open");
+        let b = block_of(10, 1);
+        assert_eq!(apply(&mut s, 0, u64::MAX - 3, &b), Applied::Malformed);
+        assert_eq!(apply(&mut s, 0, 0, &b), Applied::Stored(10));
+    }
+
+    /// An origin over its budget has its oldest readings summarised (no offset lost),
+    /// then, when summaries alone are too many, its oldest blocks dropped.
+    #[test]
+    fn an_origin_over_its_budget_is_downsampled_then_dropped() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut s = Store::open(&dir.path().join("store.redb"), 1 << 20).expect("open");
+        s.track_sizes().expect("sizes");
+        let mut next = 0u64;
+        for i in 0..40u32 {
+            assert_eq!(
+                apply(&mut s, next, next, &block_of(50, 1 + i * 50)),
+                Applied::Stored(50)
+            );
+            next += 50;
+        }
+        let size = |s: &Store| -> u64 {
+            s.blocks_from("s", "a", 0, u64::MAX, next)
+                .expect("blocks")
+                .iter()
+                .map(|b| b.bytes.len() as u64)
+                .sum()
+        };
+        let before = size(&s);
+        let budget = before * 3 / 4;
+        let trimmed = s.trim(budget, 60).expect("trim");
+        assert_eq!(trimmed.len(), 1, "{trimmed:?}");
+        assert!(trimmed[0].downsampled > 0, "{trimmed:?}");
+        assert_eq!(trimmed[0].dropped, 0, "{trimmed:?}");
+        assert!(size(&s) <= budget, "{} > {budget}", size(&s));
+        // The log still covers every offset: summaries first, then readings.
+        let blocks = s.blocks_from("s", "a", 0, u64::MAX, next).expect("blocks");
+        assert_eq!(blocks.first().map(|b| b.first_offset), Some(0));
+        for w in blocks.windows(2) {
+            assert_eq!(w[0].end_offset, w[1].first_offset, "a hole");
+        }
+        assert!(block::is_summaries(&blocks[0].bytes));
+        let mut summarised = 0;
+        s.for_each_summary(|_, _, _, row| summarised += row.summary.count)
+            .expect("summaries");
+        assert_eq!(summarised, trimmed[0].downsampled);
+        // A budget the summaries alone do not fit into: the oldest blocks go.
+        let summary_block = blocks[0].bytes.len() as u64;
+        let trimmed = s.trim(summary_block / 2, 60).expect("trim");
+        assert!(trimmed[0].dropped > 0, "{trimmed:?}");
+        let first = s
+            .blocks_from("s", "a", 0, u64::MAX, next)
+            .expect("blocks")
+            .first()
+            .map(|b| b.first_offset);
+        assert_eq!(
+            first.unwrap_or(next),
+            trimmed[0].dropped,
+            "the oldest went, from offset 0 on"
+        );
     }
 }

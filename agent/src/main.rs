@@ -135,12 +135,16 @@ enum BufferCommand {
         #[arg(long)]
         data_dir: PathBuf,
     },
-    /// Print every buffered raw reading, oldest first.
+    /// Print every buffered raw reading, oldest first; with JSON lines also the summaries
+    /// of downsampled readings (lines with "kind":"summary", before the readings).
     Export {
         #[arg(long)]
         data_dir: PathBuf,
         #[arg(long, value_enum, default_value = "jsonl")]
         format: ExportFormat,
+        /// Only the summaries of downsampled readings (CSV: their own columns).
+        #[arg(long)]
+        summaries: bool,
     },
     /// Check that every table decodes and the counters agree; exit 1 if not.
     Check {
@@ -263,6 +267,7 @@ fn buffer(cmd: BufferCommand) -> anyhow::Result<ExitCode> {
                 "rollups": meta.rollup_rows,
                 "rollup_bytes": meta.rollup_bytes,
                 "first_offset": inspect.first_offset()?,
+                "log_first_offset": inspect.first_offsets()?.0,
                 "next_offset": meta.next_offset,
                 "devices": inspect.devices()?,
                 "downsampled": meta.downsampled,
@@ -276,41 +281,82 @@ fn buffer(cmd: BufferCommand) -> anyhow::Result<ExitCode> {
             process::print(&format!("{}\n", serde_json::to_string_pretty(&stats)?))?;
             Ok(ExitCode::SUCCESS)
         }
-        BufferCommand::Export { data_dir, format } => {
+        BufferCommand::Export {
+            data_dir,
+            format,
+            summaries,
+        } => {
             let inspect = Inspect::open(&data_dir)?;
             let stdout = std::io::stdout();
             let mut out = std::io::BufWriter::new(stdout.lock());
-            if matches!(format, ExportFormat::Csv) {
+            let mut write_err = None;
+            let csv = matches!(format, ExportFormat::Csv);
+            if csv && summaries {
+                writeln!(
+                    out,
+                    "from_offset,to_offset,device,metric,start_ms,window_secs,count,min,max,mean,last,last_ts"
+                )?;
+            } else if csv {
                 writeln!(out, "offset,device,metric,boot,seq,value,ts")?;
             }
-            let mut write_err = None;
-            inspect.for_each_record(|offset, r| {
-                let line = match format {
-                    ExportFormat::Jsonl => serde_json::json!({
-                        "offset": offset,
-                        "device": r.device,
-                        "metric": r.metric,
-                        "boot": r.boot,
-                        "seq": r.seq,
-                        "value": r.value,
-                        "ts": r.ts_ms,
-                    })
-                    .to_string(),
-                    ExportFormat::Csv => format!(
-                        "{offset},{},{},{},{},{},{}",
-                        r.device,
-                        r.metric,
-                        r.boot,
-                        r.seq.map(|s| s.to_string()).unwrap_or_default(),
-                        r.value,
-                        r.ts_ms
-                    ),
-                };
-                if let Err(e) = writeln!(out, "{line}") {
-                    write_err.get_or_insert(e);
-                }
-                Ok(())
-            })?;
+            if summaries || !csv {
+                inspect.for_each_summary(|span, row| {
+                    let line = if csv {
+                        let (from, to) = span.map_or((String::new(), String::new()), |(a, b)| {
+                            (a.to_string(), b.to_string())
+                        });
+                        let s = &row.summary;
+                        format!(
+                            "{from},{to},{},{},{},{},{},{},{},{},{},{}",
+                            row.device,
+                            row.metric,
+                            row.start_ms,
+                            row.len_secs,
+                            s.count,
+                            s.min,
+                            s.max,
+                            s.mean(),
+                            s.last,
+                            s.last_ts_ms
+                        )
+                    } else {
+                        row.to_json(span).to_string()
+                    };
+                    if let Err(e) = writeln!(out, "{line}") {
+                        write_err.get_or_insert(e);
+                    }
+                    Ok(())
+                })?;
+            }
+            if !summaries {
+                inspect.for_each_record(|offset, r| {
+                    let line = match format {
+                        ExportFormat::Jsonl => serde_json::json!({
+                            "offset": offset,
+                            "device": &*r.device,
+                            "metric": &*r.metric,
+                            "boot": r.boot,
+                            "seq": r.seq,
+                            "value": r.value,
+                            "ts": r.ts_ms,
+                        })
+                        .to_string(),
+                        ExportFormat::Csv => format!(
+                            "{offset},{},{},{},{},{},{}",
+                            r.device,
+                            r.metric,
+                            r.boot,
+                            r.seq.map(|s| s.to_string()).unwrap_or_default(),
+                            r.value,
+                            r.ts_ms
+                        ),
+                    };
+                    if let Err(e) = writeln!(out, "{line}") {
+                        write_err.get_or_insert(e);
+                    }
+                    Ok(())
+                })?;
+            }
             if let Some(e) = write_err {
                 // A closed pipe (`| head`) is not an error worth a message.
                 if e.kind() != std::io::ErrorKind::BrokenPipe {

@@ -7,7 +7,8 @@
 //! durable ack. Relayed aggregates are republished retained and kept in the store so they
 //! are served again after a restart.
 
-use std::sync::mpsc::{Receiver as QueueRx, RecvTimeoutError, SyncSender};
+use std::sync::mpsc::{Receiver as ChannelRx, RecvTimeoutError, SyncSender, TrySendError};
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use prometheus_client::encoding::EncodeLabelSet;
@@ -17,6 +18,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 
 use crate::broker::{self, BrokerError, Publisher, Worker};
+use crate::buffer::block;
 use crate::logstore::{Applied, Store, Txn};
 use crate::uplink::proto::{self, Scheme, Topic};
 
@@ -24,6 +26,99 @@ use crate::uplink::proto::{self, Scheme, Topic};
 pub struct Message {
     pub topic: String,
     pub payload: Vec<u8>,
+}
+
+/// The bytes of the messages in a queue, held under a maximum: a batch is up to
+/// `cluster.max_batch_bytes`, and a queue counted in messages alone could hold a
+/// thousand of them.
+struct Budget {
+    used: Mutex<usize>,
+    freed: Condvar,
+    max: usize,
+}
+
+impl Budget {
+    /// Waits until `n` more bytes fit (one message always fits an empty queue), unless
+    /// `wait` is false; true when taken.
+    fn take(&self, n: usize, wait: bool) -> bool {
+        let mut used = self.used.lock().unwrap_or_else(|e| e.into_inner());
+        while *used > 0 && *used + n > self.max {
+            if !wait {
+                return false;
+            }
+            used = self
+                .freed
+                .wait_timeout(used, Duration::from_millis(100))
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+        *used += n;
+        true
+    }
+
+    fn give(&self, n: usize) {
+        let mut used = self.used.lock().unwrap_or_else(|e| e.into_inner());
+        *used = used.saturating_sub(n);
+        self.freed.notify_all();
+    }
+}
+
+/// The sending end of a receiver's queue.
+#[derive(Clone)]
+pub struct QueueTx {
+    tx: SyncSender<Message>,
+    budget: Arc<Budget>,
+}
+
+/// The receiving end: [`Receiver::run`] takes it.
+pub struct QueueRx {
+    rx: ChannelRx<Message>,
+    budget: Arc<Budget>,
+}
+
+/// A queue of at most `messages` messages and about `bytes` bytes of payload.
+pub fn queue(messages: usize, bytes: usize) -> (QueueTx, QueueRx) {
+    let (tx, rx) = std::sync::mpsc::sync_channel(messages);
+    let budget = Arc::new(Budget {
+        used: Mutex::new(0),
+        freed: Condvar::new(),
+        max: bytes,
+    });
+    (
+        QueueTx {
+            tx,
+            budget: budget.clone(),
+        },
+        QueueRx { rx, budget },
+    )
+}
+
+impl QueueTx {
+    /// Queues `m`, waiting while the queue is full; false once the receiver is gone.
+    pub fn send(&self, m: Message) -> bool {
+        let n = m.payload.len();
+        self.budget.take(n, true);
+        if self.tx.send(m).is_err() {
+            self.budget.give(n);
+            return false;
+        }
+        true
+    }
+
+    /// Queues `m` if there is room now.
+    pub fn try_send(&self, m: Message) -> bool {
+        let n = m.payload.len();
+        if !self.budget.take(n, false) {
+            return false;
+        }
+        match self.tx.try_send(m) {
+            Ok(()) => true,
+            Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) => {
+                self.budget.give(n);
+                false
+            }
+        }
+    }
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -41,6 +136,7 @@ pub struct Counters {
     aggregates_relayed: Counter,
     rejected: Counter,
     dropped: Counter,
+    downsampled: Counter,
     origins: Gauge,
     stored_total: Gauge,
 }
@@ -86,6 +182,12 @@ impl Counters {
             "Readings dropped to keep an origin within its budget (replicas only)",
             self.dropped.clone(),
         );
+        registry.register(
+            "downsampled",
+            "Readings folded into summaries to keep an origin within its budget (replicas \
+             only); the summaries ship upstream in their place",
+            self.downsampled.clone(),
+        );
         registry.register("origins", "(site, origin) logs known", self.origins.clone());
         registry.register(
             "readings",
@@ -127,8 +229,10 @@ pub struct Receiver<H: Hooks> {
     pub agg_out: AggOut,
     pub batch_max: usize,
     pub batch_delay: Duration,
-    /// Most bytes kept per origin (the oldest go first); `None`: no limit.
+    /// Most bytes kept per origin: above it the oldest are downsampled per
+    /// `downsample_window_secs`, then dropped; `None`: no limit.
     pub budget: Option<u64>,
+    pub downsample_window_secs: u32,
     /// Larger batches are refused and counted (`result="oversized"`); `None`: no limit.
     pub max_batch_bytes: Option<usize>,
     pub hooks: H,
@@ -138,7 +242,7 @@ pub struct Receiver<H: Hooks> {
 pub fn spawn_reader(
     name: &str,
     link: (broker::LinkTx, broker::LinkRx),
-    queue: SyncSender<Message>,
+    queue: QueueTx,
     counters: std::sync::Arc<Counters>,
 ) -> Result<Worker, BrokerError> {
     let (tx, rx) = link;
@@ -149,12 +253,10 @@ pub fn spawn_reader(
                 counters.rejected();
                 return true;
             };
-            queue
-                .send(Message {
-                    topic,
-                    payload: p.payload.to_vec(),
-                })
-                .is_ok()
+            queue.send(Message {
+                topic,
+                payload: p.payload.to_vec(),
+            })
         });
     })
     .map_err(|e| BrokerError::Config(format!("cannot start the {name} thread: {e}")))
@@ -162,7 +264,13 @@ pub fn spawn_reader(
 
 impl<H: Hooks> Receiver<H> {
     /// Runs until every sender of `queue` is gone.
-    pub fn run(mut self, queue: QueueRx<Message>) {
+    pub fn run(mut self, queue: QueueRx) {
+        if self.budget.is_some() {
+            if let Err(e) = self.store.track_sizes() {
+                tracing::error!("cannot measure the store; its budget is not kept: {e}");
+                self.budget = None;
+            }
+        }
         // After a restart: serve the aggregates again and tell senders where we are.
         match self.store.aggregates() {
             Ok(aggs) => {
@@ -178,7 +286,7 @@ impl<H: Hooks> Receiver<H> {
         }
         self.refresh();
         loop {
-            let first = match queue.recv_timeout(Duration::from_secs(1)) {
+            let first = match queue.rx.recv_timeout(Duration::from_secs(1)) {
                 Ok(m) => m,
                 Err(RecvTimeoutError::Timeout) => continue,
                 Err(RecvTimeoutError::Disconnected) => break,
@@ -187,9 +295,9 @@ impl<H: Hooks> Receiver<H> {
             let mut batch = vec![first];
             while batch.len() < self.batch_max {
                 let now = Instant::now();
-                let next = match queue.try_recv() {
+                let next = match queue.rx.try_recv() {
                     Ok(m) => Some(m),
-                    Err(_) if now < deadline => queue.recv_timeout(deadline - now).ok(),
+                    Err(_) if now < deadline => queue.rx.recv_timeout(deadline - now).ok(),
                     Err(_) => None,
                 };
                 match next {
@@ -197,7 +305,9 @@ impl<H: Hooks> Receiver<H> {
                     None => break,
                 }
             }
+            let bytes: usize = batch.iter().map(|m| m.payload.len()).sum();
             self.handle(batch);
+            queue.budget.give(bytes);
         }
         tracing::info!(scheme = self.scheme.name(), "store closed cleanly");
     }
@@ -231,7 +341,23 @@ impl<H: Hooks> Receiver<H> {
                 }
                 Some(Topic::Log { site, origin }) => {
                     let applied = match proto::decode_batch(&m.payload) {
-                        Ok(frame) => self.store.apply(&mut txn, site, origin, &frame),
+                        Ok(frame) => {
+                            let applied = self.store.apply(&mut txn, site, origin, &frame);
+                            // At the gateway (an agent's site view is live already).
+                            if matches!(applied, Applied::Stored(_))
+                                && self.agg_out == AggOut::PerSite
+                                && block::is_summaries(frame.block)
+                            {
+                                self.summaries_as_aggregates(
+                                    &mut txn,
+                                    site,
+                                    origin,
+                                    frame.block,
+                                    &mut aggs,
+                                );
+                            }
+                            applied
+                        }
                         Err(_) => Applied::Malformed,
                     };
                     self.counters
@@ -302,7 +428,68 @@ impl<H: Hooks> Receiver<H> {
             self.hooks
                 .gateway_ack(&mut self.store, &site, &origin, next);
         }
+        self.keep_budget();
         self.refresh();
+    }
+
+    /// Keeps every origin within the budget (the oldest downsampled, then dropped).
+    fn keep_budget(&mut self) {
+        let Some(budget) = self.budget else {
+            return;
+        };
+        match self.store.trim(budget, self.downsample_window_secs) {
+            Ok(trimmed) => {
+                for t in trimmed {
+                    self.counters.downsampled.inc_by(t.downsampled);
+                    self.counters.dropped.inc_by(t.dropped);
+                    tracing::warn!(
+                        site = t.key.0,
+                        origin = t.key.1,
+                        downsampled = t.downsampled,
+                        dropped = t.dropped,
+                        budget,
+                        "a peer's log outgrew its room in the replica store (buffer.max_bytes)"
+                    );
+                }
+            }
+            Err(e) => tracing::error!("cannot keep the replica store within its budget: {e}"),
+        }
+    }
+
+    /// Summaries of readings downsampled at the edge are republished as aggregates of
+    /// their window (`"downsampled": true`) where no newer one is kept, so a window whose
+    /// readings were summarised before they could be sent still shows.
+    fn summaries_as_aggregates(
+        &self,
+        txn: &mut Txn,
+        site: &str,
+        origin: &str,
+        bytes: &[u8],
+        aggs: &mut Vec<(String, String, String)>,
+    ) {
+        let Ok(block::Entry::Summaries(s)) = block::decode_entry(bytes) else {
+            return;
+        };
+        for row in s.rows {
+            let topic = format!("agg/{site}/{}/{}/{}s", row.device, row.metric, row.len_secs);
+            let newer_kept = txn
+                .aggregate(&topic)
+                .map(str::to_owned)
+                .or_else(|| self.store.aggregate(&topic).ok().flatten())
+                .and_then(|json| serde_json::from_str::<serde_json::Value>(&json).ok())
+                .and_then(|v| v["start_ms"].as_i64())
+                .is_some_and(|start| start >= row.start_ms);
+            if newer_kept {
+                continue;
+            }
+            let mut json = row.to_json(None);
+            if let Some(o) = json.as_object_mut() {
+                o.remove("kind");
+            }
+            let json = json.to_string();
+            Store::put_aggregate(txn, topic.clone(), json.clone());
+            aggs.push((origin.to_owned(), topic, json));
+        }
     }
 
     fn ack(&mut self, site: &str, origin: &str) {
@@ -332,5 +519,34 @@ impl<H: Hooks> Receiver<H> {
 fn push_unique(v: &mut Vec<(String, String)>, site: &str, origin: &str) {
     if !v.iter().any(|(s, o)| s == site && o == origin) {
         v.push((site.to_owned(), origin.to_owned()));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn msg(n: usize) -> Message {
+        Message {
+            topic: "t".into(),
+            payload: vec![0; n],
+        }
+    }
+
+    #[test]
+    fn a_queue_holds_about_its_bytes_and_one_message_always_fits() {
+        let (tx, rx) = queue(100, 1000);
+        assert!(tx.try_send(msg(600)));
+        assert!(!tx.try_send(msg(600)), "over the byte budget");
+        assert!(tx.try_send(msg(300)));
+        assert!(rx.rx.try_recv().is_ok());
+        rx.budget.give(600);
+        assert!(tx.try_send(msg(600)), "room again");
+        let (tx, _rx) = queue(100, 1000);
+        assert!(
+            tx.try_send(msg(5000)),
+            "a lone message larger than the budget passes"
+        );
+        assert!(!tx.try_send(msg(1)));
     }
 }

@@ -21,7 +21,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::Context;
-use fogline_cluster::{HardState, Message, MessageKind, Node, Role};
+use fogline_cluster::{Driver, DriverError, HardState, Message, MessageKind, Node, Role};
 use rumqttc::{AsyncClient, MqttOptions, QoS};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, watch};
@@ -93,9 +93,24 @@ impl From<WireKind> for MessageKind {
     }
 }
 
-/// The election's durable state, in a small file replaced atomically.
+/// The election's durable state, in a small file replaced atomically. Votes are kept by
+/// node id (`ids` maps the state machine's numbers to them).
 struct StateFile {
     path: PathBuf,
+    ids: HashMap<u64, String>,
+}
+
+impl fogline_cluster::Storage for StateFile {
+    type Error = anyhow::Error;
+
+    fn load(&self) -> anyhow::Result<HardState> {
+        StateFile::load(self, &self.ids)
+    }
+
+    fn save(&mut self, state: &HardState) -> anyhow::Result<()> {
+        StateFile::save(self, state, &self.ids)
+            .with_context(|| format!("writing {}", self.path.display()))
+    }
 }
 
 #[derive(Serialize, Deserialize)]
@@ -446,7 +461,8 @@ pub fn start(parts: SiteParts) -> anyhow::Result<SiteHandle> {
             },
         )
     };
-    let (queue_tx, queue_rx) = std::sync::mpsc::sync_channel(1024);
+    // Batches from every peer, at most 16 of the largest a peer may send.
+    let (queue_tx, queue_rx) = receiver::queue(1024, 16 * config.cluster.max_batch_bytes);
     let repl_reader =
         receiver::spawn_reader("repl-in", repl_link, queue_tx.clone(), counters.clone())
             .context("starting the replica receiver")?;
@@ -460,6 +476,7 @@ pub fn start(parts: SiteParts) -> anyhow::Result<SiteHandle> {
         batch_delay: Duration::from_millis(config.buffer.batch_max_delay_ms),
         // Each peer's log gets as much room here as the peer gives it itself.
         budget: Some(config.buffer.max_bytes),
+        downsample_window_secs: config.buffer.downsample_window_secs,
         max_batch_bytes: Some(config.cluster.max_batch_bytes),
         hooks: ReplicaHooks {
             site: site.clone(),
@@ -537,9 +554,7 @@ pub fn start(parts: SiteParts) -> anyhow::Result<SiteHandle> {
             check_quorum: true,
             pre_vote: true,
         },
-        state_file: StateFile {
-            path: config.buffer.data_dir.join("election.json"),
-        },
+        state_path: config.buffer.data_dir.join("election.json"),
         lease: lease_tx,
         targets: targets_tx,
         replicators: peers
@@ -581,7 +596,8 @@ struct Election {
     rf: usize,
     tick: Duration,
     cfg: fogline_cluster::Config,
-    state_file: StateFile,
+    /// `election.json`: the term and vote ([`StateFile`]).
+    state_path: PathBuf,
     lease: watch::Sender<bool>,
     targets: HashMap<String, watch::Sender<bool>>,
     replicators: Vec<(String, Arc<Shared>)>,
@@ -591,7 +607,7 @@ struct Election {
     head: watch::Receiver<u64>,
     min_insync: usize,
     /// The local replica writer's queue: the leader tells itself the gateway's acks too.
-    gateway_acks_to: std::sync::mpsc::SyncSender<receiver::Message>,
+    gateway_acks_to: receiver::QueueTx,
     tls: Option<Arc<rustls::ClientConfig>>,
 }
 
@@ -647,16 +663,17 @@ impl Election {
             .map(|p| (node_num(&p.id), p.id.clone()))
             .collect();
         ids.insert(node_num(&self.me), self.me.clone());
-        let hs = match self.state_file.load(&ids) {
-            Ok(hs) => hs,
-            Err(e) => {
+        let storage = StateFile {
+            path: self.state_path.clone(),
+            ids: ids.clone(),
+        };
+        let mut node = match Driver::new(self.cfg.clone(), storage, fastrand::u64(..)) {
+            Ok(n) => n,
+            Err(DriverError::Storage(e)) => {
                 tracing::error!("{e:#}; this agent will not take part in elections");
                 return;
             }
-        };
-        let mut node = match Node::new(self.cfg.clone(), hs, fastrand::u64(..)) {
-            Ok(n) => n,
-            Err(e) => {
+            Err(DriverError::Config(e)) => {
                 tracing::error!("cluster config: {e}; this agent will not take part in elections");
                 return;
             }
@@ -677,6 +694,7 @@ impl Election {
         let mut last_leader = None;
         let mut announced: HashMap<String, u64> = HashMap::new();
         let mut ticks: u64 = 0;
+        let mut save_failed_logged = false;
         loop {
             tokio::select! {
                 _ = tick.tick() => { node.tick(); ticks += 1; }
@@ -694,20 +712,9 @@ impl Election {
                 }
                 _ = shutdown.changed() => break,
             }
-            if node.has_ready() {
-                let ready = node.ready();
-                let persisted = match &ready.persist {
-                    Some(hs) => match self.state_file.save(hs, &ids) {
-                        Ok(()) => true,
-                        Err(e) => {
-                            tracing::error!("cannot save the election state: {e}; not sending");
-                            false
-                        }
-                    },
-                    None => true,
-                };
-                if persisted {
-                    for m in &ready.messages {
+            match node.ready() {
+                Ok(messages) => {
+                    for m in &messages {
                         let (Some(link), Some(to)) = (links.get(&m.to), ids.get(&m.to)) else {
                             continue;
                         };
@@ -727,15 +734,29 @@ impl Election {
                         }
                     }
                 }
-                node.advance(&ready);
+                Err(e) => {
+                    // Nothing goes out, and the agent does not lead, until it is saved.
+                    if !save_failed_logged {
+                        tracing::error!(
+                            "cannot save the election state: {e:#}; not voting or leading \
+                             until it can be saved"
+                        );
+                        save_failed_logged = true;
+                    }
+                }
             }
-            let leading = node.is_leader() && node.has_lease(node.now() + 1);
+            if !node.unsaved() && save_failed_logged {
+                tracing::info!("the election state is saved again");
+                save_failed_logged = false;
+            }
+            let leading = node.leading();
             self.lease
                 .send_if_modified(|l| std::mem::replace(l, leading) != leading);
-            let leader = node.leader().and_then(|l| ids.get(&l).cloned());
-            if node.role() != last_role || leader != last_leader {
-                tracing::info!(role = %node.role(), term = node.term(), leader = ?leader, "site role");
-                last_role = node.role();
+            let state = node.node();
+            let leader = state.leader().and_then(|l| ids.get(&l).cloned());
+            if state.role() != last_role || leader != last_leader {
+                tracing::info!(role = %state.role(), term = state.term(), leader = ?leader, "site role");
+                last_role = state.role();
                 last_leader = leader.clone();
             }
             if self.rf != 0 {
@@ -748,7 +769,7 @@ impl Election {
             if leading {
                 self.announce_gateway_acks(&links, &mut announced, ticks % 50 == 0);
             }
-            self.refresh_status(&node, leader, leading);
+            self.refresh_status(node.node(), leader, leading);
         }
         self.lease.send_replace(false);
         for (_, link) in links {
@@ -918,6 +939,7 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let f = StateFile {
             path: dir.path().join("election.json"),
+            ids: HashMap::new(),
         };
         let ids: HashMap<u64, String> = [(node_num("b"), "b".to_owned())].into();
         assert_eq!(f.load(&ids).expect("load"), HardState::default());

@@ -102,7 +102,8 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
     if let Some(front) = front {
         front.spawn().context("starting the TLS front end")?;
     }
-    let (queue_tx, queue_rx) = std::sync::mpsc::sync_channel(4096);
+    // Batches from every site's leader: 4096 messages, 64 MiB at most.
+    let (queue_tx, queue_rx) = receiver::queue(4096, 64 << 20);
     let mut reader =
         receiver::spawn_reader("uplink-in", link_in, queue_tx, metrics.counters.clone())
             .context("starting the uplink receiver")?;
@@ -122,6 +123,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
         batch_max: config.store.batch_max_messages,
         batch_delay: Duration::from_millis(config.store.batch_max_delay_ms),
         budget: None,
+        downsample_window_secs: 60,
         max_batch_bytes: None,
         hooks: StatusHooks {
             state: state.clone(),
@@ -230,6 +232,7 @@ impl Hooks for StatusHooks {
                 serde_json::json!({
                     "site": site, "origin": origin, "next_offset": s.next,
                     "stored": s.stored, "skipped_at_edge": s.skipped,
+                    "downsampled_at_edge": s.downsampled,
                 })
             })
             .collect();

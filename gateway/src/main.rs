@@ -69,7 +69,8 @@ enum ExportFormat {
 
 #[derive(Subcommand)]
 enum StoreCommand {
-    /// Print every stored reading: per (site, origin), in offset order.
+    /// Print every stored reading: per (site, origin), in offset order; first the
+    /// summaries of readings downsampled at the edge (lines with "kind":"summary").
     Export {
         #[arg(long)]
         data_dir: PathBuf,
@@ -131,10 +132,18 @@ fn store(cmd: StoreCommand) -> anyhow::Result<ExitCode> {
             let stdout = std::io::stdout();
             let mut out = std::io::BufWriter::new(stdout.lock());
             let mut failed = None;
+            store.for_each_summary(|site, origin, span, row| {
+                let mut line = row.to_json(Some(span));
+                line["site"] = site.into();
+                line["origin"] = origin.into();
+                if let Err(e) = writeln!(out, "{line}") {
+                    failed.get_or_insert(e);
+                }
+            })?;
             store.for_each_record(|site, origin, offset, r| {
                 let line = serde_json::json!({
                     "site": site, "origin": origin, "offset": offset,
-                    "device": r.device, "metric": r.metric, "boot": r.boot,
+                    "device": &*r.device, "metric": &*r.metric, "boot": r.boot,
                     "seq": r.seq, "value": r.value, "ts": r.ts_ms,
                 });
                 if let Err(e) = writeln!(out, "{line}") {
@@ -155,7 +164,8 @@ fn store(cmd: StoreCommand) -> anyhow::Result<ExitCode> {
                 .iter()
                 .map(|((site, origin), s)| {
                     serde_json::json!({"site": site, "origin": origin, "next_offset": s.next,
-                        "stored": s.stored, "skipped_at_edge": s.skipped})
+                        "stored": s.stored, "skipped_at_edge": s.skipped,
+                        "downsampled_at_edge": s.downsampled})
                 })
                 .collect();
             origins.sort_by_key(|v| v.to_string());

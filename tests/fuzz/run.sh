@@ -13,7 +13,7 @@ secs="${1:-20}"
 shift || true
 targets=("$@")
 if [ "${#targets[@]}" -eq 0 ]; then
-    targets=(firmware_frame ingest_parse uplink_frame config_load mqtt_front)
+    targets=(firmware_frame ingest_parse uplink_frame config_load mqtt_front store_apply aggregate_fold)
 fi
 
 if ! cargo fuzz --version >/dev/null 2>&1; then

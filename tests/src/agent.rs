@@ -388,8 +388,20 @@ impl Agent {
         run_bounded(&mut cmd, Duration::from_secs(60))
     }
 
-    /// `fogline-agent buffer export --format jsonl` on the (stopped) agent's data dir.
+    /// The raw readings of `fogline-agent buffer export --format jsonl` on the (stopped)
+    /// agent's data dir.
     pub fn export(&self) -> anyhow::Result<Vec<ExportedReading>> {
+        let (readings, _) = self.export_all()?;
+        Ok(readings)
+    }
+
+    /// The summaries of downsampled readings in the export (`"kind":"summary"` lines).
+    pub fn export_summaries(&self) -> anyhow::Result<Vec<serde_json::Value>> {
+        let (_, summaries) = self.export_all()?;
+        Ok(summaries)
+    }
+
+    fn export_all(&self) -> anyhow::Result<(Vec<ExportedReading>, Vec<serde_json::Value>)> {
         let out = self.buffer_cmd(&["export", "--format", "jsonl"])?;
         if !out.status.success() {
             bail!(
@@ -398,11 +410,7 @@ impl Agent {
                 out.stderr.trim()
             );
         }
-        out.stdout
-            .lines()
-            .filter(|l| !l.trim().is_empty())
-            .map(|l| serde_json::from_str(l).with_context(|| format!("bad export line: {l}")))
-            .collect()
+        crate::split_export(&out.stdout)
     }
 
     /// `fogline-agent buffer export --format csv` output, as text.

@@ -205,8 +205,17 @@ impl Gateway {
         Ok(next)
     }
 
-    /// `store export` on the (stopped) gateway's data dir.
+    /// The readings of `store export` on the (stopped) gateway's data dir.
     pub fn export(&self) -> anyhow::Result<Vec<GatewayReading>> {
+        Ok(self.export_all()?.0)
+    }
+
+    /// The summaries of readings downsampled at the edge in `store export`.
+    pub fn export_summaries(&self) -> anyhow::Result<Vec<serde_json::Value>> {
+        Ok(self.export_all()?.1)
+    }
+
+    fn export_all(&self) -> anyhow::Result<(Vec<GatewayReading>, Vec<serde_json::Value>)> {
         let out = run_bounded(
             crate::clean_env(&mut Command::new(&self.bin))
                 .arg("store")
@@ -220,11 +229,7 @@ impl Gateway {
         if !out.status.success() {
             bail!("store export failed: {}", out.stderr);
         }
-        out.stdout
-            .lines()
-            .filter(|l| !l.trim().is_empty())
-            .map(|l| serde_json::from_str(l).with_context(|| format!("export line {l:?}")))
-            .collect()
+        crate::split_export(&out.stdout)
     }
 
     /// `store stats` on the (stopped) gateway's data dir: per origin as JSON.

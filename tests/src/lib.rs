@@ -176,6 +176,26 @@ pub fn poll_until<T>(
     }
 }
 
+/// An export's lines: the readings, and the summaries (`"kind":"summary"`) apart.
+pub fn split_export<T: serde::de::DeserializeOwned>(
+    text: &str,
+) -> anyhow::Result<(Vec<T>, Vec<serde_json::Value>)> {
+    let (mut readings, mut summaries) = (Vec::new(), Vec::new());
+    for line in text.lines().filter(|l| !l.trim().is_empty()) {
+        let v: serde_json::Value = serde_json::from_str(line)
+            .map_err(|e| anyhow::anyhow!("bad export line {line:?}: {e}"))?;
+        if v["kind"] == "summary" {
+            summaries.push(v);
+        } else {
+            readings.push(
+                serde_json::from_value(v)
+                    .map_err(|e| anyhow::anyhow!("bad export line {line:?}: {e}"))?,
+            );
+        }
+    }
+    Ok((readings, summaries))
+}
+
 /// Checks an export for duplicate `(device, boot, seq)` keys and for missing sequence
 /// numbers: for each `(device, boot, upto)` in `expect`, every seq in `1..=upto` must be
 /// present exactly once. Returns a human-readable list of problems (empty when fine).

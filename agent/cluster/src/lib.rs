@@ -12,6 +12,8 @@
 //! - [`Config`] (`config.rs`): ids and timing, validated ([`Config::validate`]).
 //! - [`Message`] (`message.rs`): the six protocol messages.
 //! - [`Storage`] / [`MemStorage`] (`storage.rs`): where the [`HardState`] lives.
+//! - [`Driver`] (`driver.rs`): a node and its storage, saved before anything is sent;
+//!   a node whose save failed sends nothing and does not lead.
 //! - [`Replication`] (`replication.rs`): who durably holds which prefix of which origin.
 //! - [`sim`]: an in-memory network harness (drops, duplicates, delays, partitions,
 //!   restarts), seeded and deterministic.
@@ -99,6 +101,7 @@
 extern crate alloc;
 
 mod config;
+mod driver;
 mod message;
 mod node;
 pub mod replication;
@@ -107,6 +110,7 @@ pub mod sim;
 mod storage;
 
 pub use config::{Config, ConfigError};
+pub use driver::{Driver, DriverError};
 pub use message::{Message, MessageKind};
 pub use node::{HardState, Node, Ready, Role, Status, StepError};
 pub use replication::{Offset, Replication, ReplicationError};

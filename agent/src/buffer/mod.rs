@@ -2,11 +2,14 @@
 //! backs the end-to-end ack, window aggregates, and capacity management.
 //!
 //! Tables (one redb file, `<data_dir>/buffer.redb`):
-//! - `blocks`: first origin offset → one encoded batch of readings ([`block`]).
+//! - `blocks`: first origin offset → one block ([`block`]): the readings of one commit, or
+//!   the summaries that replaced the oldest readings when the buffer was full. Summary
+//!   blocks are always the oldest part of the log; they ship upstream like readings.
 //! - `devices`: device id → [`seq::DeviceState`] (which seqs are stored, boot epochs).
 //! - `windows`: (device, metric, window, start) → window state, checkpointed together with
 //!   `meta.agg_offset`; blocks past that offset are replayed into the windows at start-up.
-//! - `rollups`: (window start, device, metric) → summary of downsampled raw readings.
+//! - `rollups`: summaries written by agents before summary blocks (kept, exported, and
+//!   dropped first when room is needed; never shipped).
 //! - `meta`: counters that must survive restarts (next offset, bytes, totals).
 //!
 //! A batch, the dedup state it changed and (when due) the window checkpoint are written
@@ -22,12 +25,12 @@ use std::sync::{Arc, RwLock};
 
 use fogline_firmware::wire::Ack;
 use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinition};
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 
-use crate::aggregate::{Aggregator, Fold, WindowKey, WindowState};
+use crate::aggregate::{Aggregator, Fold, Summary, WindowKey, WindowState};
 use crate::config::{AggregateConfig, BufferConfig};
 use crate::ingest::{DeviceTime, Incoming, Reject};
-use block::Record;
+use block::{Record, Summaries, SummaryRow};
 use seq::{DeviceState, Insert};
 
 const BLOCKS: TableDefinition<u64, &[u8]> = TableDefinition::new("blocks");
@@ -197,41 +200,6 @@ impl Meta {
     }
 }
 
-/// Summary of downsampled readings for one (window, device, metric).
-#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
-pub struct Rollup {
-    pub count: u64,
-    pub min: f64,
-    pub max: f64,
-    pub sum: f64,
-    pub last: f64,
-    pub last_ts_ms: i64,
-}
-
-impl Rollup {
-    fn first(r: &Record) -> Rollup {
-        Rollup {
-            count: 1,
-            min: r.value,
-            max: r.value,
-            sum: r.value,
-            last: r.value,
-            last_ts_ms: r.ts_ms,
-        }
-    }
-
-    fn add(&mut self, r: &Record) {
-        self.count += 1;
-        self.min = self.min.min(r.value);
-        self.max = self.max.max(r.value);
-        self.sum += r.value;
-        if r.ts_ms >= self.last_ts_ms {
-            self.last = r.value;
-            self.last_ts_ms = r.ts_ms;
-        }
-    }
-}
-
 /// What a commit did.
 #[derive(Debug, Default)]
 pub struct Committed {
@@ -297,29 +265,66 @@ impl Log {
             Some(row) => row?.0.value(),
             None => from,
         };
-        let mut out: Vec<StoredBlock> = Vec::new();
-        let mut readings = 0;
-        for row in table.range(start..next_offset)? {
+        let rows = table.range(start..next_offset)?.map(|row| {
             let (k, v) = row?;
-            let first = k.value();
-            // Blocks are written with contiguous offsets: one ends where the next begins,
-            // and the newest ends at `next_offset`.
-            if let Some(prev) = out.last_mut() {
-                prev.end_offset = first;
-                readings += first - prev.first_offset;
-            }
-            if readings >= max_readings {
-                break;
-            }
-            out.push(StoredBlock {
-                first_offset: first,
-                end_offset: next_offset,
-                bytes: v.value().to_vec(),
-            });
-        }
-        out.retain(|b| b.end_offset > from);
-        Ok(out)
+            Ok((k.value(), v.value().to_vec()))
+        });
+        read_blocks(rows, from, max_readings, next_offset)
+            .map_err(|e| e.either(|e| corrupt("block", e), |e: redb::StorageError| e.into()))
     }
+}
+
+/// Why [`read_blocks`] stopped: a block that does not decode, or the storage.
+pub enum ReadError<E> {
+    Block(block::BlockError),
+    Storage(E),
+}
+
+impl<E> ReadError<E> {
+    pub fn either<T>(
+        self,
+        block: impl FnOnce(block::BlockError) -> T,
+        other: impl FnOnce(E) -> T,
+    ) -> T {
+        match self {
+            ReadError::Block(e) => block(e),
+            ReadError::Storage(e) => other(e),
+        }
+    }
+}
+
+/// The one block-range reader of every log (the buffer's, and each origin's in a store):
+/// from `rows` — blocks in offset order, beginning with the one that holds `from` or
+/// starts after it — those that hold offsets at or above `from` and start below `head`,
+/// until about `max_readings` offsets. Each block's end is its own count, so a log with a
+/// hole (summaries dropped, a replica trimmed) yields the blocks after it as they are;
+/// the uplink then says the offsets in between are gone.
+pub fn read_blocks<E>(
+    rows: impl Iterator<Item = Result<(u64, Vec<u8>), E>>,
+    from: u64,
+    max_readings: u64,
+    head: u64,
+) -> Result<Vec<StoredBlock>, ReadError<E>> {
+    let mut out = Vec::new();
+    let mut readings = 0u64;
+    for row in rows {
+        let (first, bytes) = row.map_err(ReadError::Storage)?;
+        if first >= head || readings >= max_readings {
+            break;
+        }
+        let n = block::count(&bytes).map_err(ReadError::Block)?;
+        let end = first.saturating_add(n);
+        if end <= from {
+            continue;
+        }
+        readings += end - first.max(from);
+        out.push(StoredBlock {
+            first_offset: first,
+            end_offset: end,
+            bytes,
+        });
+    }
+    Ok(out)
 }
 
 /// The agent's buffer. Owned by one thread; every write goes through it.
@@ -348,6 +353,8 @@ pub struct Buffer {
     file_len_at_pressure: u64,
     /// Size of the last block written: what the next commit will probably add.
     last_block_bytes: u64,
+    /// Where the raw readings start: below it the log holds summary blocks only.
+    summary_end: u64,
 }
 
 /// Bytes available to this process on the filesystem holding `dir`.
@@ -460,9 +467,18 @@ impl Buffer {
         if let Some(row) = read.open_table(BLOCKS)?.last()? {
             // The meta row is written in the same transaction as every block; this only
             // guards against reusing an offset if that ever stopped being true.
-            let end = row.0.value()
-                + block::count(row.1.value()).map_err(|e| corrupt("block", e))? as u64;
+            let end =
+                row.0.value() + block::count(row.1.value()).map_err(|e| corrupt("block", e))?;
             meta.next_offset = meta.next_offset.max(end);
+        }
+        // Summary blocks are the oldest part of the log; raw readings start after them.
+        let mut summary_end = 0;
+        for row in read.open_table(BLOCKS)?.iter()? {
+            let (k, v) = row?;
+            if !block::is_summaries(v.value()) {
+                break;
+            }
+            summary_end = k.value() + block::count(v.value()).map_err(|e| corrupt("block", e))?;
         }
         let mut devices = HashMap::new();
         for row in read.open_table(DEVICES)?.iter()? {
@@ -494,6 +510,10 @@ impl Buffer {
         let mut load = |k: &WindowKey| stored_window(&windows, k);
         for row in read.open_table(BLOCKS)?.range(meta.agg_offset..)? {
             let (_, v) = row?;
+            if block::is_summaries(v.value()) {
+                // Folded into the windows before it was downsampled.
+                continue;
+            }
             for r in block::decode(v.value()).map_err(|e| corrupt("block", e))? {
                 agg.fold(&r.device, &r.metric, r.ts_ms, r.value, now_ms, &mut load);
                 replayed += 1;
@@ -515,6 +535,7 @@ impl Buffer {
             disk_cap: None,
             file_len_at_pressure: 0,
             last_block_bytes: 0,
+            summary_end,
             path,
             cfg: cfg.clone(),
             folded_offset: meta.next_offset,
@@ -598,8 +619,8 @@ impl Buffer {
                 DeviceTime::Unknown | DeviceTime::Ahead(_) => r.received_ms,
             };
             records.push(Record {
-                device: r.device.clone(),
-                metric: r.metric.clone(),
+                device: r.device.as_str().into(),
+                metric: r.metric.as_str().into(),
                 boot: r.boot,
                 seq: r.seq,
                 ts_ms,
@@ -913,8 +934,8 @@ impl Buffer {
     }
 
     fn make_room_until(&mut self, target: u64, drop_only: bool) -> Result<Room, BufferError> {
-        let window_ms = i64::from(self.cfg.downsample_window_secs) * 1000;
-        let rollup_cap = (self.cfg.max_bytes as f64 * ROLLUP_SHARE) as u64;
+        let window = self.cfg.downsample_window_secs;
+        let summary_cap = (self.cfg.max_bytes as f64 * ROLLUP_SHARE) as u64;
         let mut meta = self.meta;
         let mut room = Room::default();
         let txn = self.begin()?;
@@ -922,16 +943,26 @@ impl Buffer {
         self.write_checkpoint(&txn, &mut meta)?;
         {
             let mut blocks = txn.open_table(BLOCKS)?;
-            let mut rollups = txn.open_table(ROLLUPS)?;
+            let mut legacy = txn.open_table(ROLLUPS)?;
             // Readings the gateway already has go first: nothing is lost with them.
             pop_delivered(&mut blocks, meta.uplink_acked, &mut meta, target)?;
+            // The oldest raw blocks downsampled in this call: one summaries block, written
+            // where the first of them was; `pending` estimates its size meanwhile.
+            let mut folded: Option<(u64, Summaries)> = None;
+            let mut pending = 0u64;
             let mut steps = 0;
-            while meta.total_bytes() > target && steps < MAKE_ROOM_STEP {
+            while meta.total_bytes() + pending > target && steps < MAKE_ROOM_STEP {
                 steps += 1;
-                let downsample =
-                    !drop_only && meta.raw_readings > 0 && meta.rollup_bytes < rollup_cap;
-                if downsample || (meta.rollup_rows == 0 && meta.raw_readings > 0) {
-                    let Some((_, v)) = blocks.pop_first()? else {
+                let downsample = !drop_only
+                    && meta.raw_readings > 0
+                    && meta.rollup_bytes + pending < summary_cap;
+                let no_summaries = meta.rollup_rows == 0 && folded.is_none();
+                if downsample || (no_summaries && meta.raw_readings > 0) {
+                    let Some(first) = blocks.range(self.summary_end..)?.next() else {
+                        break;
+                    };
+                    let key = first?.0.value();
+                    let Some(v) = blocks.remove(key)? else {
                         break;
                     };
                     let bytes = v.value().len() as u64 + ROW_OVERHEAD;
@@ -941,34 +972,83 @@ impl Buffer {
                     meta.raw_bytes = meta.raw_bytes.saturating_sub(bytes);
                     meta.raw_readings = meta.raw_readings.saturating_sub(n);
                     if downsample {
-                        fold_rollups(&mut rollups, &records, window_ms, &mut meta)?;
+                        let (_, s) = folded.get_or_insert_with(|| {
+                            (
+                                key,
+                                Summaries {
+                                    covers: 0,
+                                    rows: Vec::new(),
+                                },
+                            )
+                        });
+                        block::summarise(&records, window, s);
+                        pending = ROW_OVERHEAD
+                            + s.rows
+                                .iter()
+                                .map(|r| (r.device.len() + r.metric.len()) as u64 + 56)
+                                .sum::<u64>();
                         meta.downsampled += n;
                         room.downsampled += n;
                     } else {
                         meta.dropped += n;
                         room.dropped += n;
                     }
+                    self.summary_end = self.summary_end.max(key + n);
+                } else if folded.is_some() {
+                    // Summaries are over their share: what this call folded is stored
+                    // (it is the newest of them), and the oldest go next.
+                    self.write_summaries(&mut blocks, folded.take(), &mut meta)?;
+                    pending = 0;
                 } else if meta.rollup_rows > 0 {
-                    let Some((k, v)) = rollups.pop_first()? else {
-                        break;
+                    let dropped = match legacy.pop_first()? {
+                        Some((k, v)) => {
+                            let (_, device, metric) = k.value();
+                            let summary: Summary = postcard::from_bytes(v.value())
+                                .map_err(|e| corrupt("rollup", e))?;
+                            meta.rollup_bytes = meta.rollup_bytes.saturating_sub(row_bytes(
+                                device,
+                                metric,
+                                v.value(),
+                            ));
+                            meta.rollup_rows = meta.rollup_rows.saturating_sub(1);
+                            summary.count
+                        }
+                        None => pop_summaries(&mut blocks, &mut meta)?,
                     };
-                    let (_, device, metric) = k.value();
-                    let bytes = row_bytes(device, metric, v.value());
-                    let r: Rollup =
-                        postcard::from_bytes(v.value()).map_err(|e| corrupt("rollup", e))?;
-                    meta.rollup_bytes = meta.rollup_bytes.saturating_sub(bytes);
-                    meta.rollup_rows = meta.rollup_rows.saturating_sub(1);
-                    meta.dropped += r.count;
-                    room.dropped += r.count;
+                    if dropped == 0 {
+                        break;
+                    }
+                    meta.dropped += dropped;
+                    room.dropped += dropped;
                 } else {
                     break;
                 }
             }
+            self.write_summaries(&mut blocks, folded, &mut meta)?;
             Meta::save(&meta, &mut txn.open_table(META)?)?;
         }
         txn.commit()?;
         self.meta = meta;
         Ok(room)
+    }
+
+    /// Stores what [`Buffer::make_room_until`] folded: a summaries block where its first
+    /// reading was.
+    fn write_summaries(
+        &mut self,
+        blocks: &mut redb::Table<'_, u64, &'static [u8]>,
+        folded: Option<(u64, Summaries)>,
+        meta: &mut Meta,
+    ) -> Result<(), BufferError> {
+        let Some((key, s)) = folded else {
+            return Ok(());
+        };
+        let bytes = block::encode_summaries(&s);
+        meta.rollup_bytes += bytes.len() as u64 + ROW_OVERHEAD;
+        meta.rollup_rows += s.rows.len() as u64;
+        blocks.insert(key, bytes.as_slice())?;
+        self.summary_end = self.summary_end.max(key + s.covers);
+        Ok(())
     }
 
     /// Every raw reading from `from` on, in offset order, with its offset.
@@ -987,16 +1067,14 @@ impl Buffer {
         check_db(&mut db)
     }
 
-    /// Every rollup row, oldest window first.
-    pub fn rollups(&self) -> Result<Vec<(i64, String, String, Rollup)>, BufferError> {
-        let read = self.log().begin_read()?;
+    /// Every summary of downsampled readings, oldest first: see [`for_each_summary`].
+    pub fn summaries(&self) -> Result<Vec<(Option<Span>, SummaryRow)>, BufferError> {
+        let db = self.db.read().map_err(|_| corrupt("lock", "poisoned"))?;
         let mut out = Vec::new();
-        for row in read.open_table(ROLLUPS)?.iter()? {
-            let (k, v) = row?;
-            let (start, device, metric) = k.value();
-            let r: Rollup = postcard::from_bytes(v.value()).map_err(|e| corrupt("rollup", e))?;
-            out.push((start, device.to_owned(), metric.to_owned(), r));
-        }
+        for_each_summary(&*db, &mut |span, row| {
+            out.push((span, row));
+            Ok(())
+        })?;
         Ok(out)
     }
 
@@ -1014,22 +1092,41 @@ fn check_db(db: &mut Database) -> Result<Vec<String>, BufferError> {
     }
     let read = db.begin_read()?;
     let (mut bytes, mut readings, mut expect_next) = (0u64, 0u64, None::<u64>);
+    let (mut summary_bytes, mut summary_rows) = (0u64, 0u64);
     let mut last_end = 0u64;
+    let mut raw_seen = false;
     for row in read.open_table(BLOCKS)?.iter()? {
         let (k, v) = row?;
         let key = k.value();
-        match block::decode(v.value()) {
-            Ok(records) => {
-                if key < last_end {
-                    problems.push(format!("block at offset {key} overlaps the previous one"));
-                }
-                last_end = key + records.len() as u64;
-                expect_next = Some(last_end);
+        let size = v.value().len() as u64 + ROW_OVERHEAD;
+        let covers = match block::decode_entry(v.value()) {
+            Ok(block::Entry::Readings(records)) => {
+                raw_seen = true;
                 readings += records.len() as u64;
-                bytes += v.value().len() as u64 + ROW_OVERHEAD;
+                bytes += size;
+                records.len() as u64
             }
-            Err(e) => problems.push(format!("block at offset {key}: {e}")),
+            Ok(block::Entry::Summaries(s)) => {
+                if raw_seen {
+                    problems.push(format!(
+                        "summaries at offset {key} come after raw readings (they must be \
+                         the oldest part of the log)"
+                    ));
+                }
+                summary_rows += s.rows.len() as u64;
+                summary_bytes += size;
+                s.covers
+            }
+            Err(e) => {
+                problems.push(format!("block at offset {key}: {e}"));
+                continue;
+            }
+        };
+        if key < last_end {
+            problems.push(format!("block at offset {key} overlaps the previous one"));
         }
+        last_end = key + covers;
+        expect_next = Some(last_end);
     }
     let meta = Meta::load(&read.open_table(META)?)?;
     if readings != meta.raw_readings {
@@ -1058,11 +1155,11 @@ fn check_db(db: &mut Database) -> Result<Vec<String>, BufferError> {
             problems.push(format!("device state of {} does not decode", k.value()));
         }
     }
-    let (mut rollup_rows, mut rollup_bytes) = (0u64, 0u64);
+    let (mut rollup_rows, mut rollup_bytes) = (summary_rows, summary_bytes);
     for row in read.open_table(ROLLUPS)?.iter()? {
         let (k, v) = row?;
         let (start, device, metric) = k.value();
-        if postcard::from_bytes::<Rollup>(v.value()).is_err() {
+        if postcard::from_bytes::<Summary>(v.value()).is_err() {
             problems.push(format!("rollup {device}/{metric}@{start} does not decode"));
         }
         rollup_rows += 1;
@@ -1099,78 +1196,65 @@ fn pop_delivered(
 ) -> Result<u64, BufferError> {
     let mut deleted = 0;
     while meta.total_bytes() > target || target == u64::MAX {
-        let (first, next) = {
-            let mut range = blocks.range(0..)?;
-            let Some(row) = range.next() else { break };
-            let first = row?.0.value();
-            let next = match range.next() {
-                Some(row) => row?.0.value(),
-                None => meta.next_offset,
-            };
-            (first, next)
-        };
-        if next > upto {
+        let Some(row) = blocks.first()? else { break };
+        let (first, n) = (
+            row.0.value(),
+            block::count(row.1.value()).map_err(|e| corrupt("block", e))?,
+        );
+        drop(row);
+        if first + n > upto {
             break;
         }
-        let Some((_, v)) = blocks.remove(first)?.map(|v| ((), v.value().len() as u64)) else {
+        let Some(v) = blocks.remove(first)? else {
             break;
         };
-        let n = next - first;
-        meta.raw_bytes = meta.raw_bytes.saturating_sub(v + ROW_OVERHEAD);
-        meta.raw_readings = meta.raw_readings.saturating_sub(n);
+        forget_block(v.value(), meta)?;
         meta.delivered_deleted += n;
         deleted += n;
     }
     Ok(deleted)
 }
 
-fn row_bytes(device: &str, metric: &str, value: &[u8]) -> u64 {
-    (device.len() + metric.len() + value.len()) as u64 + ROW_OVERHEAD
-}
-
-fn fold_rollups(
-    rollups: &mut redb::Table<'_, (i64, &'static str, &'static str), &'static [u8]>,
-    records: &[Record],
-    window_ms: i64,
-    meta: &mut Meta,
-) -> Result<(), BufferError> {
-    let mut merged: HashMap<(i64, &str, &str), Rollup> = HashMap::new();
-    for r in records {
-        let start = crate::aggregate::window_start(r.ts_ms, window_ms);
-        merged
-            .entry((start, r.device.as_str(), r.metric.as_str()))
-            .and_modify(|s| s.add(r))
-            .or_insert_with(|| Rollup::first(r));
-    }
-    for ((start, device, metric), mut summary) in merged {
-        let old = rollups
-            .get((start, device, metric))?
-            .map(|v| v.value().to_vec());
-        if let Some(old) = &old {
-            let prev: Rollup = postcard::from_bytes(old).map_err(|e| corrupt("rollup", e))?;
-            meta.rollup_bytes = meta
-                .rollup_bytes
-                .saturating_sub(row_bytes(device, metric, old));
-            summary = Rollup {
-                count: prev.count + summary.count,
-                min: prev.min.min(summary.min),
-                max: prev.max.max(summary.max),
-                sum: prev.sum + summary.sum,
-                last: if summary.last_ts_ms >= prev.last_ts_ms {
-                    summary.last
-                } else {
-                    prev.last
-                },
-                last_ts_ms: prev.last_ts_ms.max(summary.last_ts_ms),
-            };
-        } else {
-            meta.rollup_rows += 1;
+/// Takes a block that leaves the table off the counters.
+fn forget_block(bytes: &[u8], meta: &mut Meta) -> Result<(), BufferError> {
+    let size = bytes.len() as u64 + ROW_OVERHEAD;
+    match block::decode_entry(bytes).map_err(|e| corrupt("block", e))? {
+        block::Entry::Readings(r) => {
+            meta.raw_bytes = meta.raw_bytes.saturating_sub(size);
+            meta.raw_readings = meta.raw_readings.saturating_sub(r.len() as u64);
         }
-        let bytes = postcard::to_allocvec(&summary).map_err(|e| corrupt("rollup", e))?;
-        meta.rollup_bytes += row_bytes(device, metric, &bytes);
-        rollups.insert((start, device, metric), bytes.as_slice())?;
+        block::Entry::Summaries(s) => {
+            meta.rollup_bytes = meta.rollup_bytes.saturating_sub(size);
+            meta.rollup_rows = meta.rollup_rows.saturating_sub(s.rows.len() as u64);
+        }
     }
     Ok(())
+}
+
+/// Drops the oldest summaries block (summaries are the oldest part of the log); returns
+/// the readings it summarised (0: there was none).
+fn pop_summaries(
+    blocks: &mut redb::Table<'_, u64, &'static [u8]>,
+    meta: &mut Meta,
+) -> Result<u64, BufferError> {
+    let Some(row) = blocks.first()? else {
+        return Ok(0);
+    };
+    if !block::is_summaries(row.1.value()) {
+        return Ok(0);
+    }
+    let key = row.0.value();
+    drop(row);
+    let Some(v) = blocks.remove(key)? else {
+        return Ok(0);
+    };
+    let covers = block::count(v.value()).map_err(|e| corrupt("block", e))?;
+    forget_block(v.value(), meta)?;
+    Ok(covers)
+}
+
+fn row_bytes(device: &str, metric: &str, value: &[u8]) -> u64 {
+    (device.len() + metric.len() + value.len()) as u64 + ROW_OVERHEAD
 }
 
 /// A window as last checkpointed, if it is in `table`.
@@ -1239,12 +1323,58 @@ fn for_each_record(
     for row in table.range(start..)? {
         let (k, v) = row?;
         let first = k.value();
+        if block::is_summaries(v.value()) {
+            continue;
+        }
         let records = block::decode(v.value()).map_err(|e| corrupt("block", e))?;
         for (i, r) in records.into_iter().enumerate() {
             let offset = first + i as u64;
             if offset >= from {
                 f(offset, r)?;
             }
+        }
+    }
+    Ok(())
+}
+
+/// The offsets `from..to` a summaries block covers.
+pub type Span = (u64, u64);
+
+/// Every summary of downsampled readings, oldest first, with the offsets its block covers
+/// (`None` for the summaries older agents kept in the `rollups` table, which have none).
+pub fn for_each_summary(
+    db: &impl ReadableDatabase,
+    f: &mut dyn FnMut(Option<Span>, SummaryRow) -> Result<(), BufferError>,
+) -> Result<(), BufferError> {
+    let read = db.begin_read()?;
+    for row in read.open_table(ROLLUPS)?.iter()? {
+        let (k, v) = row?;
+        let (start, device, metric) = k.value();
+        let summary: Summary = postcard::from_bytes(v.value()).map_err(|e| corrupt("rollup", e))?;
+        f(
+            None,
+            SummaryRow {
+                device: device.to_owned(),
+                metric: metric.to_owned(),
+                start_ms: start,
+                len_secs: 0,
+                summary,
+            },
+        )?;
+    }
+    for row in read.open_table(BLOCKS)?.iter()? {
+        let (k, v) = row?;
+        if !block::is_summaries(v.value()) {
+            break;
+        }
+        let block::Entry::Summaries(s) =
+            block::decode_entry(v.value()).map_err(|e| corrupt("block", e))?
+        else {
+            continue;
+        };
+        let span = (k.value(), k.value() + s.covers);
+        for r in s.rows {
+            f(Some(span), r)?;
         }
     }
     Ok(())
@@ -1284,10 +1414,25 @@ impl Inspect {
         std::fs::metadata(&self.path).map_or(0, |m| m.len())
     }
 
+    /// The offset of the oldest raw reading (summary blocks come before it).
     pub fn first_offset(&self) -> Result<Option<u64>, BufferError> {
+        Ok(self.first_offsets()?.1)
+    }
+
+    /// The offset the log starts at (its oldest block, summaries included), and the
+    /// offset of its oldest raw reading.
+    pub fn first_offsets(&self) -> Result<(Option<u64>, Option<u64>), BufferError> {
         let read = self.db.begin_read()?;
-        let first = read.open_table(BLOCKS)?.first()?.map(|(k, _)| k.value());
-        Ok(first)
+        let table = read.open_table(BLOCKS)?;
+        let mut log = None;
+        for row in table.iter()? {
+            let (k, v) = row?;
+            log.get_or_insert(k.value());
+            if !block::is_summaries(v.value()) {
+                return Ok((log, Some(k.value())));
+            }
+        }
+        Ok((log, None))
     }
 
     pub fn for_each_record(
@@ -1295,6 +1440,14 @@ impl Inspect {
         mut f: impl FnMut(u64, Record) -> Result<(), BufferError>,
     ) -> Result<(), BufferError> {
         for_each_record(&self.db, 0, &mut f)
+    }
+
+    /// See [`for_each_summary`].
+    pub fn for_each_summary(
+        &self,
+        mut f: impl FnMut(Option<Span>, SummaryRow) -> Result<(), BufferError>,
+    ) -> Result<(), BufferError> {
+        for_each_summary(&self.db, &mut f)
     }
 
     /// Runs [`Buffer::check`]'s consistency checks.

@@ -235,16 +235,28 @@ fn a_full_buffer_downsamples_then_drops_the_oldest() {
     let records = all_records(&b);
     let newest = records.last().expect("raw readings remain").1.ts_ms;
     assert_eq!(newest, T0 + 399 * 60_000);
-    let rollups = b.rollups().expect("rollups");
-    let oldest_summary = rollups.first().expect("summaries remain").0;
+    let summaries = b.summaries().expect("summaries");
+    let oldest_summary = summaries.first().expect("summaries remain").1.start_ms;
     assert!(
         oldest_summary > T0,
         "the oldest summaries were dropped first"
     );
-    assert!(rollups.iter().all(|r| r.0 < records[0].1.ts_ms + 60_000));
+    assert!(summaries
+        .iter()
+        .all(|(_, r)| r.start_ms < records[0].1.ts_ms + 60_000));
     assert!(b.check().expect("check").is_empty(), "{:?}", b.check());
+    // The log covers every offset from the oldest summary on: summaries, then readings.
+    let (first_span, _) = summaries.first().expect("a summary");
+    let (from, _) = first_span.expect("summary blocks know their offsets");
+    let blocks = b
+        .log()
+        .blocks_from(from, u64::MAX, b.meta().next_offset)
+        .expect("blocks");
+    for w in blocks.windows(2) {
+        assert_eq!(w[0].end_offset, w[1].first_offset, "a hole in the log");
+    }
     // Every reading is accounted for: raw, summarised, or dropped.
-    let summarised: u64 = rollups.iter().map(|r| r.3.count).sum();
+    let summarised: u64 = summaries.iter().map(|(_, r)| r.summary.count).sum();
     assert_eq!(
         records.len() as u64 + summarised + dropped,
         400 * 8,

@@ -395,7 +395,12 @@ impl Uplink {
                         full = true;
                         break;
                     }
-                    pacer.consume(now_ms, block.end_offset - sent.max(block.first_offset));
+                    pacer.consume(
+                        now_ms,
+                        block
+                            .end_offset
+                            .saturating_sub(sent.max(block.first_offset)),
+                    );
                     sent = block.end_offset;
                     self.shared.update(|s| {
                         s.sent = sent;

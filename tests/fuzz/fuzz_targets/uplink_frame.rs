@@ -8,7 +8,8 @@ use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
     if let Ok(frame) = proto::decode_batch(data) {
-        let _ = fogline_agent::buffer::block::decode(frame.block);
+        let _ = fogline_agent::buffer::block::decode_entry(frame.block);
+        let _ = fogline_agent::buffer::block::count(frame.block);
     }
     if let Ok(topic) = std::str::from_utf8(data) {
         let _ = proto::UPLINK.parse_topic(topic);
