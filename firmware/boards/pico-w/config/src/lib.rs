@@ -203,7 +203,7 @@ impl Field {
             Field::AgentPort => "1-65535",
             Field::Username | Field::Password => "at most 64 bytes, both set or both empty",
             Field::Sensor => "sht3x, sht4x or bme280",
-            Field::SensorAddress => "a 7-bit address 0x08-0x77",
+            Field::SensorAddress => "a 7-bit address 0x08-0x77 (0x44-0x46 for an SHT4x)",
             Field::SamplePeriod => "1 s to 1 day",
         }
     }
@@ -320,7 +320,12 @@ impl<'a> Config<'a> {
             });
         }
         if let Some(address) = self.sensor_address {
-            if !(0x08..=0x77).contains(&address) {
+            let possible = match self.sensor {
+                // SHT4x parts are made for 0x44, 0x45 and 0x46 only.
+                SensorKind::Sht4x => 0x44..=0x46,
+                SensorKind::Sht3x | SensorKind::Bme280 => 0x08..=0x77,
+            };
+            if !possible.contains(&address) {
                 return Err(Field::SensorAddress);
             }
         }

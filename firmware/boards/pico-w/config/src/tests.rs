@@ -200,7 +200,7 @@ fn well_formed_blocks_with_bad_contents_are_refused() {
 #[test]
 fn every_field_rule_is_enforced_when_writing() {
     let long = "x".repeat(65);
-    let cases: [(&str, Config<'_>, Field); 14] = [
+    let cases: [(&str, Config<'_>, Field); 15] = [
         (
             "empty device",
             Config {
@@ -301,6 +301,15 @@ fn every_field_rule_is_enforced_when_writing() {
             "address 0x78",
             Config {
                 sensor_address: Some(0x78),
+                ..sample()
+            },
+            Field::SensorAddress,
+        ),
+        (
+            "SHT4x at 0x47",
+            Config {
+                sensor: SensorKind::Sht4x,
+                sensor_address: Some(0x47),
                 ..sample()
             },
             Field::SensorAddress,
