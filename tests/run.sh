@@ -60,6 +60,15 @@ cargo build --workspace --bins
 step "firmware for thumbv7em-none-eabihf"
 RUSTC_BOOTSTRAP=1 RUSTC=/usr/bin/rustc /usr/bin/cargo build -Zbuild-std=core \
     --target thumbv7em-none-eabihf --release -p fogline-firmware --target-dir target/thumbv7em
+# The Raspberry Pi Pico W image (thumbv6m-none-eabi, embassy): a workspace of its own with
+# its own Cargo.lock. Its logic is tested on the host; build.sh installs what it needs,
+# builds the image, checks it against the RP2040's flash and RAM and makes the UF2.
+step "Pico W firmware: fmt, clippy, host tests"
+cargo fmt --manifest-path firmware/boards/pico-w/Cargo.toml -- --check
+cargo clippy --manifest-path firmware/boards/pico-w/Cargo.toml --all-targets -- -D warnings
+cargo test --manifest-path firmware/boards/pico-w/Cargo.toml
+step "Pico W firmware image (thumbv6m-none-eabi)"
+bash firmware/boards/pico-w/build.sh
 step "cargo test"
 cargo test --workspace
 # Each fuzz target for a short bounded time (FOGLINE_FUZZ_SECS per target, 0 skips):

@@ -7,11 +7,13 @@
 //! - [`signal`]: the simulated sensors' signals (daily cycle, noise, spikes).
 //! - [`read`]: a real SHT3x/SHT4x/BME280 on a Linux I2C bus.
 //! - [`clock`]: device clocks, including one that starts in 1970.
+//! - [`provision`]: the configuration block of a Pico W sensor, as a UF2 or `.bin` file.
 //!
 //! `main.rs` only parses flags, sets up logging and signals, and calls into here.
 
 pub mod clock;
 pub mod device;
+pub mod provision;
 pub mod read;
 pub mod signal;
 pub mod simulate;

@@ -4,6 +4,7 @@
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+use fogline_sensor::provision::{self, ProvisionArgs};
 use fogline_sensor::read::{self, ReadArgs};
 use fogline_sensor::simulate::{self, SimulateArgs};
 use tokio::sync::watch;
@@ -39,6 +40,12 @@ enum Command {
     /// Runs until Ctrl-C or SIGTERM, then waits up to --drain-timeout for the last
     /// readings to be acked. With --once, prints one reading as JSON and exits.
     Read(ReadArgs),
+    /// Write a Raspberry Pi Pico W sensor's configuration (Wi-Fi, agent, device id,
+    /// sensor) as a UF2 file to copy onto the Pico's USB drive, or a .bin for a probe.
+    ///
+    /// The image is the same for every sensor; this block, in the last flash sector, is
+    /// what makes it yours. See firmware/README.md, "Pico W in ten minutes".
+    Provision(ProvisionArgs),
 }
 
 /// Counts stop requests (Ctrl-C, SIGTERM) so that the first can drain and the second stop.
@@ -100,6 +107,10 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             } else {
                 ExitCode::from(EXIT_NOT_ALL_ACKED)
             })
+        }
+        Command::Provision(args) => {
+            print!("{}", provision::provision(&args)?);
+            Ok(ExitCode::SUCCESS)
         }
         Command::Read(args) => {
             let finished = read::read(args, next_stop(stops)).await?;
