@@ -9,25 +9,16 @@
 //! [`metrics`].
 
 pub mod aggregate;
-pub mod auth;
-pub mod broker;
 pub mod buffer;
-pub mod certs;
-pub mod config;
-pub mod frontend;
-pub mod http;
 pub mod ingest;
-pub mod limits;
-pub mod logstore;
-pub mod metrics;
 pub mod mqtt;
-pub mod nodelay;
-pub mod pipeline;
-pub mod process;
-pub mod receiver;
+pub mod ops;
+pub mod router;
+pub mod security;
+pub mod shipping;
 pub mod site;
-pub mod tls;
 pub mod uplink;
+pub mod writer;
 
 use std::future::Future;
 use std::sync::{Arc, Mutex};
@@ -35,7 +26,7 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::Context;
 
-pub use config::Config;
+pub use ops::config::Config;
 
 /// The agent's wall clock in Unix milliseconds.
 pub fn now_ms() -> i64 {
@@ -48,13 +39,13 @@ pub fn now_ms() -> i64 {
 /// checkpoints the aggregates and returns.
 pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
     let cluster_on = !config.cluster.peers.is_empty();
-    let replica_counters = Arc::new(receiver::Counters::default());
-    let mut metrics = metrics::Metrics::new();
+    let replica_counters = Arc::new(shipping::receiver::Counters::default());
+    let mut metrics = ops::metrics::Metrics::new();
     if cluster_on {
         metrics.register_replica(&replica_counters);
     }
     let metrics = Arc::new(metrics);
-    let status = Arc::new(Mutex::new(pipeline::BufferStatus::default()));
+    let status = Arc::new(Mutex::new(writer::BufferStatus::default()));
 
     let open_cfg = config.clone();
     let buffer = tokio::task::spawn_blocking(move || {
@@ -79,7 +70,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
     let origin = buffer.origin(&config.node.id);
     let (queue_tx, queue_rx) = flume::bounded(config.ingest.queue_readings);
     let cluster_filter = site::cluster_topic(&config.node.site, &config.node.id);
-    let repl_filter = uplink::proto::REPLICATION.filter();
+    let repl_filter = shipping::proto::REPLICATION.filter();
     let cluster_filters = [cluster_filter.as_str()];
     let repl_filters = [repl_filter.as_str()];
     let extra: Vec<(&str, &[&str])> = if cluster_on {
@@ -91,7 +82,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
     } else {
         Vec::new()
     };
-    let (running, publisher, links) = broker::start(&config, queue_tx, metrics.clone(), &extra)
+    let (running, publisher, links) = mqtt::start(&config, queue_tx, metrics.clone(), &extra)
         .await
         .context("starting the MQTT broker")?;
     tracing::info!(
@@ -105,7 +96,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
         "fogline-agent ready"
     );
 
-    let uplink_tls = tls::uplink_tls(&config).context("loading the TLS files (tls.*)")?;
+    let uplink_tls = security::tls::uplink_tls(&config).context("loading the TLS files (tls.*)")?;
     let (head_tx, head_rx) = tokio::sync::watch::channel(meta.next_offset);
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let uplink_shared = Arc::new(uplink::Shared::default());
@@ -140,7 +131,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
         let up = uplink::Uplink {
             config: config.uplink.clone(),
             destination: config.uplink.gateway.clone(),
-            scheme: uplink::proto::UPLINK,
+            scheme: shipping::proto::UPLINK,
             site: config.node.site.clone(),
             origin: origin.clone(),
             source: Arc::new(buffer.log()),
@@ -176,14 +167,14 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
             }));
         }
     }
-    let pipe = pipeline::Pipeline::new(
+    let pipe = writer::Pipeline::new(
         buffer,
         publisher,
         &config,
         metrics.clone(),
         status.clone(),
         head_tx,
-        pipeline::Links {
+        writer::Links {
             // Followers learn the gateway's ack of their log from the leader.
             gateway: (uplink_on || site.is_some()).then(|| uplink_shared.clone()),
             relays,
@@ -195,7 +186,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
         .spawn(move || pipe.run(queue_rx))
         .context("starting the writer thread")?;
 
-    let state = Arc::new(http::AppState {
+    let state = Arc::new(ops::http::AppState {
         node_id: config.node.id.clone(),
         site: config.node.site.clone(),
         metrics,
@@ -206,7 +197,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
         started: Instant::now(),
     });
     let (stop_http, http_stopped) = tokio::sync::oneshot::channel::<()>();
-    let http = tokio::spawn(http::serve(http_listener, state, async {
+    let http = tokio::spawn(ops::http::serve(http_listener, state, async {
         let _ = http_stopped.await;
     }));
 

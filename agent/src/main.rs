@@ -7,8 +7,8 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand, ValueEnum};
 use fogline_agent::buffer::Inspect;
-use fogline_agent::config::{self, Config, Overrides};
-use fogline_agent::process;
+use fogline_agent::ops::config::{self, Config, Overrides};
+use fogline_agent::ops::process;
 
 #[derive(Parser)]
 #[command(
@@ -223,13 +223,13 @@ fn limit_malloc_arenas() {}
 
 fn certs(cmd: CertsCommand) -> anyhow::Result<ExitCode> {
     let written = match cmd {
-        CertsCommand::Init { out, name } => fogline_agent::certs::init(&out, &name)?,
+        CertsCommand::Init { out, name } => fogline_agent::security::certs::init(&out, &name)?,
         CertsCommand::Node {
             ca,
             node_id,
             host,
             out,
-        } => fogline_agent::certs::node(&ca, &node_id, &host, &out)?,
+        } => fogline_agent::security::certs::node(&ca, &node_id, &host, &out)?,
     };
     process::print(&format!(
         "wrote {} and {} (mode 0600)\n",
@@ -248,7 +248,7 @@ fn auth_hash() -> anyhow::Result<ExitCode> {
         anyhow::bail!("no password on standard input");
     }
     let hash =
-        fogline_agent::auth::hash_password(password.as_bytes()).map_err(anyhow::Error::msg)?;
+        fogline_agent::security::auth::hash_password(password.as_bytes()).map_err(anyhow::Error::msg)?;
     process::print(&format!("{hash}\n"))?;
     Ok(ExitCode::SUCCESS)
 }

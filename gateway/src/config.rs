@@ -5,7 +5,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 use figment::providers::Env;
-use fogline_agent::config::{load_layers, ConfigError, HttpConfig, LogConfig, MqttConfig};
+use fogline_agent::ops::config::{load_layers, ConfigError, HttpConfig, LogConfig, MqttConfig};
 use serde::{Deserialize, Serialize};
 
 pub const DEFAULTS: &str = include_str!("default.toml");
@@ -19,7 +19,7 @@ pub struct Config {
     pub log: LogConfig,
     /// Agents' uplinks over TLS with client certificates signed by the site CA.
     #[serde(default)]
-    pub tls: fogline_agent::tls::TlsConfig,
+    pub tls: fogline_agent::security::tls::TlsConfig,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

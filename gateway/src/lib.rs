@@ -1,7 +1,7 @@
 //! fogline-gateway: the cloud side of fogline.
 //!
 //! Agents (each site's leader) publish their origin logs to the gateway's embedded broker
-//! (`fogline_agent::uplink::proto`). The writer thread stores each batch once, in offset
+//! (`fogline_agent::shipping::proto`). The writer thread stores each batch once, in offset
 //! order, with one fsync per group of batches ([`store`]), then publishes the per-origin
 //! watermark back as the agents' durable ack. Aggregates relayed by the agents are
 //! republished retained on `agg/<site>/<device>/<metric>/<len>s` for dashboards and kept
@@ -10,7 +10,9 @@
 //! Nothing here assumes it is the only gateway: all state is per (site, origin).
 
 pub mod config;
-pub use fogline_agent::logstore as store;
+mod embed;
+mod relay;
+pub use fogline_agent::shipping::store as store;
 
 use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -21,9 +23,9 @@ use anyhow::Context;
 use axum::extract::State;
 use axum::routing::get;
 use axum::{Json, Router};
-use fogline_agent::broker::{self, Publisher};
-use fogline_agent::receiver::{self, AggOut, Counters, Hooks, Receiver};
-use fogline_agent::uplink::proto;
+use fogline_agent::mqtt::Publisher;
+use fogline_agent::shipping::receiver::{self, AggOut, Counters, Hooks, Receiver};
+use fogline_agent::shipping::proto;
 use prometheus_client::registry::Registry;
 
 pub use config::Config;
@@ -34,7 +36,7 @@ pub struct Metrics {
     registry: Registry,
     counters: Arc<Counters>,
     /// Node links refused at TLS (no certificate, another CA, …) and over the limit.
-    links_refused: Arc<fogline_agent::frontend::FrontMetrics>,
+    links_refused: Arc<fogline_agent::mqtt::refusals::FrontMetrics>,
 }
 
 impl Metrics {
@@ -42,7 +44,8 @@ impl Metrics {
         let mut registry = Registry::with_prefix("fogline_gateway");
         let counters = Arc::new(Counters::default());
         counters.register(&mut registry);
-        let links_refused = fogline_agent::frontend::FrontMetrics::new(Duration::from_secs(10));
+        let links_refused =
+            fogline_agent::mqtt::refusals::FrontMetrics::new(Duration::from_secs(10));
         registry.register(
             "links_refused",
             "Connections refused at the TLS front end, by reason",
@@ -88,7 +91,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
     let front = tls_front(&config, &mut mqtt, &metrics)?;
     let filter = proto::UPLINK.filter();
     let mut links = tokio::task::block_in_place(|| {
-        broker::embed(
+        embed::embed(
             &mqtt,
             &[&filter, "agg/#"],
             &[("gateway-in", &[&filter]), ("gateway-out", &[])],
@@ -172,10 +175,10 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
 /// certificate signed by the site CA, and rumqttd moves to a loopback-only port.
 fn tls_front(
     config: &Config,
-    mqtt: &mut fogline_agent::config::MqttConfig,
+    mqtt: &mut fogline_agent::ops::config::MqttConfig,
     metrics: &Metrics,
-) -> anyhow::Result<Option<fogline_agent::frontend::Front>> {
-    use fogline_agent::frontend::{internal_addr, Front, Guard};
+) -> anyhow::Result<Option<relay::Front>> {
+    use relay::{internal_addr, Front, Guard};
     if !config.tls.enabled() {
         tracing::warn!(
             "tls is off: any client can connect to the gateway and uplink for any site; \
@@ -183,7 +186,7 @@ fn tls_front(
         );
         return Ok(None);
     }
-    let identity = fogline_agent::tls::NodeIdentity::load(&config.tls)
+    let identity = fogline_agent::security::tls::NodeIdentity::load(&config.tls)
         .context("loading the TLS files (tls.*)")?;
     let acceptor = tokio_rustls::TlsAcceptor::from(identity.server_config()?);
     if !mqtt.listen_v5.is_empty() {

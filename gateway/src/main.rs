@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand, ValueEnum};
-use fogline_agent::process;
+use fogline_agent::ops::process;
 use fogline_gateway::config::{self, Config, Overrides};
 use fogline_gateway::store::Store;
 

@@ -28,7 +28,7 @@ use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinitio
 use serde::Serialize;
 
 use crate::aggregate::{Aggregator, Fold, Summary, WindowKey, WindowState};
-use crate::config::{AggregateConfig, BufferConfig};
+use crate::ops::config::{AggregateConfig, BufferConfig};
 use crate::ingest::{DeviceTime, Incoming, Reject};
 use block::{Record, Summaries, SummaryRow};
 use seq::{DeviceState, Insert};
@@ -438,7 +438,7 @@ impl Buffer {
     ) -> Result<Buffer, BufferError> {
         std::fs::create_dir_all(&cfg.data_dir)
             .map_err(|e| BufferError::DataDir(cfg.data_dir.clone(), e))?;
-        let path = crate::config::buffer_path(&cfg.data_dir);
+        let path = crate::ops::config::buffer_path(&cfg.data_dir);
         let db = open_db(&path, cfg.cache_bytes)?;
         let txn = db.begin_write()?;
         let incarnation = {
@@ -1388,7 +1388,7 @@ pub struct Inspect {
 
 impl Inspect {
     pub fn open(data_dir: &Path) -> Result<Inspect, BufferError> {
-        let path = crate::config::buffer_path(data_dir);
+        let path = crate::ops::config::buffer_path(data_dir);
         if !path.exists() {
             return Err(corrupt(
                 "data directory",

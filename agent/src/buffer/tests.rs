@@ -1,5 +1,5 @@
 use super::*;
-use crate::config::Config;
+use crate::ops::config::Config;
 use redb::ReadableTableMetadata;
 
 const T0: i64 = 1_700_000_000_000;

@@ -19,7 +19,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use super::session::{Dropped, InFlight, Record, Session, Sub};
 use super::topic::{self, Tag};
 use super::{Offered, Server};
-use crate::auth::{Authenticator, Refusal};
+use crate::security::auth::{Authenticator, Refusal};
 use crate::ingest::{Commits, Done, Reject};
 
 /// What a connection may do.

@@ -21,7 +21,10 @@
 //! docs/agent.md has the alternatives this replaced and why.
 
 mod conn;
+mod publisher;
+pub mod refusals;
 pub mod session;
+mod start;
 pub mod topic;
 
 use std::collections::HashMap;
@@ -32,22 +35,24 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use rumqttd::local::{LinkBuilder, LinkError, LinkRx, LinkTx};
+use rumqttd::local::{LinkRx, LinkTx};
 use rumqttd::protocol::{Disconnect, DisconnectReasonCode, Packet, Publish, PublishProperties};
-use rumqttd::{Notification, Router, RouterConfig};
+use rumqttd::Notification;
+
+use crate::router::MakeLink;
 use tokio::net::TcpListener;
 
-use crate::auth::Authenticator;
-use crate::frontend::FrontMetrics;
+use crate::security::auth::Authenticator;
+use refusals::FrontMetrics;
 use crate::ingest::{self, Done, Queued, Reject};
-use crate::metrics::Metrics;
+use crate::ops::metrics::Metrics;
 use session::{Dropped, Msg, Props, Record, Session, Store};
 use topic::Tag;
 
 pub use conn::{decode_any, Rights};
+pub use publisher::Publisher;
+pub use start::{start, Front};
 
-/// Makes an in-process link to the router, by name.
-type MakeLink = dyn Fn(&str) -> Result<(LinkTx, LinkRx), Box<LinkError>> + Send + Sync;
 
 /// How often changed sessions are written to `sessions.redb`.
 const PERSIST_EVERY: Duration = Duration::from_millis(100);
@@ -78,7 +83,7 @@ pub struct Settings {
 /// The readings path: from a connection straight to the writer's queue.
 pub struct Ingest {
     queue: Mutex<Option<flume::Sender<Queued>>>,
-    limiter: Mutex<crate::limits::Limiter>,
+    limiter: Mutex<crate::ingest::limits::Limiter>,
     rejects: Mutex<ingest::RejectLog>,
     metrics: Arc<Metrics>,
     max_payload: usize,
@@ -95,14 +100,14 @@ pub enum Offered {
 impl Ingest {
     pub fn new(
         queue: flume::Sender<Queued>,
-        limits: crate::limits::LimitsConfig,
+        limits: crate::ingest::limits::LimitsConfig,
         reject_log: Duration,
         metrics: Arc<Metrics>,
         max_payload: usize,
     ) -> Ingest {
         Ingest {
             queue: Mutex::new(Some(queue)),
-            limiter: Mutex::new(crate::limits::Limiter::new(limits)),
+            limiter: Mutex::new(crate::ingest::limits::Limiter::new(limits)),
             rejects: Mutex::new(ingest::RejectLog::new(reject_log)),
             metrics,
             max_payload,
@@ -195,43 +200,6 @@ pub struct Server {
 struct SessionLink {
     tx: LinkTx,
     task: tokio::task::AbortHandle,
-}
-
-/// rumqttd keeps an in-memory log per subscription filter. Its sample sizes (100 MB × 10)
-/// are absurd for a Pi: every filter gets a small log, and the filters that carry bulk
-/// traffic (`bulk_filters`: site traffic, dashboards) a larger one.
-pub fn router_config(max_connections: usize, bulk_filters: &[&str]) -> RouterConfig {
-    let big = rumqttd::SegmentConfig {
-        max_segment_size: 1 << 20,
-        max_segment_count: 4,
-    };
-    RouterConfig {
-        // A link per session that subscribes, and sessions outlive connections.
-        max_connections: 2 * max_connections + 16,
-        max_outgoing_packet_count: 200,
-        max_segment_size: 4 << 10,
-        max_segment_count: 2,
-        custom_segment: Some(
-            bulk_filters
-                .iter()
-                .map(|f| ((*f).to_owned(), big.clone()))
-                .collect(),
-        ),
-        initialized_filters: None,
-        shared_subscriptions_strategy: Default::default(),
-    }
-}
-
-/// Starts rumqttd's router on its own thread and returns a maker of in-process links.
-pub fn start_router(config: RouterConfig) -> Box<MakeLink> {
-    let router_tx = Router::new(0, config).spawn();
-    Box::new(move |name: &str| {
-        LinkBuilder::new(name, router_tx.clone())
-            .dynamic_filters(true)
-            .build()
-            .map(|(tx, rx, _)| (tx, rx))
-            .map_err(Box::new)
-    })
 }
 
 impl Server {
@@ -667,7 +635,7 @@ impl Server {
     pub fn dropped(&self, why: Dropped) {
         self.metrics
             .mqtt_dropped
-            .get_or_create(&crate::metrics::Reason {
+            .get_or_create(&crate::ops::metrics::Reason {
                 reason: why.as_str(),
             })
             .inc();
@@ -802,12 +770,12 @@ impl Server {
             tokio::time::timeout(self.settings.connect_timeout, acceptor.accept(stream)).await;
         match accepted {
             Ok(Ok(tls)) => {
-                let node = crate::tls::peer_name(tls.get_ref().1.peer_certificates());
+                let node = crate::security::tls::peer_name(tls.get_ref().1.peer_certificates());
                 tracing::info!(%peer, node = node.as_deref().unwrap_or("?"), "node link authenticated");
                 Some(tls)
             }
             Ok(Err(e)) => {
-                let (reason, detail) = crate::frontend::classify_tls(&e);
+                let (reason, detail) = crate::security::tls::classify_tls(&e);
                 self.front.refuse(reason, peer, &detail);
                 None
             }
@@ -933,7 +901,7 @@ pub(crate) mod tests {
         std::mem::forget(rx);
         let ingest = Arc::new(Ingest::new(
             tx,
-            crate::limits::LimitsConfig::default(),
+            crate::ingest::limits::LimitsConfig::default(),
             Duration::from_secs(1),
             metrics.clone(),
             1024,
@@ -950,7 +918,7 @@ pub(crate) mod tests {
             max_connections: 10,
             site_private: false,
         };
-        let make = start_router(router_config(10, &[]));
+        let make = crate::router::start_router(crate::router::router_config(10, &[]));
         Server::new(make, dir, ingest, settings, metrics).expect("server")
     }
 

@@ -13,7 +13,6 @@
 
 pub mod backoff;
 pub mod pace;
-pub mod proto;
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -25,7 +24,8 @@ use serde::Serialize;
 use tokio::sync::{watch, Notify};
 
 use crate::buffer::{Log, StoredBlock};
-use crate::config::UplinkConfig;
+use crate::shipping::proto;
+use crate::ops::config::UplinkConfig;
 
 /// Where an uplink reads the log it ships: the agent's own buffer, or a replica of a
 /// peer's log that this agent holds.

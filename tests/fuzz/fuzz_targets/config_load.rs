@@ -4,7 +4,7 @@
 
 use figment::providers::{Format, Toml};
 use figment::Figment;
-use fogline_agent::config::{Config, DEFAULTS};
+use fogline_agent::ops::config::{Config, DEFAULTS};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {

@@ -1,4 +1,4 @@
-//! The receiving end's store (`fogline_agent::logstore::Store`, the gateway's and every
+//! The receiving end's store (`fogline_agent::shipping::store::Store`, the gateway's and every
 //! replica's): any sequence of batches — garbage, or real blocks at arbitrary offsets —
 //! is applied without a panic or an overflow, and the log stays what every reader relies
 //! on: blocks in offset order that never overlap, ending at the watermark, which never
@@ -6,8 +6,8 @@
 #![no_main]
 
 use fogline_agent::buffer::block::{self, Record};
-use fogline_agent::logstore::{Store, Txn};
-use fogline_agent::uplink::proto::BatchFrame;
+use fogline_agent::shipping::store::{Store, Txn};
+use fogline_agent::shipping::proto::BatchFrame;
 use libfuzzer_sys::fuzz_target;
 
 fn u64_at(data: &[u8], at: usize) -> u64 {

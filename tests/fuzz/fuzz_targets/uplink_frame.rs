@@ -1,9 +1,9 @@
 //! The receiving end of log shipping (the gateway's uplink, a peer's replication): topic
 //! parsers of both schemes, the batch frame decoder and the stored block inside it
-//! (`fogline_agent::uplink::proto`, `buffer::block`); no panic on any bytes.
+//! (`fogline_agent::shipping::proto`, `buffer::block`); no panic on any bytes.
 #![no_main]
 
-use fogline_agent::uplink::proto;
+use fogline_agent::shipping::proto;
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {

@@ -46,7 +46,7 @@ pub struct Metrics {
     pub mqtt_sessions: Gauge,
     pub mqtt_dropped: Family<Reason, Counter>,
     /// Connections refused by the MQTT front end (device auth, limits).
-    pub front: std::sync::Arc<crate::frontend::FrontMetrics>,
+    pub front: std::sync::Arc<crate::mqtt::refusals::FrontMetrics>,
 }
 
 impl Default for Metrics {
@@ -87,7 +87,7 @@ impl Metrics {
             mqtt_connections: Gauge::default(),
             mqtt_sessions: Gauge::default(),
             mqtt_dropped: Family::default(),
-            front: crate::frontend::FrontMetrics::new(std::time::Duration::from_secs(10)),
+            front: crate::mqtt::refusals::FrontMetrics::new(std::time::Duration::from_secs(10)),
             registry: Registry::default(),
         };
         for r in Reject::ALL {
@@ -287,7 +287,7 @@ impl Metrics {
 
     /// The Prometheus text exposition.
     /// Adds the replica receiver's counters as `fogline_replica_*`.
-    pub fn register_replica(&mut self, counters: &crate::receiver::Counters) {
+    pub fn register_replica(&mut self, counters: &crate::shipping::receiver::Counters) {
         counters.register(self.registry.sub_registry_with_prefix("replica"));
     }
 

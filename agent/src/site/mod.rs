@@ -27,12 +27,14 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
-use crate::broker::{self, LinkRx, LinkTx, Publisher, Worker};
+use crate::mqtt::Publisher;
+use crate::router::{self, LinkRx, LinkTx, Worker};
 use crate::buffer::Log;
-use crate::config::{Config, Peer};
-use crate::logstore::{Store, StoreReader};
-use crate::receiver::{self, AggOut, Counters, Hooks, Receiver};
-use crate::uplink::{self, proto, Shared, Source, Uplink};
+use crate::ops::config::{Config, Peer};
+use crate::shipping::store::{Store, StoreReader};
+use crate::shipping::receiver::{self, AggOut, Counters, Hooks, Receiver};
+use crate::shipping::proto;
+use crate::uplink::{self, Shared, Source, Uplink};
 
 /// The number the election state machine knows a node by: FNV-1a of its id.
 pub fn node_num(id: &str) -> u64 {
@@ -524,7 +526,7 @@ pub fn start(parts: SiteParts) -> anyhow::Result<SiteHandle> {
         let (tx, rx) = cluster_link;
         Worker::spawn("cluster-in", move |stop| {
             let _keep = tx;
-            broker::receive(rx, stop, |p| {
+            router::receive(rx, stop, |p| {
                 match serde_json::from_slice::<Wire>(&p.payload) {
                     Ok(w) => {
                         let _ = msg_tx.try_send(w);

@@ -197,6 +197,30 @@ pub fn peer_name(certs: Option<&[CertificateDer<'_>]>) -> Option<String> {
     cn.as_str().ok().map(str::to_owned)
 }
 
+/// The refusal reason (a `fogline_connections_refused_total` label) and what to log for a
+/// failed TLS handshake.
+pub fn classify_tls(e: &std::io::Error) -> (&'static str, String) {
+    let inner = e.get_ref().and_then(|i| i.downcast_ref::<rustls::Error>());
+    match inner {
+        Some(rustls::Error::NoCertificatesPresented) => (
+            "no_certificate",
+            "the node presented no client certificate".into(),
+        ),
+        Some(rustls::Error::InvalidCertificate(
+            rustls::CertificateError::UnknownIssuer | rustls::CertificateError::BadSignature,
+        )) => (
+            "unknown_ca",
+            "the client certificate is not signed by this site's CA".into(),
+        ),
+        Some(rustls::Error::InvalidCertificate(e)) => (
+            "bad_certificate",
+            format!("the client certificate is not acceptable: {e}"),
+        ),
+        Some(other) => ("tls_handshake", other.to_string()),
+        None => ("tls_handshake", e.to_string()),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

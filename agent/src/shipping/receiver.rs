@@ -17,10 +17,11 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 
-use crate::broker::{self, BrokerError, Publisher, Worker};
+use crate::mqtt::Publisher;
+use crate::router::{self, BrokerError, Worker};
 use crate::buffer::block;
-use crate::logstore::{Applied, Store, Txn};
-use crate::uplink::proto::{self, Scheme, Topic};
+use crate::shipping::store::{Applied, Store, Txn};
+use crate::shipping::proto::{self, Scheme, Topic};
 
 /// One publish on the scheme's topics.
 pub struct Message {
@@ -241,14 +242,14 @@ pub struct Receiver<H: Hooks> {
 /// Starts a thread that moves publishes from a broker link into `queue`.
 pub fn spawn_reader(
     name: &str,
-    link: (broker::LinkTx, broker::LinkRx),
+    link: (router::LinkTx, router::LinkRx),
     queue: QueueTx,
     counters: std::sync::Arc<Counters>,
 ) -> Result<Worker, BrokerError> {
     let (tx, rx) = link;
     Worker::spawn(name, move |stop| {
         let _keep = tx;
-        broker::receive(rx, stop, |p| {
+        router::receive(rx, stop, |p| {
             let Ok(topic) = String::from_utf8(p.topic.to_vec()) else {
                 counters.rejected();
                 return true;

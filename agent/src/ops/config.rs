@@ -39,11 +39,11 @@ pub struct Config {
     pub log: LogConfig,
     // Security (issue 8): each section lives in its own module.
     #[serde(default)]
-    pub tls: crate::tls::TlsConfig,
+    pub tls: crate::security::tls::TlsConfig,
     #[serde(default)]
-    pub auth: crate::auth::AuthConfig,
+    pub auth: crate::security::auth::AuthConfig,
     #[serde(default)]
-    pub limits: crate::limits::LimitsConfig,
+    pub limits: crate::ingest::limits::LimitsConfig,
 }
 
 /// When the ack on `fogline/ack/<device>` is published.
@@ -364,7 +364,7 @@ impl Config {
         }
         if !peers.is_empty()
             && c.listen.is_empty()
-            && (self.tls.enabled() || self.auth.mode != crate::auth::AuthMode::Open)
+            && (self.tls.enabled() || self.auth.mode != crate::security::auth::AuthMode::Open)
         {
             return bad(
                 "with [tls] or device authentication the site's agents need their own \

@@ -12,7 +12,7 @@ use std::sync::Arc;
 
 use crate::buffer::block::{self, Entry, Record, Summaries, SummaryRow};
 use crate::buffer::StoredBlock;
-use crate::uplink::proto::BatchFrame;
+use crate::shipping::proto::BatchFrame;
 use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinition};
 
 const LOG: TableDefinition<(&str, &str, u64), &[u8]> = TableDefinition::new("log");

@@ -5,6 +5,8 @@
 //! version), a JSON object, or a plain number — and everything else is refused with a
 //! [`Reject`] reason that the caller counts and logs.
 
+pub mod limits;
+
 use std::fmt;
 
 use fogline_firmware::wire;

@@ -12,11 +12,11 @@ use std::time::{Duration, Instant};
 use fogline_firmware::wire::Ack;
 use tokio::sync::watch;
 
-use crate::broker::Publisher;
+use crate::mqtt::Publisher;
 use crate::buffer::{Buffer, BufferError, Meta};
-use crate::config::Config;
+use crate::ops::config::Config;
 use crate::ingest::{Incoming, Outcome, Queued};
-use crate::metrics::Metrics;
+use crate::ops::metrics::Metrics;
 use crate::uplink;
 
 /// How often the changed windows are written to disk (with the next commit).

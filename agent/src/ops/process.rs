@@ -5,7 +5,7 @@ use std::future::Future;
 
 use anyhow::Context;
 
-use crate::config::{LogConfig, LogFormat};
+use crate::ops::config::{LogConfig, LogFormat};
 
 /// Logs to stderr, human-readable or JSON; `RUST_LOG` overrides `log.level`.
 pub fn init_logging(log: &LogConfig) {

@@ -11,8 +11,8 @@ use axum::routing::get;
 use axum::{Json, Router};
 use tokio::net::TcpListener;
 
-use crate::metrics::Metrics;
-use crate::pipeline::BufferStatus;
+use crate::ops::metrics::Metrics;
+use crate::writer::BufferStatus;
 
 pub struct AppState {
     pub node_id: String,

@@ -1,109 +1,26 @@
-//! The gateway's TLS front end, and the refusal counters every front end shares.
-//!
-//! rumqttd's own TLS needs its `verify-client-cert` feature, a second rustls and x509
-//! stack, and only logs a refused handshake. So the gateway's public listener is this
-//! relay: TLS with a client certificate signed by the site CA (rustls), each refusal
-//! logged with its reason and the peer address and counted, then the bytes copied to
-//! rumqttd on a loopback port. Connections beyond `max_connections` are refused and
-//! counted. (The agent owns its MQTT connections outright: `crate::mqtt`.)
+//! The gateway's TLS front end: rumqttd's own TLS needs its `verify-client-cert` feature,
+//! a second rustls and x509 stack, and only logs a refused handshake. So the gateway's
+//! public listener is this relay: TLS with a client certificate signed by the site CA
+//! (rustls), each refusal logged with its reason and the peer address and counted, then
+//! the bytes copied to rumqttd on a loopback port. Connections beyond `max_connections`
+//! are refused and counted.
 
-use std::collections::HashMap;
 use std::net::{SocketAddr, TcpListener as StdListener};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::sync::Arc;
+use std::time::Duration;
 
-use prometheus_client::encoding::EncodeLabelSet;
-use prometheus_client::metrics::counter::Counter;
-use prometheus_client::metrics::family::Family;
+use fogline_agent::mqtt::refusals::FrontMetrics;
+use fogline_agent::security::tls::classify_tls;
 use tokio::net::{TcpListener, TcpStream};
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct RefusedLabel {
-    pub reason: &'static str,
-}
-
-/// Every reason a front end (the agent's MQTT front end, the gateway's TLS relay)
-/// refuses a connection, exported from the start.
-pub const REFUSALS: [&str; 15] = [
-    "no_credentials",
-    "unknown_device",
-    "bad_password",
-    "client_id_mismatch",
-    "foreign_will",
-    "foreign_topic",
-    "foreign_subscription",
-    "not_connect",
-    "malformed_packet",
-    "oversized_packet",
-    "max_connections",
-    "no_certificate",
-    "unknown_ca",
-    "bad_certificate",
-    "tls_handshake",
-];
-
-/// Shared by the front ends of one process; register `refused` on `/metrics`.
-#[derive(Default)]
-pub struct FrontMetrics {
-    pub refused: Family<RefusedLabel, Counter>,
-    log: Mutex<HashMap<&'static str, (Option<Instant>, u64)>>,
-    log_every: Mutex<Duration>,
-}
-
-impl FrontMetrics {
-    pub fn new(log_every: Duration) -> Arc<FrontMetrics> {
-        let m = FrontMetrics {
-            log_every: Mutex::new(log_every),
-            ..Default::default()
-        };
-        for reason in REFUSALS {
-            let _ = m.refused.get_or_create(&RefusedLabel { reason });
-        }
-        Arc::new(m)
-    }
-
-    /// At most one log line per reason per this interval.
-    pub fn set_log_every(&self, every: Duration) {
-        if let Ok(mut e) = self.log_every.lock() {
-            *e = every;
-        }
-    }
-
-    pub fn refused_total(&self, reason: &'static str) -> u64 {
-        self.refused.get_or_create(&RefusedLabel { reason }).get()
-    }
-
-    /// Counts a refusal and logs it, at most once per reason per interval.
-    pub(crate) fn refuse(&self, reason: &'static str, peer: SocketAddr, detail: &str) {
-        self.refused.get_or_create(&RefusedLabel { reason }).inc();
-        let every = self.log_every.lock().map_or(Duration::ZERO, |d| *d);
-        let Ok(mut log) = self.log.lock() else {
-            return;
-        };
-        let now = Instant::now();
-        let entry = log.entry(reason).or_insert((None, 0));
-        if entry.0.is_some_and(|at| now.duration_since(at) < every) {
-            entry.1 += 1;
-            return;
-        }
-        tracing::warn!(
-            reason,
-            %peer,
-            suppressed = entry.1,
-            "refused a connection: {reason}{}{detail}",
-            if detail.is_empty() { "" } else { ": " }
-        );
-        *entry = (Some(now), 0);
-    }
-}
 
 /// What a front end checks before relaying.
 #[derive(Clone)]
 pub enum Guard {
     /// TLS with a client certificate signed by the site CA.
     Tls(tokio_rustls::TlsAcceptor),
-    /// Nothing: a plain relay.
+    /// Nothing: a plain relay (the relay's own tests).
+    #[cfg(test)]
     Plain,
 }
 
@@ -180,6 +97,7 @@ impl Shared {
     async fn serve(&self, stream: TcpStream, peer: SocketAddr) {
         match &self.guard {
             Guard::Tls(acceptor) => self.serve_tls(acceptor, stream, peer).await,
+            #[cfg(test)]
             Guard::Plain => {
                 let mut stream = stream;
                 if let Some(mut backend) = self.backend().await {
@@ -222,34 +140,12 @@ impl Shared {
                 return;
             }
         };
-        let node = crate::tls::peer_name(tls.get_ref().1.peer_certificates());
+        let node = fogline_agent::security::tls::peer_name(tls.get_ref().1.peer_certificates());
         tracing::info!(%peer, node = node.as_deref().unwrap_or("?"), "node link authenticated");
         let Some(mut backend) = self.backend().await else {
             return;
         };
         let _ = tokio::io::copy_bidirectional(&mut tls, &mut backend).await;
-    }
-}
-
-pub(crate) fn classify_tls(e: &std::io::Error) -> (&'static str, String) {
-    let inner = e.get_ref().and_then(|i| i.downcast_ref::<rustls::Error>());
-    match inner {
-        Some(rustls::Error::NoCertificatesPresented) => (
-            "no_certificate",
-            "the node presented no client certificate".into(),
-        ),
-        Some(rustls::Error::InvalidCertificate(
-            rustls::CertificateError::UnknownIssuer | rustls::CertificateError::BadSignature,
-        )) => (
-            "unknown_ca",
-            "the client certificate is not signed by this site's CA".into(),
-        ),
-        Some(rustls::Error::InvalidCertificate(e)) => (
-            "bad_certificate",
-            format!("the client certificate is not acceptable: {e}"),
-        ),
-        Some(other) => ("tls_handshake", other.to_string()),
-        None => ("tls_handshake", e.to_string()),
     }
 }
 

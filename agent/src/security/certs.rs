@@ -114,7 +114,7 @@ pub fn node(
     let ca_cert_path = ca_dir.join("ca.pem");
     let ca_key_path = ca_dir.join("ca.key");
     let ca_pem = read_text(&ca_cert_path)?;
-    let ca_key_pem = crate::tls::read_private(&ca_key_path).map_err(|e| CertsError::Invalid {
+    let ca_key_pem = crate::security::tls::read_private(&ca_key_path).map_err(|e| CertsError::Invalid {
         path: ca_key_path.clone(),
         reason: e.to_string(),
     })?;
@@ -238,7 +238,7 @@ mod tests {
             let mode = std::fs::metadata(key).expect("meta").permissions().mode();
             assert_eq!(mode & 0o777, 0o600, "{}", key.display());
         }
-        let id = crate::tls::NodeIdentity::load(&crate::tls::TlsConfig {
+        let id = crate::security::tls::NodeIdentity::load(&crate::security::tls::TlsConfig {
             ca: ca.cert.clone(),
             cert: node.cert.clone(),
             key: node.key.clone(),

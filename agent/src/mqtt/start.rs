@@ -1,0 +1,183 @@
+//! Starting the agent's MQTT side from its configuration: the router, the front end on
+//! every listener (`mqtt.listen`, `mqtt.listen_v5`, `cluster.listen`), and the agent's
+//! links; [`Front::stop`] closes ingest and saves the sessions.
+
+use std::net::{SocketAddr, TcpListener};
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::ops::config::Config;
+use crate::ops::metrics::Metrics;
+use crate::router::{BrokerError, Link};
+
+use super::Publisher;
+
+/// The agent's MQTT side, running: stop it to close ingest and save the sessions.
+pub struct Front {
+    server: Arc<super::Server>,
+    stop: tokio::sync::watch::Sender<bool>,
+    persist: tokio::task::JoinHandle<()>,
+}
+
+impl Front {
+    /// Takes no more readings (the writer drains its queue and ends) and writes the
+    /// sessions a last time.
+    pub async fn stop(self) {
+        self.server.ingest.close();
+        let _ = self.stop.send(true);
+        let _ = self.persist.await;
+    }
+}
+
+/// Starts the agent's MQTT side: rumqttd's router, the front end on every listener
+/// (`mqtt.listen`, `mqtt.listen_v5`, `cluster.listen`), the agent's publishing link and
+/// one link per entry of `extra` (name, filters), returned in that order. Readings go
+/// from the front end to `queue`.
+pub async fn start(
+    config: &Config,
+    queue: flume::Sender<crate::ingest::Queued>,
+    metrics: Arc<Metrics>,
+    extra: &[(&str, &[&str])],
+) -> Result<(Front, Publisher, Vec<Link>), BrokerError> {
+    use super::{Ingest, Server, Settings};
+    let mqtt_cfg = &config.mqtt;
+    let v5 = mqtt_cfg
+        .listen_v5_addr()
+        .map_err(|e| BrokerError::Config(e.to_string()))?;
+    // Bind everything first: a taken port is an error now, not a log line later.
+    let mut device_listeners = Vec::new();
+    for addr in std::iter::once(mqtt_cfg.listen).chain(v5) {
+        let l = TcpListener::bind(addr).map_err(|source| BrokerError::Bind { addr, source })?;
+        device_listeners.push(l);
+    }
+    let node = node_listener(config)?;
+
+    let mut bulk: Vec<&str> = vec!["agg/#"];
+    bulk.extend(extra.iter().flat_map(|(_, f)| f.iter().copied()));
+    let make_link = crate::router::start_router(crate::router::router_config(mqtt_cfg.max_connections, &bulk));
+    let mut links = Vec::with_capacity(extra.len());
+    let (publish_tx, _publish_rx) = make_link("fogline-publish").map_err(BrokerError::Link)?;
+    for (name, filters) in extra {
+        let (mut tx, rx) = make_link(name).map_err(BrokerError::Link)?;
+        for filter in *filters {
+            tx.subscribe(*filter)?;
+        }
+        links.push((tx, rx));
+    }
+
+    let cluster_on = !config.cluster.peers.is_empty();
+    let settings = Settings {
+        max_packet: mqtt_cfg.max_packet_bytes,
+        // Replication batches are larger than readings; only peers get to send them.
+        max_batch_packet: if cluster_on {
+            mqtt_cfg
+                .max_packet_bytes
+                .max(config.cluster.max_batch_bytes + 1024)
+        } else {
+            mqtt_cfg.max_packet_bytes
+        },
+        topic_alias_max: mqtt_cfg.topic_alias_max,
+        max_keep_alive_secs: mqtt_cfg.max_keep_alive_secs,
+        max_inflight: mqtt_cfg.max_inflight,
+        max_queued: mqtt_cfg.max_queued_messages,
+        session_expiry_max_secs: mqtt_cfg.session_expiry_max_secs,
+        connect_timeout: Duration::from_millis(u64::from(mqtt_cfg.connect_timeout_ms)),
+        max_connections: mqtt_cfg.max_connections,
+        site_private: cluster_on && !config.cluster.listen.is_empty(),
+    };
+    let ingest = Arc::new(Ingest::new(
+        queue,
+        config.limits.clone(),
+        Duration::from_millis(config.ingest.reject_log_interval_ms),
+        metrics.clone(),
+        config.ingest.max_payload_bytes,
+    ));
+    metrics
+        .front
+        .set_log_every(Duration::from_millis(config.ingest.reject_log_interval_ms));
+    let server = Server::new(
+        make_link,
+        &config.buffer.data_dir,
+        ingest,
+        settings,
+        metrics.clone(),
+    )
+    .map_err(BrokerError::Config)?;
+    let restored = server.restore().await.map_err(BrokerError::Config)?;
+    if restored > 0 {
+        tracing::info!(sessions = restored, "MQTT sessions restored");
+    }
+
+    let guard = device_guard(config)?;
+    for listener in device_listeners {
+        server
+            .listen(listener, guard.clone(), mqtt_cfg.max_connections)
+            .map_err(|e| BrokerError::Config(format!("cannot start the MQTT listener: {e}")))?;
+    }
+    if let Some((listener, guard)) = node {
+        let max = 4 * (config.cluster.peers.len() + 1);
+        server
+            .listen(listener, guard, max)
+            .map_err(|e| BrokerError::Config(format!("cannot start the node listener: {e}")))?;
+    }
+    let (stop, stop_rx) = tokio::sync::watch::channel(false);
+    let persist = tokio::spawn(super::persist_loop(server.clone(), stop_rx));
+    Ok((
+        Front {
+            server: server.clone(),
+            stop,
+            persist,
+        },
+        Publisher::behind(publish_tx, server.clone()),
+        links,
+    ))
+}
+
+/// With `cluster.listen`: the site's own listener; over TLS with a client certificate
+/// from the site CA when `[tls]` is set.
+fn node_listener(
+    config: &Config,
+) -> Result<Option<(TcpListener, super::Guard)>, BrokerError> {
+    use super::Guard;
+    let c = &config.cluster;
+    if c.listen.is_empty() || c.peers.is_empty() {
+        return Ok(None);
+    }
+    let addr: SocketAddr = c
+        .listen
+        .parse()
+        .map_err(|e| BrokerError::Config(format!("cluster.listen: {e}")))?;
+    let guard = if config.tls.enabled() {
+        let identity = crate::security::tls::NodeIdentity::load(&config.tls)
+            .map_err(|e| BrokerError::Config(format!("tls: {e}")))?;
+        let server = identity
+            .server_config()
+            .map_err(|e| BrokerError::Config(format!("tls: {e}")))?;
+        tracing::info!(listen = %addr, "site links need a client certificate signed by the site CA");
+        Guard::Tls(tokio_rustls::TlsAcceptor::from(server))
+    } else {
+        tracing::warn!(listen = %addr, "tls is off: any node can join this site; set [tls] outside a lab");
+        Guard::Node
+    };
+    let listener = TcpListener::bind(addr).map_err(|source| BrokerError::Bind { addr, source })?;
+    Ok(Some((listener, guard)))
+}
+
+/// `auth.mode = "credentials"`: devices log in and publish under their own topics.
+/// `open`: anyone, with a warning.
+fn device_guard(config: &Config) -> Result<super::Guard, BrokerError> {
+    use crate::security::auth::{AuthMode, Authenticator};
+    if config.auth.mode == AuthMode::Open {
+        tracing::warn!(
+            "auth.mode = \"open\": any client can connect and publish readings for any device; \
+             set auth.mode = \"credentials\" outside a lab"
+        );
+        return Ok(super::Guard::Open);
+    }
+    let auth = Arc::new(Authenticator::new(&config.auth));
+    tracing::info!(
+        devices = auth.device_count(),
+        "device authentication on: each device publishes only under sensors/<its id>/"
+    );
+    Ok(super::Guard::Devices(auth))
+}
