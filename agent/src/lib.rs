@@ -11,6 +11,7 @@
 pub mod aggregate;
 pub mod buffer;
 pub mod ingest;
+pub mod labels;
 pub mod mqtt;
 pub mod ops;
 pub mod router;
@@ -82,7 +83,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
     } else {
         Vec::new()
     };
-    let (running, publisher, links) = mqtt::start(&config, queue_tx, metrics.clone(), &extra)
+    let (running, publisher, links) = mqtt::start(&config, queue_tx, &metrics, &extra)
         .await
         .context("starting the MQTT broker")?;
     tracing::info!(
@@ -171,7 +172,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
         buffer,
         publisher,
         &config,
-        metrics.clone(),
+        &metrics,
         status.clone(),
         head_tx,
         writer::Links {

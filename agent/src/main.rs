@@ -247,8 +247,8 @@ fn auth_hash() -> anyhow::Result<ExitCode> {
     if password.is_empty() {
         anyhow::bail!("no password on standard input");
     }
-    let hash =
-        fogline_agent::security::auth::hash_password(password.as_bytes()).map_err(anyhow::Error::msg)?;
+    let hash = fogline_agent::security::auth::hash_password(password.as_bytes())
+        .map_err(anyhow::Error::msg)?;
     process::print(&format!("{hash}\n"))?;
     Ok(ExitCode::SUCCESS)
 }

@@ -10,8 +10,8 @@ use std::sync::atomic::{AtomicIsize, Ordering};
 use std::sync::Arc;
 
 use fogline_agent::buffer::block::{self, Record};
-use fogline_agent::shipping::store::{Applied, Store, Txn};
 use fogline_agent::shipping::proto::BatchFrame;
+use fogline_agent::shipping::store::{Applied, Store, Txn};
 
 struct Counting;
 

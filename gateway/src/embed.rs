@@ -158,7 +158,6 @@ pub fn embed(
     Ok(made)
 }
 
-
 /// Nagle off on rumqttd's listeners.
 mod nodelay {
 

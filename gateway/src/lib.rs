@@ -12,7 +12,7 @@
 pub mod config;
 mod embed;
 mod relay;
-pub use fogline_agent::shipping::store as store;
+pub use fogline_agent::shipping::store;
 
 use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -24,8 +24,8 @@ use axum::extract::State;
 use axum::routing::get;
 use axum::{Json, Router};
 use fogline_agent::mqtt::Publisher;
-use fogline_agent::shipping::receiver::{self, AggOut, Counters, Hooks, Receiver};
 use fogline_agent::shipping::proto;
+use fogline_agent::shipping::receiver::{self, AggOut, Counters, Hooks, Receiver};
 use prometheus_client::registry::Registry;
 
 pub use config::Config;

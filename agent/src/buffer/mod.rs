@@ -28,8 +28,8 @@ use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinitio
 use serde::Serialize;
 
 use crate::aggregate::{Aggregator, Fold, Summary, WindowKey, WindowState};
-use crate::ops::config::{AggregateConfig, BufferConfig};
 use crate::ingest::{DeviceTime, Incoming, Reject};
+use crate::ops::config::{AggregateConfig, BufferConfig};
 use block::{Record, Summaries, SummaryRow};
 use seq::{DeviceState, Insert};
 

@@ -18,9 +18,10 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use super::session::{Dropped, InFlight, Record, Session, Sub};
 use super::topic::{self, Tag};
-use super::{Offered, Server};
-use crate::security::auth::{Authenticator, Refusal};
+use super::Server;
+use crate::ingest::Offered;
 use crate::ingest::{Commits, Done, Reject};
+use crate::security::auth::{Authenticator, Refusal};
 
 /// What a connection may do.
 #[derive(Clone)]

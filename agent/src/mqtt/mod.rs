@@ -21,6 +21,7 @@
 //! docs/agent.md has the alternatives this replaced and why.
 
 mod conn;
+pub mod metrics;
 mod publisher;
 pub mod refusals;
 pub mod session;
@@ -32,27 +33,26 @@ use std::net::{SocketAddr, TcpListener as StdListener};
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use bytes::Bytes;
 use rumqttd::local::{LinkRx, LinkTx};
 use rumqttd::protocol::{Disconnect, DisconnectReasonCode, Packet, Publish, PublishProperties};
 use rumqttd::Notification;
 
-use crate::router::MakeLink;
 use tokio::net::TcpListener;
 
+use crate::ingest::Ingest;
+use crate::router::MakeLink;
 use crate::security::auth::Authenticator;
 use refusals::FrontMetrics;
-use crate::ingest::{self, Done, Queued, Reject};
-use crate::ops::metrics::Metrics;
 use session::{Dropped, Msg, Props, Record, Session, Store};
 use topic::Tag;
 
 pub use conn::{decode_any, Rights};
+pub use metrics::Metrics;
 pub use publisher::Publisher;
 pub use start::{start, Front};
-
 
 /// How often changed sessions are written to `sessions.redb`.
 const PERSIST_EVERY: Duration = Duration::from_millis(100);
@@ -78,93 +78,6 @@ pub struct Settings {
     /// Topics under `fogline/cluster/` and `fogline/repl/` are closed to the device
     /// port (the site has its own listener).
     pub site_private: bool,
-}
-
-/// The readings path: from a connection straight to the writer's queue.
-pub struct Ingest {
-    queue: Mutex<Option<flume::Sender<Queued>>>,
-    limiter: Mutex<crate::ingest::limits::Limiter>,
-    rejects: Mutex<ingest::RejectLog>,
-    metrics: Arc<Metrics>,
-    max_payload: usize,
-}
-
-/// What became of a reading handed to [`Ingest::offer`].
-pub enum Offered {
-    Queued,
-    Rejected(Reject),
-    /// The agent is stopping: no PUBACK, the client re-sends.
-    Closed,
-}
-
-impl Ingest {
-    pub fn new(
-        queue: flume::Sender<Queued>,
-        limits: crate::ingest::limits::LimitsConfig,
-        reject_log: Duration,
-        metrics: Arc<Metrics>,
-        max_payload: usize,
-    ) -> Ingest {
-        Ingest {
-            queue: Mutex::new(Some(queue)),
-            limiter: Mutex::new(crate::ingest::limits::Limiter::new(limits)),
-            rejects: Mutex::new(ingest::RejectLog::new(reject_log)),
-            metrics,
-            max_payload,
-        }
-    }
-
-    /// Validates a publish on `sensors/…` and queues the reading, waiting (without holding
-    /// a thread) when the writer is behind.
-    pub async fn offer(&self, topic: &[u8], payload: &[u8], done: Option<Done>) -> Offered {
-        self.metrics.received.inc();
-        let parsed =
-            ingest::parse(topic, payload, self.max_payload, crate::now_ms()).and_then(|r| {
-                let mut limiter = self.limiter.lock().unwrap_or_else(|e| e.into_inner());
-                limiter.admit(&r.device, Instant::now()).map(|()| r)
-            });
-        let reading = match parsed {
-            Ok(r) => {
-                if matches!(r.time, ingest::DeviceTime::Ahead(_)) {
-                    self.metrics.clock_ahead.inc();
-                }
-                r
-            }
-            Err(reason) => {
-                self.metrics.reject(reason);
-                if let Ok(mut log) = self.rejects.lock() {
-                    log.log(
-                        reason,
-                        &String::from_utf8_lossy(&topic[..topic.len().min(120)]),
-                    );
-                }
-                return Offered::Rejected(reason);
-            }
-        };
-        let Some(queue) = self.queue.lock().unwrap_or_else(|e| e.into_inner()).clone() else {
-            return Offered::Closed;
-        };
-        let item = Queued { reading, done };
-        match queue.try_send(item) {
-            Ok(()) => Offered::Queued,
-            Err(flume::TrySendError::Full(item)) => {
-                self.metrics.queue_full.inc();
-                // Boxed: only a connection that has to wait pays for the wait's state
-                // (with a thousand publishers, a thousand of them wait at saturation).
-                if Box::pin(queue.send_async(item)).await.is_ok() {
-                    Offered::Queued
-                } else {
-                    Offered::Closed
-                }
-            }
-            Err(flume::TrySendError::Disconnected(_)) => Offered::Closed,
-        }
-    }
-
-    /// No more readings: the writer drains its queue and stops.
-    pub fn close(&self) {
-        self.queue.lock().unwrap_or_else(|e| e.into_inner()).take();
-    }
 }
 
 /// The router and every session; shared by all connections.
@@ -271,7 +184,7 @@ impl Server {
             kept += 1;
         }
         self.metrics
-            .mqtt_sessions
+            .sessions
             .set(i64::try_from(self.lock_sessions().len()).unwrap_or(0));
         Ok(kept)
     }
@@ -327,7 +240,7 @@ impl Server {
         let mut sessions = self.lock_sessions();
         sessions.insert(client.to_owned(), session.clone());
         self.metrics
-            .mqtt_sessions
+            .sessions
             .set(i64::try_from(sessions.len()).unwrap_or(0));
         (session, resumed)
     }
@@ -338,7 +251,7 @@ impl Server {
             let mut sessions = self.lock_sessions();
             let s = sessions.remove(client);
             self.metrics
-                .mqtt_sessions
+                .sessions
                 .set(i64::try_from(sessions.len()).unwrap_or(0));
             s
         };
@@ -634,8 +547,8 @@ impl Server {
 
     pub fn dropped(&self, why: Dropped) {
         self.metrics
-            .mqtt_dropped
-            .get_or_create(&crate::ops::metrics::Reason {
+            .dropped
+            .get_or_create(&crate::labels::Reason {
                 reason: why.as_str(),
             })
             .inc();
@@ -727,7 +640,7 @@ impl Server {
                 server.open.fetch_add(1, Ordering::SeqCst);
                 server
                     .metrics
-                    .mqtt_connections
+                    .connections
                     .set(i64::try_from(server.open.load(Ordering::SeqCst)).unwrap_or(0));
                 let server = server.clone();
                 let guard = guard.clone();
@@ -753,7 +666,7 @@ impl Server {
                     server.open.fetch_sub(1, Ordering::SeqCst);
                     server
                         .metrics
-                        .mqtt_connections
+                        .connections
                         .set(i64::try_from(server.open.load(Ordering::SeqCst)).unwrap_or(0));
                 });
             }
@@ -895,7 +808,7 @@ pub(crate) mod tests {
 
     /// A front end over a real router, with no listener, for unit tests.
     pub(crate) fn server(dir: &Path) -> Arc<Server> {
-        let metrics = Arc::new(Metrics::new());
+        let metrics = Arc::new(Metrics::default());
         let (tx, rx) = flume::bounded(16);
         // Readings are not what these tests are about; the queue stays open.
         std::mem::forget(rx);
@@ -903,7 +816,7 @@ pub(crate) mod tests {
             tx,
             crate::ingest::limits::LimitsConfig::default(),
             Duration::from_secs(1),
-            metrics.clone(),
+            Arc::new(crate::ingest::Metrics::default()),
             1024,
         ));
         let settings = Settings {
@@ -947,11 +860,11 @@ pub(crate) mod tests {
             .send(Packet::Publish(publish, Some(bad)))
             .await;
         let tag = Tag::internal(crate::now_ms());
-        let deadline = Instant::now() + Duration::from_secs(10);
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
         let mut n = 0u32;
         let delivered = loop {
             assert!(
-                Instant::now() < deadline,
+                std::time::Instant::now() < deadline,
                 "nothing routed after the link was dropped"
             );
             n += 1;

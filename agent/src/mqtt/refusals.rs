@@ -89,4 +89,3 @@ impl FrontMetrics {
         *entry = (Some(now), 0);
     }
 }
-

@@ -7,7 +7,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::ops::config::Config;
-use crate::ops::metrics::Metrics;
 use crate::router::{BrokerError, Link};
 
 use super::Publisher;
@@ -36,10 +35,11 @@ impl Front {
 pub async fn start(
     config: &Config,
     queue: flume::Sender<crate::ingest::Queued>,
-    metrics: Arc<Metrics>,
+    metrics: &crate::ops::metrics::Metrics,
     extra: &[(&str, &[&str])],
 ) -> Result<(Front, Publisher, Vec<Link>), BrokerError> {
-    use super::{Ingest, Server, Settings};
+    use super::{Server, Settings};
+    use crate::ingest::Ingest;
     let mqtt_cfg = &config.mqtt;
     let v5 = mqtt_cfg
         .listen_v5_addr()
@@ -54,7 +54,10 @@ pub async fn start(
 
     let mut bulk: Vec<&str> = vec!["agg/#"];
     bulk.extend(extra.iter().flat_map(|(_, f)| f.iter().copied()));
-    let make_link = crate::router::start_router(crate::router::router_config(mqtt_cfg.max_connections, &bulk));
+    let make_link = crate::router::start_router(crate::router::router_config(
+        mqtt_cfg.max_connections,
+        &bulk,
+    ));
     let mut links = Vec::with_capacity(extra.len());
     let (publish_tx, _publish_rx) = make_link("fogline-publish").map_err(BrokerError::Link)?;
     for (name, filters) in extra {
@@ -89,10 +92,11 @@ pub async fn start(
         queue,
         config.limits.clone(),
         Duration::from_millis(config.ingest.reject_log_interval_ms),
-        metrics.clone(),
+        metrics.ingest.clone(),
         config.ingest.max_payload_bytes,
     ));
     metrics
+        .mqtt
         .front
         .set_log_every(Duration::from_millis(config.ingest.reject_log_interval_ms));
     let server = Server::new(
@@ -100,7 +104,7 @@ pub async fn start(
         &config.buffer.data_dir,
         ingest,
         settings,
-        metrics.clone(),
+        metrics.mqtt.clone(),
     )
     .map_err(BrokerError::Config)?;
     let restored = server.restore().await.map_err(BrokerError::Config)?;
@@ -135,9 +139,7 @@ pub async fn start(
 
 /// With `cluster.listen`: the site's own listener; over TLS with a client certificate
 /// from the site CA when `[tls]` is set.
-fn node_listener(
-    config: &Config,
-) -> Result<Option<(TcpListener, super::Guard)>, BrokerError> {
+fn node_listener(config: &Config) -> Result<Option<(TcpListener, super::Guard)>, BrokerError> {
     use super::Guard;
     let c = &config.cluster;
     if c.listen.is_empty() || c.peers.is_empty() {

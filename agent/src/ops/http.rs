@@ -37,7 +37,7 @@ pub fn router(state: Arc<AppState>) -> Router {
 
 async fn metrics(State(s): State<Arc<AppState>>) -> impl IntoResponse {
     if let Some(up) = &s.uplink {
-        s.metrics.set_uplink(&up.snapshot());
+        s.metrics.uplink.set(&up.snapshot());
     }
     (
         [(
@@ -50,7 +50,7 @@ async fn metrics(State(s): State<Arc<AppState>>) -> impl IntoResponse {
 
 async fn status(State(s): State<Arc<AppState>>) -> Json<serde_json::Value> {
     let b = s.buffer.lock().map(|b| *b).unwrap_or_default();
-    let m = &s.metrics;
+    let m = &s.metrics.ingest;
     let site = s
         .site_status
         .as_ref()

@@ -7,14 +7,13 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-pub use rumqttd::local::{LinkError, LinkRx, LinkTx};
 use rumqttd::local::LinkBuilder;
+pub use rumqttd::local::{LinkError, LinkRx, LinkTx};
 use rumqttd::protocol::Publish;
 use rumqttd::{Notification, Router, RouterConfig};
 
 /// Makes an in-process link to the router, by name.
 pub type MakeLink = dyn Fn(&str) -> Result<(LinkTx, LinkRx), Box<LinkError>> + Send + Sync;
-
 
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]

@@ -114,10 +114,11 @@ pub fn node(
     let ca_cert_path = ca_dir.join("ca.pem");
     let ca_key_path = ca_dir.join("ca.key");
     let ca_pem = read_text(&ca_cert_path)?;
-    let ca_key_pem = crate::security::tls::read_private(&ca_key_path).map_err(|e| CertsError::Invalid {
-        path: ca_key_path.clone(),
-        reason: e.to_string(),
-    })?;
+    let ca_key_pem =
+        crate::security::tls::read_private(&ca_key_path).map_err(|e| CertsError::Invalid {
+            path: ca_key_path.clone(),
+            reason: e.to_string(),
+        })?;
     let ca_key = KeyPair::from_pem(&ca_key_pem).map_err(|e| CertsError::Invalid {
         path: ca_key_path.clone(),
         reason: format!("not a private key: {e}"),

@@ -17,11 +17,11 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 
+use crate::buffer::block;
 use crate::mqtt::Publisher;
 use crate::router::{self, BrokerError, Worker};
-use crate::buffer::block;
-use crate::shipping::store::{Applied, Store, Txn};
 use crate::shipping::proto::{self, Scheme, Topic};
+use crate::shipping::store::{Applied, Store, Txn};
 
 /// One publish on the scheme's topics.
 pub struct Message {

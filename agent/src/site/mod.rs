@@ -27,13 +27,13 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
-use crate::mqtt::Publisher;
-use crate::router::{self, LinkRx, LinkTx, Worker};
 use crate::buffer::Log;
+use crate::mqtt::Publisher;
 use crate::ops::config::{Config, Peer};
-use crate::shipping::store::{Store, StoreReader};
-use crate::shipping::receiver::{self, AggOut, Counters, Hooks, Receiver};
+use crate::router::{self, LinkRx, LinkTx, Worker};
 use crate::shipping::proto;
+use crate::shipping::receiver::{self, AggOut, Counters, Hooks, Receiver};
+use crate::shipping::store::{Store, StoreReader};
 use crate::uplink::{self, Shared, Source, Uplink};
 
 /// The number the election state machine knows a node by: FNV-1a of its id.

@@ -19,13 +19,15 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 use serde::Serialize;
 use tokio::sync::{watch, Notify};
 
 use crate::buffer::{Log, StoredBlock};
-use crate::shipping::proto;
 use crate::ops::config::UplinkConfig;
+use crate::shipping::proto;
 
 /// Where an uplink reads the log it ships: the agent's own buffer, or a replica of a
 /// peer's log that this agent holds.
@@ -105,6 +107,81 @@ impl AggRelay {
             }
         }
         out
+    }
+}
+
+/// The uplink's figures on `/metrics` (`fogline_uplink_*`), copied from its status.
+#[derive(Default)]
+pub struct Metrics {
+    connected: Gauge,
+    acked: Gauge,
+    sent: Gauge,
+    backlog: Gauge,
+    in_flight: Gauge,
+    connects: Gauge,
+    batches: Gauge,
+    bytes: Gauge,
+}
+
+impl Metrics {
+    pub fn register(&self, r: &mut Registry) {
+        for (name, help, g) in [
+            (
+                "uplink_connected",
+                "1 while the uplink to the gateway is connected",
+                &self.connected,
+            ),
+            (
+                "uplink_acked_offset",
+                "The gateway has every reading below this offset",
+                &self.acked,
+            ),
+            (
+                "uplink_sent_offset",
+                "Readings below this offset were sent",
+                &self.sent,
+            ),
+            (
+                "uplink_backlog_readings",
+                "Readings the gateway does not have yet",
+                &self.backlog,
+            ),
+            (
+                "uplink_in_flight_readings",
+                "Readings sent but not yet acked",
+                &self.in_flight,
+            ),
+            (
+                "uplink_connects",
+                "Successful uplink connections since start",
+                &self.connects,
+            ),
+            (
+                "uplink_batches_sent",
+                "Batches sent upstream since start",
+                &self.batches,
+            ),
+            (
+                "uplink_bytes_sent",
+                "Batch bytes sent upstream since start",
+                &self.bytes,
+            ),
+        ] {
+            r.register(name, help, g.clone());
+        }
+    }
+
+    /// Copies the uplink's state into its gauges.
+    pub fn set(&self, u: &UplinkStatus) {
+        let g = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
+        self.connected.set(i64::from(u.link == "connected"));
+        self.acked.set(g(u.acked));
+        self.sent.set(g(u.sent));
+        self.backlog.set(g(u.backlog()));
+        self.in_flight.set(g(u.in_flight()));
+        self.connects.set(g(u.connects));
+        self.batches.set(g(u.batches_sent));
+        self.bytes.set(g(u.bytes_sent));
     }
 }
 

@@ -12,12 +12,14 @@ use std::time::{Duration, Instant};
 use fogline_firmware::wire::Ack;
 use tokio::sync::watch;
 
-use crate::mqtt::Publisher;
 use crate::buffer::{Buffer, BufferError, Meta};
-use crate::ops::config::Config;
 use crate::ingest::{Incoming, Outcome, Queued};
-use crate::ops::metrics::Metrics;
+use crate::mqtt::Publisher;
+use crate::ops::config::Config;
+pub mod metrics;
+
 use crate::uplink;
+pub use metrics::Metrics;
 
 /// How often the changed windows are written to disk (with the next commit).
 const CHECKPOINT_EVERY: Duration = Duration::from_secs(1);
@@ -51,6 +53,7 @@ pub struct Pipeline {
     buffer: Buffer,
     publisher: Publisher,
     metrics: Arc<Metrics>,
+    ingest_metrics: Arc<crate::ingest::Metrics>,
     status: Arc<Mutex<BufferStatus>>,
     batch_max: usize,
     batch_delay: Duration,
@@ -76,7 +79,7 @@ impl Pipeline {
         buffer: Buffer,
         publisher: Publisher,
         config: &Config,
-        metrics: Arc<Metrics>,
+        metrics: &crate::ops::metrics::Metrics,
         status: Arc<Mutex<BufferStatus>>,
         head: watch::Sender<u64>,
         links: Links,
@@ -84,7 +87,8 @@ impl Pipeline {
         let p = Pipeline {
             buffer,
             publisher,
-            metrics,
+            metrics: metrics.writer.clone(),
+            ingest_metrics: metrics.ingest.clone(),
             status,
             batch_max: config.buffer.batch_max_readings,
             batch_delay: Duration::from_millis(config.buffer.batch_max_delay_ms),
@@ -218,11 +222,11 @@ impl Pipeline {
                 if done.accepted > 0 {
                     self.metrics.commits.inc();
                 }
-                self.metrics.accepted.inc_by(done.accepted);
-                self.metrics.duplicates.inc_by(done.duplicates);
+                self.ingest_metrics.accepted.inc_by(done.accepted);
+                self.ingest_metrics.duplicates.inc_by(done.duplicates);
                 self.metrics.aggregates_too_late.inc_by(done.too_late);
                 for &(i, why) in &done.refused {
-                    self.metrics.reject(why);
+                    self.ingest_metrics.reject(why);
                     self.refusals
                         .log(why, batch.get(i).map_or("", |r| r.device.as_str()));
                 }
