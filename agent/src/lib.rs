@@ -9,6 +9,7 @@
 //! [`metrics`].
 
 pub mod aggregate;
+pub mod batch;
 pub mod buffer;
 pub mod ingest;
 pub mod labels;
@@ -17,13 +18,14 @@ pub mod ops;
 pub mod router;
 pub mod security;
 pub mod shipping;
+pub mod shutdown;
 pub mod site;
 pub mod uplink;
 pub mod writer;
 
 use std::future::Future;
 use std::sync::{Arc, Mutex};
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::Context;
 
@@ -36,10 +38,13 @@ pub fn now_ms() -> i64 {
         .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
 }
 
-/// Runs the agent until `shutdown` completes, then stops ingest, commits what is queued,
-/// checkpoints the aggregates and returns.
+/// Runs the agent until `shutdown` completes, then stops its components from the edges
+/// inwards: the HTTP surface, the uplinks and the site, the front end (no more readings;
+/// sessions saved), and last the writer, which commits what is queued and checkpoints the
+/// aggregates.
 pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
     let cluster_on = !config.cluster.peers.is_empty();
+    let uplink_on = !config.uplink.gateway.is_empty();
     let replica_counters = Arc::new(shipping::receiver::Counters::default());
     let mut metrics = ops::metrics::Metrics::new();
     if cluster_on {
@@ -63,11 +68,11 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
         devices = buffer.devices(),
         "buffer open"
     );
-
     let http_listener = tokio::net::TcpListener::bind(config.http.listen)
         .await
         .with_context(|| format!("cannot listen for HTTP on {}", config.http.listen))?;
 
+    // The front end, with the router links the site needs.
     let origin = buffer.origin(&config.node.id);
     let (queue_tx, queue_rx) = flume::bounded(config.ingest.queue_readings);
     let cluster_filter = site::cluster_topic(&config.node.site, &config.node.id);
@@ -83,9 +88,17 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
     } else {
         Vec::new()
     };
-    let (running, publisher, links) = mqtt::start(&config, queue_tx, &metrics, &extra)
-        .await
-        .context("starting the MQTT broker")?;
+    let (front, publisher, links) = mqtt::start(
+        &front_config(&config),
+        queue_tx,
+        mqtt::StartMetrics {
+            mqtt: metrics.mqtt.clone(),
+            ingest: metrics.ingest.clone(),
+        },
+        &extra,
+    )
+    .await
+    .context("starting the MQTT broker")?;
     tracing::info!(
         mqtt = %config.mqtt.listen,
         mqtt_v5 = %config.mqtt.listen_v5,
@@ -97,11 +110,13 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
         "fogline-agent ready"
     );
 
-    let uplink_tls = security::tls::uplink_tls(&config).context("loading the TLS files (tls.*)")?;
+    let (stop, stopping) = shutdown::channel();
+    let client_tls = security::tls::client_tls(&config.tls, uplink_on)
+        .context("loading the TLS files (tls.*)")?;
     let (head_tx, head_rx) = tokio::sync::watch::channel(meta.next_offset);
-    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let uplink_shared = Arc::new(uplink::Shared::default());
-    let uplink_on = !config.uplink.gateway.is_empty();
+
+    // The site: replication, replicas, the election.
     let site = if cluster_on {
         let mut links = links.into_iter();
         let (Some(cluster_link), Some(repl_link), Some((repl_out, _))) =
@@ -111,7 +126,13 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
         };
         Some(
             site::start(site::SiteParts {
-                config: config.clone(),
+                config: site::SiteConfig {
+                    node_id: config.node.id.clone(),
+                    site: config.node.site.clone(),
+                    cluster: config.cluster.clone(),
+                    uplink: config.uplink.clone(),
+                    buffer: config.buffer.clone(),
+                },
                 origin: origin.clone(),
                 log: buffer.log(),
                 head: head_rx.clone(),
@@ -120,33 +141,39 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
                 repl_link,
                 repl_out,
                 counters: replica_counters,
-                gateway_tls: uplink_tls.clone(),
-                shutdown: stop_rx.clone(),
+                gateway_tls: client_tls.clone(),
+                shutdown: stopping.clone(),
             })
             .context("starting the site cluster")?,
         )
     } else {
         None
     };
-    let uplink_task = uplink_on.then(|| {
-        let up = uplink::Uplink {
-            config: config.uplink.clone(),
-            destination: config.uplink.gateway.clone(),
-            scheme: shipping::proto::UPLINK,
-            site: config.node.site.clone(),
-            origin: origin.clone(),
-            source: Arc::new(buffer.log()),
-            head: head_rx,
-            shared: uplink_shared.clone(),
-            // In a site, only the leader holding its lease uplinks.
-            active: site.as_ref().map(|s| s.lease.clone()),
-            tls: uplink_tls.clone(),
-        };
-        tokio::spawn(up.run(stop_rx))
+
+    // The uplink of this agent's own log.
+    let uplink = uplink_on.then(|| {
+        uplink::spawn(
+            uplink::Uplink {
+                config: config.uplink.clone(),
+                destination: config.uplink.gateway.clone(),
+                scheme: shipping::proto::UPLINK,
+                site: config.node.site.clone(),
+                origin: origin.clone(),
+                source: Arc::new(buffer.log()),
+                head: head_rx,
+                shared: uplink_shared.clone(),
+                // In a site, only the leader holding its lease uplinks.
+                active: site.as_ref().map(|s| s.lease.clone()),
+                tls: client_tls.clone(),
+            },
+            stopping.clone(),
+        )
     });
     if !uplink_on {
         tracing::info!("no uplink.gateway configured: readings stay on this site");
     }
+
+    // The writer, with what it shares with the uplink and the site.
     let mut relays = Vec::new();
     if uplink_on {
         relays.push(uplink_shared.clone());
@@ -155,76 +182,86 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
     if let Some(site) = &site {
         relays.extend(site.replicators.iter().cloned());
         if config.cluster.replicated_acks() {
-            let replicators = site.replicators.clone();
-            let min_insync = config.cluster.min_insync;
-            insync = Some(Box::new(move |head| {
-                site::insync_offset(
-                    head,
-                    replicators
-                        .iter()
-                        .map(|r| r.acked.load(std::sync::atomic::Ordering::SeqCst)),
-                    min_insync,
-                )
-            }));
+            insync = Some(site.insync_gauge());
         }
     }
-    let pipe = writer::Pipeline::new(
-        buffer,
-        publisher,
-        &config,
-        &metrics,
-        status.clone(),
-        head_tx,
-        writer::Links {
-            // Followers learn the gateway's ack of their log from the leader.
-            gateway: (uplink_on || site.is_some()).then(|| uplink_shared.clone()),
-            relays,
-            insync,
+    let writer = writer::spawn(
+        writer::WriterParts {
+            config: writer_config(&config),
+            buffer,
+            publisher,
+            metrics: metrics.writer.clone(),
+            ingest_metrics: metrics.ingest.clone(),
+            status: status.clone(),
+            head: head_tx,
+            links: writer::Links {
+                // Followers learn the gateway's ack of their log from the leader.
+                gateway: (uplink_on || site.is_some()).then(|| uplink_shared.clone()),
+                relays,
+                insync,
+            },
         },
-    );
-    let writer = std::thread::Builder::new()
-        .name("buffer-writer".into())
-        .spawn(move || pipe.run(queue_rx))
-        .context("starting the writer thread")?;
+        queue_rx,
+    )
+    .context("starting the writer thread")?;
 
-    let state = Arc::new(ops::http::AppState {
-        node_id: config.node.id.clone(),
-        site: config.node.site.clone(),
-        metrics,
-        buffer: status,
-        uplink: uplink_on.then_some(uplink_shared),
-        site_status: site.as_ref().map(|s| s.status.clone()),
-        origin,
-        started: Instant::now(),
-    });
-    let (stop_http, http_stopped) = tokio::sync::oneshot::channel::<()>();
-    let http = tokio::spawn(ops::http::serve(http_listener, state, async {
-        let _ = http_stopped.await;
-    }));
+    let http = ops::http::spawn(
+        http_listener,
+        Arc::new(ops::http::AppState {
+            node_id: config.node.id.clone(),
+            site: config.node.site.clone(),
+            metrics,
+            buffer: status,
+            uplink: uplink_on.then_some(uplink_shared),
+            site_status: site.as_ref().map(|s| s.status.clone()),
+            origin,
+            started: Instant::now(),
+        }),
+        stopping,
+    );
 
     shutdown.await;
     tracing::info!("shutting down: committing what is queued");
-    let _ = stop_http.send(());
-    let _ = stop_tx.send(true);
-    if let Some(task) = uplink_task {
-        let _ = task.await;
+    stop.fire();
+    http.stop().await;
+    if let Some(uplink) = uplink {
+        uplink.stop().await;
     }
     if let Some(site) = site {
         site.stop().await;
     }
-    running.stop().await;
-    tokio::task::spawn_blocking(move || {
-        if writer.join().is_err() {
-            tracing::error!("the writer thread panicked");
-        }
-    })
-    .await
-    .context("shutdown task")?;
-    match http.await {
-        Ok(Err(e)) => tracing::warn!("HTTP server: {e}"),
-        Err(e) => tracing::warn!("HTTP task: {e}"),
-        Ok(Ok(())) => {}
-    }
+    front.stop().await;
+    writer.stop().await;
     tracing::info!("stopped");
     Ok(())
+}
+
+/// The front end's part of the configuration.
+fn front_config(config: &Config) -> mqtt::FrontConfig {
+    mqtt::FrontConfig {
+        mqtt: config.mqtt.clone(),
+        ingest: config.ingest.clone(),
+        limits: config.limits.clone(),
+        auth: config.auth.clone(),
+        tls: config.tls.clone(),
+        data_dir: config.buffer.data_dir.clone(),
+        site: (!config.cluster.peers.is_empty()).then(|| mqtt::SiteListener {
+            listen: config.cluster.listen.clone(),
+            peers: config.cluster.peers.len(),
+            max_batch_bytes: config.cluster.max_batch_bytes,
+        }),
+    }
+}
+
+/// The writer's part of the configuration.
+fn writer_config(config: &Config) -> writer::WriterConfig {
+    writer::WriterConfig {
+        batch_max: config.buffer.batch_max_readings,
+        batch_delay: Duration::from_millis(config.buffer.batch_max_delay_ms),
+        publish_every: Duration::from_millis(config.aggregate.publish_interval_ms),
+        quantiles: config.aggregate.quantiles.clone(),
+        reject_log_every: Duration::from_millis(config.ingest.reject_log_interval_ms),
+        retention: Duration::from_secs(config.uplink.retention_secs),
+        capacity_bytes: config.buffer.max_bytes,
+    }
 }

@@ -206,6 +206,13 @@ impl Ack {
         }
         Ok(ack)
     }
+
+    /// The ack payload as the agent publishes it, `{"boot":B,"seq":W}`, written into `buf`
+    /// (at most [`MAX_ACK_LEN`] bytes): the one encoding of it, which [`Ack::parse`] reads.
+    pub fn encode<'b>(&self, buf: &'b mut [u8]) -> Result<&'b [u8], Error> {
+        let n = serde_json_core::to_slice(self, buf).map_err(|_| Error::BufferFull)?;
+        buf.get(..n).ok_or(Error::BufferFull)
+    }
 }
 
 #[cfg(test)]
@@ -275,6 +282,18 @@ mod tests {
             ..reading
         };
         assert_eq!(encode(&nan, &mut buf), Err(Error::NonFinite));
+    }
+
+    #[test]
+    fn an_encoded_ack_parses_back() {
+        let mut buf = [0u8; MAX_ACK_LEN];
+        let ack = Ack {
+            boot: u32::MAX,
+            seq: 1234,
+        };
+        let bytes = ack.encode(&mut buf).expect("fits");
+        assert_eq!(bytes, br#"{"boot":4294967295,"seq":1234}"#);
+        assert_eq!(Ack::parse(bytes), Ok(ack));
     }
 
     #[test]

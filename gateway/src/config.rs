@@ -61,7 +61,9 @@ impl Config {
 
     pub fn validate(&self) -> Result<(), ConfigError> {
         let bad = |m: String| Err(ConfigError::Invalid(m));
-        self.mqtt.listen_v5_addr()?;
+        self.mqtt
+            .listen_v5_addr()
+            .map_err(fogline_agent::ops::config::ConfigError::Invalid)?;
         if self.mqtt.max_packet_bytes < 64 * 1024 {
             return bad("mqtt.max_packet_bytes must be at least 65536 (uplink batches)".into());
         }

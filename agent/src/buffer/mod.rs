@@ -17,6 +17,7 @@
 //! acknowledged reading is stored exactly once whatever moment the process dies at.
 
 pub mod block;
+pub mod config;
 pub mod seq;
 
 use std::collections::HashMap;
@@ -27,10 +28,11 @@ use fogline_firmware::wire::Ack;
 use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinition};
 use serde::Serialize;
 
+use crate::aggregate::AggregateConfig;
 use crate::aggregate::{Aggregator, Fold, Summary, WindowKey, WindowState};
 use crate::ingest::{DeviceTime, Incoming, Reject};
-use crate::ops::config::{AggregateConfig, BufferConfig};
 use block::{Record, Summaries, SummaryRow};
+pub use config::{buffer_path, BufferConfig};
 use seq::{DeviceState, Insert};
 
 const BLOCKS: TableDefinition<u64, &[u8]> = TableDefinition::new("blocks");
@@ -438,7 +440,7 @@ impl Buffer {
     ) -> Result<Buffer, BufferError> {
         std::fs::create_dir_all(&cfg.data_dir)
             .map_err(|e| BufferError::DataDir(cfg.data_dir.clone(), e))?;
-        let path = crate::ops::config::buffer_path(&cfg.data_dir);
+        let path = buffer_path(&cfg.data_dir);
         let db = open_db(&path, cfg.cache_bytes)?;
         let txn = db.begin_write()?;
         let incarnation = {
@@ -1388,7 +1390,7 @@ pub struct Inspect {
 
 impl Inspect {
     pub fn open(data_dir: &Path) -> Result<Inspect, BufferError> {
-        let path = crate::ops::config::buffer_path(data_dir);
+        let path = buffer_path(data_dir);
         if !path.exists() {
             return Err(corrupt(
                 "data directory",

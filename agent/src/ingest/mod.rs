@@ -3,6 +3,7 @@
 //! writer with the ack cursor of its connection ([`queue`]); refusals are counted and
 //! logged ([`reject_log`], [`Metrics`]).
 
+pub mod config;
 pub mod limits;
 pub mod parse;
 pub mod queue;
@@ -17,6 +18,7 @@ use prometheus_client::registry::Registry;
 
 use crate::labels::Reason;
 
+pub use config::IngestConfig;
 pub use parse::{
     parse, parse_topic, DeviceTime, Incoming, Reject, MAX_CLOCK_AHEAD_MS, SENSOR_FILTER,
     SENSOR_PREFIX,

@@ -20,6 +20,7 @@
 //!
 //! docs/agent.md has the alternatives this replaced and why.
 
+pub mod config;
 mod conn;
 pub mod metrics;
 mod publisher;
@@ -52,7 +53,7 @@ use topic::Tag;
 pub use conn::{decode_any, Rights};
 pub use metrics::Metrics;
 pub use publisher::Publisher;
-pub use start::{start, Front};
+pub use start::{start, Front, FrontConfig, SiteListener, StartMetrics};
 
 /// How often changed sessions are written to `sessions.redb`.
 const PERSIST_EVERY: Duration = Duration::from_millis(100);
@@ -791,11 +792,11 @@ async fn drain(server: Arc<Server>, session: std::sync::Weak<Session>, mut rx: L
 }
 
 /// Writes sessions every [`PERSIST_EVERY`] until `stop`, then once more.
-pub async fn persist_loop(server: Arc<Server>, mut stop: tokio::sync::watch::Receiver<bool>) {
+pub async fn persist_loop(server: Arc<Server>, mut stop: crate::shutdown::Shutdown) {
     loop {
         tokio::select! {
             _ = tokio::time::sleep(PERSIST_EVERY) => {}
-            _ = stop.changed() => break,
+            () = stop.fired() => break,
         }
         server.persist().await;
     }

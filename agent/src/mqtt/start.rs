@@ -6,15 +6,20 @@ use std::net::{SocketAddr, TcpListener};
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::ops::config::Config;
+use crate::ingest::limits::LimitsConfig;
+use crate::ingest::IngestConfig;
 use crate::router::{BrokerError, Link};
+use crate::security::auth::AuthConfig;
+use crate::security::tls::TlsConfig;
+
+use super::config::MqttConfig;
 
 use super::Publisher;
 
 /// The agent's MQTT side, running: stop it to close ingest and save the sessions.
 pub struct Front {
     server: Arc<super::Server>,
-    stop: tokio::sync::watch::Sender<bool>,
+    stop: crate::shutdown::Trigger,
     persist: tokio::task::JoinHandle<()>,
 }
 
@@ -23,9 +28,39 @@ impl Front {
     /// sessions a last time.
     pub async fn stop(self) {
         self.server.ingest.close();
-        let _ = self.stop.send(true);
+        self.stop.fire();
         let _ = self.persist.await;
     }
+}
+
+/// What the front end is told by the configuration.
+#[derive(Debug, Clone)]
+pub struct FrontConfig {
+    pub mqtt: MqttConfig,
+    pub ingest: IngestConfig,
+    pub limits: LimitsConfig,
+    pub auth: AuthConfig,
+    pub tls: TlsConfig,
+    /// Where `sessions.redb` lives.
+    pub data_dir: std::path::PathBuf,
+    /// In a site: how peers reach this agent.
+    pub site: Option<SiteListener>,
+}
+
+/// How the other agents of a site reach this one.
+#[derive(Debug, Clone)]
+pub struct SiteListener {
+    /// `cluster.listen`; empty: they use `mqtt.listen`.
+    pub listen: String,
+    pub peers: usize,
+    /// `cluster.max_batch_bytes`: the largest batch a peer ships.
+    pub max_batch_bytes: usize,
+}
+
+/// The front end's metrics and the ingest metrics of the readings it takes.
+pub struct StartMetrics {
+    pub mqtt: Arc<super::Metrics>,
+    pub ingest: Arc<crate::ingest::Metrics>,
 }
 
 /// Starts the agent's MQTT side: rumqttd's router, the front end on every listener
@@ -33,17 +68,15 @@ impl Front {
 /// one link per entry of `extra` (name, filters), returned in that order. Readings go
 /// from the front end to `queue`.
 pub async fn start(
-    config: &Config,
+    config: &FrontConfig,
     queue: flume::Sender<crate::ingest::Queued>,
-    metrics: &crate::ops::metrics::Metrics,
+    metrics: StartMetrics,
     extra: &[(&str, &[&str])],
 ) -> Result<(Front, Publisher, Vec<Link>), BrokerError> {
     use super::{Server, Settings};
     use crate::ingest::Ingest;
     let mqtt_cfg = &config.mqtt;
-    let v5 = mqtt_cfg
-        .listen_v5_addr()
-        .map_err(|e| BrokerError::Config(e.to_string()))?;
+    let v5 = mqtt_cfg.listen_v5_addr().map_err(BrokerError::Config)?;
     // Bind everything first: a taken port is an error now, not a log line later.
     let mut device_listeners = Vec::new();
     for addr in std::iter::once(mqtt_cfg.listen).chain(v5) {
@@ -68,14 +101,14 @@ pub async fn start(
         links.push((tx, rx));
     }
 
-    let cluster_on = !config.cluster.peers.is_empty();
+    let cluster_on = config.site.is_some();
     let settings = Settings {
         max_packet: mqtt_cfg.max_packet_bytes,
         // Replication batches are larger than readings; only peers get to send them.
         max_batch_packet: if cluster_on {
             mqtt_cfg
                 .max_packet_bytes
-                .max(config.cluster.max_batch_bytes + 1024)
+                .max(config.site.as_ref().map_or(0, |s| s.max_batch_bytes) + 1024)
         } else {
             mqtt_cfg.max_packet_bytes
         },
@@ -86,7 +119,7 @@ pub async fn start(
         session_expiry_max_secs: mqtt_cfg.session_expiry_max_secs,
         connect_timeout: Duration::from_millis(u64::from(mqtt_cfg.connect_timeout_ms)),
         max_connections: mqtt_cfg.max_connections,
-        site_private: cluster_on && !config.cluster.listen.is_empty(),
+        site_private: config.site.as_ref().is_some_and(|s| !s.listen.is_empty()),
     };
     let ingest = Arc::new(Ingest::new(
         queue,
@@ -101,7 +134,7 @@ pub async fn start(
         .set_log_every(Duration::from_millis(config.ingest.reject_log_interval_ms));
     let server = Server::new(
         make_link,
-        &config.buffer.data_dir,
+        &config.data_dir,
         ingest,
         settings,
         metrics.mqtt.clone(),
@@ -119,12 +152,12 @@ pub async fn start(
             .map_err(|e| BrokerError::Config(format!("cannot start the MQTT listener: {e}")))?;
     }
     if let Some((listener, guard)) = node {
-        let max = 4 * (config.cluster.peers.len() + 1);
+        let max = 4 * (config.site.as_ref().map_or(0, |s| s.peers) + 1);
         server
             .listen(listener, guard, max)
             .map_err(|e| BrokerError::Config(format!("cannot start the node listener: {e}")))?;
     }
-    let (stop, stop_rx) = tokio::sync::watch::channel(false);
+    let (stop, stop_rx) = crate::shutdown::channel();
     let persist = tokio::spawn(super::persist_loop(server.clone(), stop_rx));
     Ok((
         Front {
@@ -139,12 +172,11 @@ pub async fn start(
 
 /// With `cluster.listen`: the site's own listener; over TLS with a client certificate
 /// from the site CA when `[tls]` is set.
-fn node_listener(config: &Config) -> Result<Option<(TcpListener, super::Guard)>, BrokerError> {
+fn node_listener(config: &FrontConfig) -> Result<Option<(TcpListener, super::Guard)>, BrokerError> {
     use super::Guard;
-    let c = &config.cluster;
-    if c.listen.is_empty() || c.peers.is_empty() {
+    let Some(c) = config.site.as_ref().filter(|s| !s.listen.is_empty()) else {
         return Ok(None);
-    }
+    };
     let addr: SocketAddr = c
         .listen
         .parse()
@@ -167,7 +199,7 @@ fn node_listener(config: &Config) -> Result<Option<(TcpListener, super::Guard)>,
 
 /// `auth.mode = "credentials"`: devices log in and publish under their own topics.
 /// `open`: anyone, with a warning.
-fn device_guard(config: &Config) -> Result<super::Guard, BrokerError> {
+fn device_guard(config: &FrontConfig) -> Result<super::Guard, BrokerError> {
     use crate::security::auth::{AuthMode, Authenticator};
     if config.auth.mode == AuthMode::Open {
         tracing::warn!(

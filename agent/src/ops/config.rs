@@ -6,6 +6,13 @@
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
+pub use crate::aggregate::AggregateConfig;
+pub use crate::buffer::config::{buffer_path, BufferConfig};
+pub use crate::ingest::config::IngestConfig;
+pub use crate::mqtt::config::MqttConfig;
+pub use crate::site::config::{AckAfter, ClusterConfig, Peer};
+pub use crate::uplink::config::UplinkConfig;
+
 use figment::providers::{Env, Format, Toml};
 use figment::Figment;
 use serde::{Deserialize, Serialize};
@@ -46,91 +53,6 @@ pub struct Config {
     pub limits: crate::ingest::limits::LimitsConfig,
 }
 
-/// When the ack on `fogline/ack/<device>` is published.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum AckAfter {
-    /// `replicated` when the site has peers, `local` otherwise.
-    Auto,
-    /// Once the reading is committed on this agent.
-    Local,
-    /// Once the reading is durable on `cluster.min_insync` agents.
-    Replicated,
-}
-
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct ClusterConfig {
-    /// The other agents of the site, `ID=HOST:PORT` (their node listener, `listen`, or
-    /// their MQTT 3.1.1 listener when they have none).
-    pub peers: Vec<String>,
-    /// Where the other agents of the site connect (`HOST:PORT`): over TLS with a client
-    /// certificate from the site CA when `[tls]` is set. Empty: through `mqtt.listen`.
-    pub listen: String,
-    /// Largest replication batch accepted from a peer, in bytes.
-    pub max_batch_bytes: usize,
-    pub ack_after: AckAfter,
-    pub min_insync: usize,
-    /// Agents holding each origin's log, the origin included; 0: every agent.
-    pub replication_factor: usize,
-    pub tick_ms: u64,
-    pub election_timeout_min_ticks: u64,
-    pub election_timeout_max_ticks: u64,
-    pub heartbeat_ticks: u64,
-    pub lease_ticks: u64,
-}
-
-/// One peer from `cluster.peers`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Peer {
-    pub id: String,
-    /// `HOST:PORT` of its MQTT listener.
-    pub addr: String,
-}
-
-impl ClusterConfig {
-    /// The peers, parsed and checked.
-    pub fn peers(&self) -> Result<Vec<Peer>, ConfigError> {
-        let mut out: Vec<Peer> = Vec::new();
-        for entry in &self.peers {
-            let bad = || {
-                ConfigError::Invalid(format!(
-                    "cluster.peers entry {entry:?}: expected ID=HOST:PORT"
-                ))
-            };
-            let (id, addr) = entry.split_once('=').ok_or_else(bad)?;
-            let (host, port) = addr.rsplit_once(':').ok_or_else(bad)?;
-            if host.is_empty() || port.parse::<u16>().is_err() {
-                return Err(bad());
-            }
-            if !fogline_firmware::wire::valid_id(id) {
-                return Err(ConfigError::Invalid(format!(
-                    "cluster.peers: peer id {id:?}: use 1-32 characters of [A-Za-z0-9_.-]"
-                )));
-            }
-            if out.iter().any(|p| p.id == id) {
-                return Err(ConfigError::Invalid(format!(
-                    "cluster.peers: peer {id} is listed twice"
-                )));
-            }
-            out.push(Peer {
-                id: id.to_owned(),
-                addr: addr.to_owned(),
-            });
-        }
-        Ok(out)
-    }
-
-    /// Whether device acks wait for replication.
-    pub fn replicated_acks(&self) -> bool {
-        match self.ack_after {
-            AckAfter::Auto => !self.peers.is_empty(),
-            AckAfter::Local => false,
-            AckAfter::Replicated => true,
-        }
-    }
-}
-
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct NodeConfig {
@@ -140,90 +62,8 @@ pub struct NodeConfig {
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct MqttConfig {
-    pub listen: SocketAddr,
-    /// Empty: no MQTT 5 listener.
-    pub listen_v5: String,
-    pub max_connections: usize,
-    pub max_packet_bytes: usize,
-    pub max_inflight: usize,
-    /// The agent's sessions (the gateway has none of its own).
-    #[serde(default = "default_max_queued")]
-    pub max_queued_messages: usize,
-    #[serde(default = "default_session_expiry")]
-    pub session_expiry_max_secs: u32,
-    pub connect_timeout_ms: u16,
-    /// Topic aliases an MQTT 5 client may set (Topic Alias Maximum); 0: none.
-    #[serde(default = "default_topic_alias_max")]
-    pub topic_alias_max: u16,
-    /// Longest keep alive a client may ask for; 0: any (including none).
-    #[serde(default)]
-    pub max_keep_alive_secs: u16,
-}
-
-fn default_topic_alias_max() -> u16 {
-    32
-}
-
-fn default_max_queued() -> usize {
-    1000
-}
-
-fn default_session_expiry() -> u32 {
-    7 * 24 * 3600
-}
-
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct HttpConfig {
     pub listen: SocketAddr,
-}
-
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct IngestConfig {
-    pub max_payload_bytes: usize,
-    pub queue_readings: usize,
-    pub reject_log_interval_ms: u64,
-}
-
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct BufferConfig {
-    pub data_dir: PathBuf,
-    pub max_bytes: u64,
-    pub downsample_at: f64,
-    pub downsample_to: f64,
-    pub downsample_window_secs: u32,
-    pub batch_max_readings: usize,
-    pub batch_max_delay_ms: u64,
-    pub cache_bytes: usize,
-    pub min_free_disk_bytes: u64,
-}
-
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct AggregateConfig {
-    pub windows_secs: Vec<u32>,
-    pub lateness_secs: u32,
-    pub publish_interval_ms: u64,
-    pub quantiles: Vec<f64>,
-}
-
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct UplinkConfig {
-    /// HOST:PORT of the gateway's MQTT listener; empty: no uplink.
-    pub gateway: String,
-    pub batch_readings: u64,
-    pub max_inflight_readings: u64,
-    pub max_inflight_batches: u16,
-    pub drain_rate: u64,
-    pub backoff_min_ms: u64,
-    pub backoff_max_ms: u64,
-    pub keepalive_secs: u64,
-    pub ack_timeout_ms: u64,
-    pub retention_secs: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -238,21 +78,6 @@ pub enum LogFormat {
 pub struct LogConfig {
     pub format: LogFormat,
     pub level: String,
-}
-
-impl MqttConfig {
-    /// The MQTT 5 listen address, if that listener is on.
-    pub fn listen_v5_addr(&self) -> Result<Option<SocketAddr>, ConfigError> {
-        let raw = self.listen_v5.trim();
-        if raw.is_empty() {
-            return Ok(None);
-        }
-        raw.parse().map(Some).map_err(|_| {
-            ConfigError::Invalid(format!(
-                "mqtt.listen_v5 = {raw:?} is not an ADDR:PORT (use \"\" to turn it off)"
-            ))
-        })
-    }
 }
 
 /// Values given on the command line; they override every other layer.
@@ -325,7 +150,7 @@ impl Config {
 
     /// The MQTT 5 listen address, if that listener is on.
     pub fn listen_v5(&self) -> Result<Option<SocketAddr>, ConfigError> {
-        self.mqtt.listen_v5_addr()
+        self.mqtt.listen_v5_addr().map_err(ConfigError::Invalid)
     }
 
     /// Checks everything that deserialization cannot.
@@ -348,7 +173,7 @@ impl Config {
         if self.mqtt.max_queued_messages == 0 {
             return bad("mqtt.max_queued_messages must be at least 1".into());
         }
-        let peers = self.cluster.peers()?;
+        let peers = self.cluster.peers().map_err(ConfigError::Invalid)?;
         if peers.iter().any(|p| p.id == self.node.id) {
             return bad(format!(
                 "cluster.peers lists this agent ({}) itself; list only the others",
@@ -514,11 +339,6 @@ pub fn load_layers<T: serde::de::DeserializeOwned>(
         .merge(env)
         .extract()
         .map_err(|e| ConfigError::Parse(Box::new(e)))
-}
-
-/// The redb file inside a data directory.
-pub fn buffer_path(data_dir: &Path) -> PathBuf {
-    data_dir.join("buffer.redb")
 }
 
 #[cfg(test)]

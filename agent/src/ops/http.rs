@@ -1,6 +1,5 @@
 //! The local HTTP surface: `/healthz`, `/metrics` (Prometheus text), `/status` (JSON).
 
-use std::future::Future;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
@@ -132,13 +131,32 @@ fn backlog(s: &AppState) -> serde_json::Value {
     })
 }
 
-/// Serves until `shutdown` completes.
-pub async fn serve(
+/// The HTTP server, running.
+pub struct HttpHandle {
+    task: tokio::task::JoinHandle<std::io::Result<()>>,
+}
+
+impl HttpHandle {
+    /// Waits for the server to end (after the shutdown fired).
+    pub async fn stop(self) {
+        match self.task.await {
+            Ok(Err(e)) => tracing::warn!("HTTP server: {e}"),
+            Err(e) => tracing::warn!("HTTP task: {e}"),
+            Ok(Ok(())) => {}
+        }
+    }
+}
+
+/// Serves `/healthz`, `/metrics` and `/status` on `listener` until `shutdown` fires.
+pub fn spawn(
     listener: TcpListener,
     state: Arc<AppState>,
-    shutdown: impl Future<Output = ()> + Send + 'static,
-) -> std::io::Result<()> {
-    axum::serve(listener, router(state))
-        .with_graceful_shutdown(shutdown)
-        .await
+    mut shutdown: crate::shutdown::Shutdown,
+) -> HttpHandle {
+    let task = tokio::spawn(async move {
+        axum::serve(listener, router(state))
+            .with_graceful_shutdown(async move { shutdown.fired().await })
+            .await
+    });
+    HttpHandle { task }
 }

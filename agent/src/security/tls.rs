@@ -157,15 +157,19 @@ impl NodeIdentity {
     }
 }
 
-/// The uplink's client config: `None` when `[tls]` is off.
-pub fn uplink_tls(config: &crate::Config) -> Result<Option<Arc<ClientConfig>>, TlsError> {
-    if !config.tls.enabled() {
-        if !config.uplink.gateway.is_empty() {
+/// This node's client config, for its uplink and its links to peers: `None` when
+/// `[tls]` is off (`uplink_on` says whether to warn that the uplink is plain).
+pub fn client_tls(
+    config: &TlsConfig,
+    uplink_on: bool,
+) -> Result<Option<Arc<ClientConfig>>, TlsError> {
+    if !config.enabled() {
+        if uplink_on {
             tracing::warn!("tls is off: the uplink to the gateway is plain MQTT, unauthenticated");
         }
         return Ok(None);
     }
-    NodeIdentity::load(&config.tls)?.client_config().map(Some)
+    NodeIdentity::load(config)?.client_config().map(Some)
 }
 
 fn certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {

@@ -9,7 +9,7 @@
 
 use std::sync::mpsc::{Receiver as ChannelRx, RecvTimeoutError, SyncSender, TrySendError};
 use std::sync::{Arc, Condvar, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -92,6 +92,15 @@ pub fn queue(messages: usize, bytes: usize) -> (QueueTx, QueueRx) {
         },
         QueueRx { rx, budget },
     )
+}
+
+impl crate::batch::Source<Message> for QueueRx {
+    fn next(&mut self, wait: Option<Duration>) -> Option<Message> {
+        match wait {
+            None => self.rx.try_recv().ok(),
+            Some(d) => self.rx.recv_timeout(d).ok(),
+        }
+    }
 }
 
 impl QueueTx {
@@ -265,7 +274,7 @@ pub fn spawn_reader(
 
 impl<H: Hooks> Receiver<H> {
     /// Runs until every sender of `queue` is gone.
-    pub fn run(mut self, queue: QueueRx) {
+    pub fn run(mut self, mut queue: QueueRx) {
         if self.budget.is_some() {
             if let Err(e) = self.store.track_sizes() {
                 tracing::error!("cannot measure the store; its budget is not kept: {e}");
@@ -292,20 +301,7 @@ impl<H: Hooks> Receiver<H> {
                 Err(RecvTimeoutError::Timeout) => continue,
                 Err(RecvTimeoutError::Disconnected) => break,
             };
-            let deadline = Instant::now() + self.batch_delay;
-            let mut batch = vec![first];
-            while batch.len() < self.batch_max {
-                let now = Instant::now();
-                let next = match queue.rx.try_recv() {
-                    Ok(m) => Some(m),
-                    Err(_) if now < deadline => queue.rx.recv_timeout(deadline - now).ok(),
-                    Err(_) => None,
-                };
-                match next {
-                    Some(m) => batch.push(m),
-                    None => break,
-                }
-            }
+            let batch = crate::batch::collect(first, self.batch_max, self.batch_delay, &mut queue);
             let bytes: usize = batch.iter().map(|m| m.payload.len()).sum();
             self.handle(batch);
             queue.budget.give(bytes);

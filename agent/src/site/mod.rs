@@ -14,6 +14,8 @@
 //! replication target; nothing flows on a link the agent did not open itself, so cutting
 //! a link cuts both directions of what it carries.
 
+pub mod config;
+
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
@@ -27,14 +29,16 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
+use crate::buffer::BufferConfig;
 use crate::buffer::Log;
 use crate::mqtt::Publisher;
-use crate::ops::config::{Config, Peer};
 use crate::router::{self, LinkRx, LinkTx, Worker};
 use crate::shipping::proto;
 use crate::shipping::receiver::{self, AggOut, Counters, Hooks, Receiver};
 use crate::shipping::store::{Store, StoreReader};
+use crate::uplink::UplinkConfig;
 use crate::uplink::{self, Shared, Source, Uplink};
+pub use config::{AckAfter, ClusterConfig, Peer};
 
 /// The number the election state machine knows a node by: FNV-1a of its id.
 pub fn node_num(id: &str) -> u64 {
@@ -226,6 +230,20 @@ impl SiteHandle {
         )
     }
 
+    /// For the writer's replicated-ack gate: given the local head, the offset below which
+    /// this agent's log is durable on `min_insync` agents.
+    pub fn insync_gauge(&self) -> Box<dyn Fn(u64) -> u64 + Send> {
+        let replicators = self.replicators.clone();
+        let min_insync = self.min_insync;
+        Box::new(move |head| {
+            insync_offset(
+                head,
+                replicators.iter().map(|r| r.acked.load(Ordering::SeqCst)),
+                min_insync,
+            )
+        })
+    }
+
     /// Stops every task and thread of the site; call after the shutdown signal was sent.
     pub async fn stop(mut self) {
         for t in self.tasks.drain(..) {
@@ -378,9 +396,21 @@ impl Source for ReplicaSource {
     }
 }
 
+/// What the site is told by the configuration.
+#[derive(Debug, Clone)]
+pub struct SiteConfig {
+    pub node_id: String,
+    pub site: String,
+    pub cluster: ClusterConfig,
+    /// The uplink to the gateway (the leader's), and the shape of replication links.
+    pub uplink: UplinkConfig,
+    /// The replica store's place, cache and budget, and its downsampling window.
+    pub buffer: BufferConfig,
+}
+
 /// Everything [`start`] needs from the agent.
 pub struct SiteParts {
-    pub config: Config,
+    pub config: SiteConfig,
     pub origin: String,
     pub log: Log,
     pub head: watch::Receiver<u64>,
@@ -393,7 +423,7 @@ pub struct SiteParts {
     /// This node's TLS client identity (`[tls]`), for the uplinks to the gateway and the
     /// links to peers.
     pub gateway_tls: Option<Arc<rustls::ClientConfig>>,
-    pub shutdown: watch::Receiver<bool>,
+    pub shutdown: crate::shutdown::Shutdown,
 }
 
 /// Starts the site: replica store and its writer, replication to peers, the election,
@@ -412,9 +442,9 @@ pub fn start(parts: SiteParts) -> anyhow::Result<SiteHandle> {
         gateway_tls,
         shutdown,
     } = parts;
-    let site = config.node.site.clone();
-    let me = config.node.id.clone();
-    let peers = config.cluster.peers()?;
+    let site = config.site.clone();
+    let me = config.node_id.clone();
+    let peers = config.cluster.peers().map_err(anyhow::Error::msg)?;
     let rt = tokio::runtime::Handle::current();
     let peer_tls = gateway_tls.clone();
 
@@ -658,7 +688,7 @@ impl PeerLink {
 }
 
 impl Election {
-    async fn run(self, mut inbox: mpsc::Receiver<Wire>, mut shutdown: watch::Receiver<bool>) {
+    async fn run(self, mut inbox: mpsc::Receiver<Wire>, mut shutdown: crate::shutdown::Shutdown) {
         let mut ids: HashMap<u64, String> = self
             .peers
             .iter()
@@ -712,7 +742,7 @@ impl Election {
                         }
                     }
                 }
-                _ = shutdown.changed() => break,
+                () = shutdown.fired() => break,
             }
             match node.ready() {
                 Ok(messages) => {

@@ -12,6 +12,7 @@
 //! Pure cores: [`backoff::Backoff`] (reconnect delays) and [`pace::Pacer`] (drain rate).
 
 pub mod backoff;
+pub mod config;
 pub mod pace;
 
 use std::collections::{HashMap, VecDeque};
@@ -26,8 +27,8 @@ use serde::Serialize;
 use tokio::sync::{watch, Notify};
 
 use crate::buffer::{Log, StoredBlock};
-use crate::ops::config::UplinkConfig;
 use crate::shipping::proto;
+pub use config::UplinkConfig;
 
 /// Where an uplink reads the log it ships: the agent's own buffer, or a replica of a
 /// peer's log that this agent holds.
@@ -254,6 +255,25 @@ pub struct Uplink {
     pub tls: Option<Arc<rustls::ClientConfig>>,
 }
 
+/// A running uplink task.
+pub struct UplinkHandle {
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl UplinkHandle {
+    /// Waits for the task to end (after the shutdown fired).
+    pub async fn stop(self) {
+        let _ = self.task.await;
+    }
+}
+
+/// Starts `uplink` on the runtime; it runs until `shutdown` fires.
+pub fn spawn(uplink: Uplink, shutdown: crate::shutdown::Shutdown) -> UplinkHandle {
+    UplinkHandle {
+        task: tokio::spawn(uplink.run(shutdown)),
+    }
+}
+
 /// Why a session ended without an error.
 enum End {
     Shutdown,
@@ -267,8 +287,8 @@ fn split_host_port(addr: &str) -> Option<(String, u16)> {
 }
 
 impl Uplink {
-    /// Runs until `shutdown` turns true.
-    pub async fn run(mut self, mut shutdown: watch::Receiver<bool>) {
+    /// Runs until `shutdown` fires.
+    pub async fn run(mut self, mut shutdown: crate::shutdown::Shutdown) {
         let Some((host, port)) = split_host_port(&self.destination) else {
             tracing::error!(destination = %self.destination, "not HOST:PORT; uplink off");
             return;
@@ -282,14 +302,14 @@ impl Uplink {
             Duration::from_millis(self.config.backoff_max_ms),
         );
         loop {
-            if *shutdown.borrow() {
+            if shutdown.is_fired() {
                 return;
             }
             if let Some(active) = self.active.as_mut() {
                 self.shared.update(|s| s.link = "standby");
                 tokio::select! {
                     r = active.wait_for(|a| *a) => if r.is_err() { return },
-                    _ = shutdown.changed() => return,
+                    () = shutdown.fired() => return,
                 }
             }
             self.shared.update(|s| s.link = "connecting");
@@ -313,7 +333,7 @@ impl Uplink {
                     });
                     tokio::select! {
                         _ = tokio::time::sleep(delay) => {}
-                        _ = shutdown.changed() => return,
+                        () = shutdown.fired() => return,
                     }
                 }
             }
@@ -326,7 +346,7 @@ impl Uplink {
         host: &str,
         port: u16,
         backoff: &mut backoff::Backoff,
-        shutdown: &mut watch::Receiver<bool>,
+        shutdown: &mut crate::shutdown::Shutdown,
     ) -> anyhow::Result<End> {
         let client_id = format!(
             "fogline-{}-{}-{}",
@@ -406,7 +426,7 @@ impl Uplink {
                 _ = self.head.changed() => {}
                 _ = self.shared.relay.changed.notified() => {}
                 _ = tick.tick() => {}
-                _ = shutdown.changed() => return Ok(End::Shutdown),
+                () = shutdown.fired() => return Ok(End::Shutdown),
                 Some(()) = async {
                     match active.as_mut() {
                         Some(a) => a.changed().await.ok(),

@@ -1,32 +1,49 @@
 //! The writer thread: takes validated readings off the ingest queue, commits them in
 //! batches (group commit: one fsync per batch, bounded by size and delay), publishes the
-//! end-to-end acks after each commit, publishes changed aggregates, and keeps the buffer
-//! within its capacity. When the queue closes it commits what is left, writes the window
+//! end-to-end acks after each commit (through the replicated-ack [`gate`] when acks wait
+//! for replication), publishes changed aggregates, and keeps the buffer within its
+//! capacity. When the queue closes it commits what is left, writes the window
 //! checkpoint and publishes the last aggregates, so a clean stop loses nothing.
 
-use flume::{Receiver, RecvTimeoutError};
+pub mod gate;
+pub mod metrics;
+
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use fogline_firmware::wire::Ack;
+use flume::{Receiver, RecvTimeoutError};
+use fogline_firmware::wire::{self, Ack};
 use tokio::sync::watch;
 
 use crate::buffer::{Buffer, BufferError, Meta};
 use crate::ingest::{Incoming, Outcome, Queued};
 use crate::mqtt::Publisher;
-use crate::ops::config::Config;
-pub mod metrics;
-
 use crate::uplink;
+use gate::{Gate, Owed};
 pub use metrics::Metrics;
 
 /// How often the changed windows are written to disk (with the next commit).
 const CHECKPOINT_EVERY: Duration = Duration::from_secs(1);
-/// Commits whose device acks may wait for replication at once; older ones are merged.
-const MAX_PENDING_ACKS: usize = 4096;
 /// How often the writer looks for replication progress while acks wait for it.
 const REPLICATION_POLL: Duration = Duration::from_millis(2);
+
+/// What the writer is told by the configuration.
+#[derive(Debug, Clone)]
+pub struct WriterConfig {
+    /// Readings per commit at most (`buffer.batch_max_readings`).
+    pub batch_max: usize,
+    /// Waiting for more readings after the first (`buffer.batch_max_delay_ms`).
+    pub batch_delay: Duration,
+    /// Changed aggregates are published at most this often.
+    pub publish_every: Duration,
+    pub quantiles: Vec<f64>,
+    /// Refused readings are logged at most once per reason in this long.
+    pub reject_log_every: Duration,
+    /// Readings the gateway has stay this long (`uplink.retention_secs`).
+    pub retention: Duration,
+    pub capacity_bytes: u64,
+}
 
 /// What the writer shares with the uplink and the site.
 #[derive(Default)]
@@ -49,7 +66,46 @@ pub struct BufferStatus {
     pub capacity_bytes: u64,
 }
 
-pub struct Pipeline {
+/// The running writer thread.
+pub struct WriterHandle {
+    thread: std::thread::JoinHandle<()>,
+}
+
+impl WriterHandle {
+    /// Waits until the writer is done: it ends once its queue has closed (the front end
+    /// stopped taking readings) and everything taken from it is committed.
+    pub async fn stop(self) {
+        let joined = tokio::task::spawn_blocking(move || self.thread.join()).await;
+        if !matches!(joined, Ok(Ok(()))) {
+            tracing::error!("the writer thread panicked");
+        }
+    }
+}
+
+/// Everything the writer works with.
+pub struct WriterParts {
+    pub config: WriterConfig,
+    pub buffer: Buffer,
+    pub publisher: Publisher,
+    pub metrics: Arc<Metrics>,
+    pub ingest_metrics: Arc<crate::ingest::Metrics>,
+    pub status: Arc<Mutex<BufferStatus>>,
+    /// The first uncommitted offset, for the uplink and the site.
+    pub head: watch::Sender<u64>,
+    pub links: Links,
+}
+
+/// Starts the writer on its own thread (redb is synchronous and a commit is an fsync: it
+/// must not sit on an async worker), reading `queue` until it closes.
+pub fn spawn(parts: WriterParts, queue: Receiver<Queued>) -> std::io::Result<WriterHandle> {
+    let writer = Writer::new(parts);
+    let thread = std::thread::Builder::new()
+        .name("buffer-writer".into())
+        .spawn(move || writer.run(queue))?;
+    Ok(WriterHandle { thread })
+}
+
+struct Writer {
     buffer: Buffer,
     publisher: Publisher,
     metrics: Arc<Metrics>,
@@ -66,59 +122,58 @@ pub struct Pipeline {
     /// The first uncommitted offset, for the uplink.
     head: watch::Sender<u64>,
     links: Links,
-    /// Acks waiting for replication: offset after the commit, the newest ack per device,
-    /// and what the commit tells the connections of its readings (PUBACK or refusal).
-    pending_acks: std::collections::VecDeque<(u64, HashMap<String, Ack>, Vec<Outcome>)>,
+    /// What commits owe while they wait for replication.
+    gate: Gate,
     retention: Duration,
     /// (when, gateway ack) samples; blocks below an ack older than `retention` go.
     acks_seen: std::collections::VecDeque<(Instant, u64)>,
 }
 
-impl Pipeline {
-    pub fn new(
-        buffer: Buffer,
-        publisher: Publisher,
-        config: &Config,
-        metrics: &crate::ops::metrics::Metrics,
-        status: Arc<Mutex<BufferStatus>>,
-        head: watch::Sender<u64>,
-        links: Links,
-    ) -> Pipeline {
-        let p = Pipeline {
+impl Writer {
+    fn new(parts: WriterParts) -> Writer {
+        let WriterParts {
+            config,
             buffer,
             publisher,
-            metrics: metrics.writer.clone(),
-            ingest_metrics: metrics.ingest.clone(),
+            metrics,
+            ingest_metrics,
             status,
-            batch_max: config.buffer.batch_max_readings,
-            batch_delay: Duration::from_millis(config.buffer.batch_max_delay_ms),
-            publish_every: Duration::from_millis(config.aggregate.publish_interval_ms),
-            quantiles: config.aggregate.quantiles.clone(),
-            last_error_log: None,
-            refusals: crate::ingest::RejectLog::new(Duration::from_millis(
-                config.ingest.reject_log_interval_ms,
-            )),
             head,
             links,
-            pending_acks: std::collections::VecDeque::new(),
-            retention: Duration::from_secs(config.uplink.retention_secs),
+        } = parts;
+        let w = Writer {
+            buffer,
+            publisher,
+            metrics,
+            ingest_metrics,
+            status,
+            batch_max: config.batch_max,
+            batch_delay: config.batch_delay,
+            publish_every: config.publish_every,
+            quantiles: config.quantiles.clone(),
+            last_error_log: None,
+            refusals: crate::ingest::RejectLog::new(config.reject_log_every),
+            head,
+            links,
+            gate: Gate::default(),
+            retention: config.retention,
             acks_seen: std::collections::VecDeque::new(),
         };
-        p.metrics
+        w.metrics
             .buffer_capacity
-            .set(i64::try_from(config.buffer.max_bytes).unwrap_or(i64::MAX));
-        p.refresh_status();
-        p
+            .set(i64::try_from(config.capacity_bytes).unwrap_or(i64::MAX));
+        w.refresh_status();
+        w
     }
 
     /// Runs until `queue` closes and everything taken from it is committed.
-    pub fn run(mut self, queue: Receiver<Queued>) {
+    fn run(mut self, mut queue: Receiver<Queued>) {
         let mut last_publish = Instant::now();
         let mut last_checkpoint = Instant::now();
         // Publish what was restored or replayed at start-up.
         self.publish_aggregates();
         loop {
-            let wait = if self.pending_acks.is_empty() {
+            let wait = if self.gate.is_empty() {
                 self.publish_every.min(CHECKPOINT_EVERY)
             } else {
                 REPLICATION_POLL
@@ -130,7 +185,8 @@ impl Pipeline {
             };
             if let Some(first) = first {
                 let t0 = Instant::now();
-                let batch = self.collect(first, &queue);
+                let batch =
+                    crate::batch::collect(first, self.batch_max, self.batch_delay, &mut queue);
                 let t1 = Instant::now();
                 let n = batch.len();
                 self.commit(batch);
@@ -161,30 +217,6 @@ impl Pipeline {
             next_offset = self.buffer.meta().next_offset,
             "buffer closed cleanly"
         );
-    }
-
-    /// Gathers a batch: everything already queued, then more until the batch is full or
-    /// the delay since the first reading has passed.
-    fn collect(&self, first: Queued, queue: &Receiver<Queued>) -> Vec<Queued> {
-        let deadline = Instant::now() + self.batch_delay;
-        let mut batch = Vec::with_capacity(self.batch_max.min(4096));
-        batch.push(first);
-        while batch.len() < self.batch_max {
-            match queue.try_recv() {
-                Ok(r) => batch.push(r),
-                Err(_) => {
-                    let now = Instant::now();
-                    if now >= deadline {
-                        break;
-                    }
-                    match queue.recv_timeout(deadline - now) {
-                        Ok(r) => batch.push(r),
-                        Err(_) => break,
-                    }
-                }
-            }
-        }
-        batch
     }
 
     fn commit(&mut self, batch: Vec<Queued>) {
@@ -291,18 +323,13 @@ impl Pipeline {
             return;
         }
         let end = self.buffer.meta().next_offset;
-        self.pending_acks
-            .push_back((end, acks.into_iter().collect(), dones));
-        if self.pending_acks.len() > MAX_PENDING_ACKS {
-            // Merge the newest into the one before: those acks only wait a little longer.
-            if let Some((end, newest, dones)) = self.pending_acks.pop_back() {
-                if let Some(prev) = self.pending_acks.back_mut() {
-                    prev.0 = end;
-                    prev.1.extend(newest);
-                    prev.2.extend(dones);
-                }
-            }
-        }
+        self.gate.hold(
+            end,
+            Owed {
+                acks: acks.into_iter().collect(),
+                outcomes: dones,
+            },
+        );
         self.flush_acks();
     }
 
@@ -311,33 +338,23 @@ impl Pipeline {
         let Some(insync) = &self.links.insync else {
             return;
         };
-        if self.pending_acks.is_empty() {
+        if self.gate.is_empty() {
             return;
         }
-        let covered = insync(self.buffer.meta().next_offset);
-        let mut ready: HashMap<String, Ack> = HashMap::new();
-        let mut released = Vec::new();
-        while self
-            .pending_acks
-            .front()
-            .is_some_and(|(end, _, _)| *end <= covered)
-        {
-            if let Some((_, acks, dones)) = self.pending_acks.pop_front() {
-                ready.extend(acks);
-                released.extend(dones);
-            }
-        }
-        self.publish_acks(ready);
-        released.iter().for_each(Outcome::release);
+        let released = self.gate.release(insync(self.buffer.meta().next_offset));
+        self.publish_acks(released.acks);
+        released.outcomes.iter().for_each(Outcome::release);
     }
 
     /// Publishes the acks of a commit in one hand-over to the router.
     fn publish_acks(&mut self, acks: impl IntoIterator<Item = (String, Ack)>) {
         let messages: Vec<(String, String)> = acks
             .into_iter()
-            .map(|(device, ack)| {
-                let payload = serde_json::json!({"boot": ack.boot, "seq": ack.seq});
-                (format!("fogline/ack/{device}"), payload.to_string())
+            .filter_map(|(device, ack)| {
+                let mut buf = [0u8; wire::MAX_ACK_LEN];
+                let payload = ack.encode(&mut buf).ok()?;
+                let payload = std::str::from_utf8(payload).ok()?.to_owned();
+                Some((format!("{}{device}", wire::ACK_TOPIC_PREFIX), payload))
             })
             .collect();
         let n = messages.len() as u64;
