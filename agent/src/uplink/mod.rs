@@ -14,6 +14,7 @@
 pub mod backoff;
 pub mod config;
 pub mod pace;
+pub mod window;
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
