@@ -251,11 +251,15 @@ impl Uplink {
         backoff: &mut backoff::Backoff,
         shutdown: &mut watch::Receiver<bool>,
     ) -> anyhow::Result<End> {
+        // Unique per connection: whichever agent forwards an origin's log after a
+        // failover must not take over the old leader's connection (possibly half-open)
+        // by its client id — the broker may drop the new one's routes with the old one.
         let client_id = format!(
-            "fogline-{}-{}-{}",
+            "fogline-{}-{}-{}-{:08x}",
             self.scheme.name(),
             self.site,
-            self.origin
+            self.origin,
+            fastrand::u32(..)
         );
         let mut options = MqttOptions::new(client_id, host, port);
         options
