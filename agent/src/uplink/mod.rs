@@ -330,9 +330,12 @@ impl Uplink {
                         _ => {}
                     }
                 }
-                _ = self.head.changed() => {}
-                _ = self.shared.relay.changed.notified() => {}
-                _ = tick.tick() => {}
+                // Not while connecting: rumqttc's poll() is not cancel-safe until the
+                // CONNACK (TCP, CONNECT and CONNACK happen inside it), and these fire every
+                // few ms under ingest, so a slow CONNACK would be cut off again and again.
+                _ = self.head.changed(), if connected => {}
+                _ = self.shared.relay.changed.notified(), if connected => {}
+                _ = tick.tick(), if connected => {}
                 _ = shutdown.changed() => return Ok(End::Shutdown),
                 Some(()) = async {
                     match active.as_mut() {
