@@ -9,7 +9,10 @@
 //! The first power-cut trial found that the agent acknowledged readings in a
 //! `buffer.redb` whose directory entry was never synced: on a disk that keeps only what
 //! was synced, the whole file — every acknowledged reading — was gone after the cut
-//! (the stores now fsync their directory when they open).
+//! (the stores now fsync their directory when they open). The first partition trials
+//! found that a new leader's uplink could not get through to the gateway: it took over
+//! the old leader's connection by client id (now unique per connection), and under load
+//! its connects were abandoned before their CONNACK (`uplink_slow_connack.rs`).
 //!
 //! Needs root (FUSE mounts, namespaces, nftables). Under `CI=true` a test that cannot
 //! run fails; elsewhere it prints `SKIPPED` (`tests/run.sh` runs this file with

@@ -22,10 +22,11 @@ pub fn can_run(test: &str, available: anyhow::Result<()>) -> bool {
     let Err(why) = available else {
         return true;
     };
-    let line = format!("SKIPPED: {test}: needs root with FUSE, iproute2 and nftables ({why:#})");
+    let needs = "needs root (FUSE mounts, network namespaces, nftables)";
     if std::env::var("CI").is_ok_and(|v| v == "true" || v == "1") {
-        panic!("{line} — under CI=true every fault-lab test must run");
+        panic!("{test} cannot run: {needs}: {why:#} — under CI=true every fault-lab test must run");
     }
+    let line = format!("SKIPPED: {test}: {needs}: {why:#}");
     eprintln!("{line}");
     if let Some(path) = skip_file() {
         if let Ok(mut f) = std::fs::OpenOptions::new()

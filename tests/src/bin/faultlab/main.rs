@@ -216,7 +216,7 @@ fn trials_markdown(results: &[Trials], seed: u64) -> String {
     let _ = writeln!(
         s,
         "| store cut | trials | readings acked | lost at the cuts | lost at the end | duplicated | \
-         check failures | unsynced pages lost | requests caught in flight | time |"
+         check failures | unsynced pages at the cuts | requests caught in flight | time |"
     );
     let _ = writeln!(s, "|---|---|---|---|---|---|---|---|---|---|");
     for t in results {
