@@ -11,6 +11,7 @@
 pub mod aggregate;
 pub mod batch;
 pub mod buffer;
+pub mod fsync;
 pub mod ingest;
 pub mod labels;
 pub mod mqtt;

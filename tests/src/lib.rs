@@ -5,7 +5,10 @@
 //! directory, [`Fleet`] simulates sensors over MQTT (QoS 1, sequenced readings, re-send
 //! after reconnect, end-to-end acks), [`mosquitto`] wraps the Debian `mosquitto-clients`
 //! tools, [`conformance`] runs the MQTT conformance suite (Paho) against a broker, and
-//! [`http_get`] / [`metric`] read the agent's HTTP endpoints.
+//! [`http_get`] / [`metric`] read the agent's HTTP endpoints. The fault lab: [`powercut`]
+//! mounts a filesystem that loses unsynced writes at a power cut, [`netlab`] builds
+//! network namespaces with silent-drop partitions, and [`faultlab`] runs the trials and
+//! the soak on them.
 //!
 //! The agent binary is found through `FOGLINE_AGENT_BIN`, else next to the running
 //! executable in the cargo target directory; build it first with
@@ -14,10 +17,13 @@
 mod agent;
 pub mod bench;
 pub mod conformance;
+pub mod faultlab;
 mod fleet;
 mod gateway;
 mod http;
 pub mod mosquitto;
+pub mod netlab;
+pub mod powercut;
 mod proc;
 mod proxy;
 pub mod puback;

@@ -462,6 +462,8 @@ impl Buffer {
             }
         };
         txn.commit()?;
+        crate::fsync::sync_dir_of(&path)
+            .map_err(|e| BufferError::DataDir(cfg.data_dir.clone(), e))?;
 
         let mut agg = Aggregator::new(&agg_cfg.windows_secs, agg_cfg.lateness_secs);
         let read = db.begin_read()?;

@@ -286,6 +286,7 @@ impl Store {
         let tx = db.begin_write().map_err(err)?;
         tx.open_table(SESSIONS).map_err(err)?;
         tx.commit().map_err(err)?;
+        crate::fsync::sync_dir_of(path).map_err(err)?;
         Ok(Store { db })
     }
 

@@ -177,6 +177,7 @@ impl Store {
             txn.open_table(AGGREGATES)?;
         }
         txn.commit()?;
+        crate::fsync::sync_dir_of(&path).map_err(|e| StoreError::DataDir(path.clone(), e))?;
         let mut origins = HashMap::new();
         let read = db.begin_read()?;
         for row in read.open_table(ORIGINS)?.iter()? {

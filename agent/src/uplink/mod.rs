@@ -349,11 +349,15 @@ impl Uplink {
         backoff: &mut backoff::Backoff,
         shutdown: &mut crate::shutdown::Shutdown,
     ) -> anyhow::Result<End> {
+        // Unique per connection: whichever agent forwards an origin's log after a
+        // failover must not take over the old leader's connection (possibly half-open)
+        // by its client id — the broker may drop the new one's routes with the old one.
         let client_id = format!(
-            "fogline-{}-{}-{}",
+            "fogline-{}-{}-{}-{:08x}",
             self.scheme.name(),
             self.site,
-            self.origin
+            self.origin,
+            fastrand::u32(..)
         );
         let mut options = MqttOptions::new(client_id, host, port);
         options
@@ -424,9 +428,12 @@ impl Uplink {
                         _ => {}
                     }
                 }
-                _ = self.head.changed() => {}
-                _ = self.shared.relay.changed.notified() => {}
-                _ = tick.tick() => {}
+                // Not while connecting: rumqttc's poll() is not cancel-safe until the
+                // CONNACK (TCP, CONNECT and CONNACK happen inside it), and these fire every
+                // few ms under ingest, so a slow CONNACK would be cut off again and again.
+                _ = self.head.changed(), if connected => {}
+                _ = self.shared.relay.changed.notified(), if connected => {}
+                _ = tick.tick(), if connected => {}
                 () = shutdown.fired() => return Ok(End::Shutdown),
                 Some(()) = async {
                     match active.as_mut() {

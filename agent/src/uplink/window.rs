@@ -194,12 +194,32 @@ mod tests {
         let mut w = at(0);
         // (block sent, what the window wants next)
         let steps: [(u64, u64, Option<Want>); 4] = [
-            (0, 40, Some(Want { from: 40, max_readings: 40 })),
-            (40, 80, Some(Want { from: 80, max_readings: 20 })),
+            (
+                0,
+                40,
+                Some(Want {
+                    from: 40,
+                    max_readings: 40,
+                }),
+            ),
+            (
+                40,
+                80,
+                Some(Want {
+                    from: 80,
+                    max_readings: 20,
+                }),
+            ),
             (80, 100, None),
             (100, 100, None),
         ];
-        assert_eq!(w.poll_send(1000, 0), Some(Want { from: 0, max_readings: 40 }));
+        assert_eq!(
+            w.poll_send(1000, 0),
+            Some(Want {
+                from: 0,
+                max_readings: 40
+            })
+        );
         for (first, end, want) in steps {
             if first < end {
                 w.sent_block(first, end, 0);
@@ -207,7 +227,13 @@ mod tests {
             assert_eq!(w.poll_send(1000, 0), want, "after {first}..{end}");
         }
         assert_eq!(w.on_ack(60, 1000, 5), AckVerdict::Moved);
-        assert_eq!(w.poll_send(1000, 5), Some(Want { from: 100, max_readings: 40 }));
+        assert_eq!(
+            w.poll_send(1000, 5),
+            Some(Want {
+                from: 100,
+                max_readings: 40
+            })
+        );
         // Nothing beyond the head.
         let mut w = at(0);
         w.sent_block(0, 30, 0);
@@ -226,7 +252,13 @@ mod tests {
         assert_eq!(w.poll_send(1000, 20), None, "waits for the ack");
         w.on_ack(55, 1000, 25);
         assert_eq!(w.sent(), 55);
-        assert_eq!(w.poll_send(1000, 25), Some(Want { from: 55, max_readings: 40 }));
+        assert_eq!(
+            w.poll_send(1000, 25),
+            Some(Want {
+                from: 55,
+                max_readings: 40
+            })
+        );
     }
 
     #[test]
