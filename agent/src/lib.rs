@@ -166,6 +166,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
                 // In a site, only the leader holding its lease uplinks.
                 active: site.as_ref().map(|s| s.lease.clone()),
                 tls: client_tls.clone(),
+                own_log: true,
             },
             stopping.clone(),
         )

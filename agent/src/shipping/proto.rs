@@ -39,6 +39,17 @@ pub struct UplinkAck {
     pub next: u64,
 }
 
+impl UplinkAck {
+    /// The ack's one encoding, `{"next":N}`.
+    pub fn encode(&self) -> String {
+        format!("{{\"next\":{}}}", self.next)
+    }
+
+    pub fn decode(payload: &[u8]) -> Result<UplinkAck, serde_json::Error> {
+        serde_json::from_slice(payload)
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
 pub enum FrameError {

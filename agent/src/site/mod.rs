@@ -485,6 +485,8 @@ pub fn start(parts: SiteParts) -> anyhow::Result<SiteHandle> {
                     shared,
                     active: Some(lease_rx.clone()),
                     tls: gateway_tls.clone(),
+                    // The gateway may hold more of a peer's log than this replica.
+                    own_log: false,
                 };
                 let task = rt.spawn(up.run(shutdown.clone()));
                 if let Ok(mut u) = uplinks.lock() {
@@ -545,6 +547,7 @@ pub fn start(parts: SiteParts) -> anyhow::Result<SiteHandle> {
             shared: shared.clone(),
             active: Some(active_rx),
             tls: peer_tls.clone(),
+            own_log: true,
         };
         tasks.push(tokio::spawn(up.run(shutdown.clone())));
         replicators.push(shared);

@@ -30,6 +30,7 @@ use tokio::sync::{watch, Notify};
 use crate::buffer::{Log, StoredBlock};
 use crate::shipping::proto;
 pub use config::UplinkConfig;
+use window::{AckVerdict, Window, WindowConfig};
 
 /// Where an uplink reads the log it ships: the agent's own buffer, or a replica of a
 /// peer's log that this agent holds.
@@ -123,6 +124,8 @@ pub struct Metrics {
     connects: Gauge,
     batches: Gauge,
     bytes: Gauge,
+    acks_refused: Gauge,
+    acks_backwards: Gauge,
 }
 
 impl Metrics {
@@ -168,6 +171,16 @@ impl Metrics {
                 "Batch bytes sent upstream since start",
                 &self.bytes,
             ),
+            (
+                "uplink_acks_refused",
+                "Gateway acks refused since start: not an ack, or beyond everything this log holds",
+                &self.acks_refused,
+            ),
+            (
+                "uplink_acks_backwards",
+                "Gateway acks below an earlier ack since start (ignored)",
+                &self.acks_backwards,
+            ),
         ] {
             r.register(name, help, g.clone());
         }
@@ -184,6 +197,8 @@ impl Metrics {
         self.connects.set(g(u.connects));
         self.batches.set(g(u.batches_sent));
         self.bytes.set(g(u.bytes_sent));
+        self.acks_refused.set(g(u.acks_refused));
+        self.acks_backwards.set(g(u.acks_backwards));
     }
 }
 
@@ -202,6 +217,10 @@ pub struct UplinkStatus {
     pub connects: u64,
     pub batches_sent: u64,
     pub bytes_sent: u64,
+    /// Acks refused: impossible (beyond this log) or not an ack at all.
+    pub acks_refused: u64,
+    /// Acks below what the destination acked before (ignored).
+    pub acks_backwards: u64,
     pub last_error: Option<String>,
 }
 
@@ -254,6 +273,8 @@ pub struct Uplink {
     pub active: Option<watch::Receiver<bool>>,
     /// TLS with this node's client certificate (`[tls]`); None: plain MQTT.
     pub tls: Option<Arc<rustls::ClientConfig>>,
+    /// The log is this agent's own (not a replica): no ack can be beyond its head.
+    pub own_log: bool,
 }
 
 /// A running uplink task.
@@ -341,7 +362,9 @@ impl Uplink {
         }
     }
 
-    /// One connection, from CONNECT until an error (returned) or shutdown (`Ok`).
+    /// One connection, from CONNECT until an error (returned) or shutdown (`Ok`). The
+    /// protocol's decisions are the window's ([`window::Window`]); this drives it with
+    /// rumqttc's events, the time and the log.
     async fn session(
         &mut self,
         host: &str,
@@ -376,17 +399,15 @@ impl Uplink {
         net.set_connection_timeout(5);
         eventloop.set_network_options(net);
 
-        let ack_topic = self.scheme.ack_topic(&self.site, &self.origin);
-        let log_topic = self.scheme.log_topic(&self.site, &self.origin);
+        let topics = Topics {
+            ack: self.scheme.ack_topic(&self.site, &self.origin),
+            log: self.scheme.log_topic(&self.site, &self.origin),
+        };
         let mut active = self.active.clone();
-        let mut acked: Option<u64> = None;
-        let mut sent = 0u64;
         let mut connected = false;
-        let live_started = Instant::now();
-        let mut pacer =
-            pace::Pacer::new(self.config.drain_rate, self.config.batch_readings.max(1), 0);
-        let mut last_progress = Instant::now();
-        let ack_timeout = Duration::from_millis(self.config.ack_timeout_ms.max(100));
+        let started = Instant::now();
+        let now_ms = || u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
+        let mut window = Window::new(self.window_config(), now_ms());
         let mut tick = tokio::time::interval(Duration::from_millis(20));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
 
@@ -396,34 +417,19 @@ impl Uplink {
                     match event? {
                         Event::Incoming(Packet::ConnAck(_)) => {
                             connected = true;
+                            window.on_connected(now_ms());
                             backoff.reset();
                             self.shared.update(|s| { s.link = "connected"; s.connects += 1; s.last_error = None; });
                             tracing::info!(destination = %self.destination, origin = %self.origin, "{} connected", self.scheme.name());
-                            client.try_subscribe(ack_topic.clone(), QoS::AtLeastOnce)?;
+                            client.try_subscribe(topics.ack.clone(), QoS::AtLeastOnce)?;
                             client.try_publish(self.scheme.sync_topic(&self.site, &self.origin), QoS::AtLeastOnce, false, Vec::new())?;
                             // Live view first: every aggregate, before any backlog.
                             for (topic, json) in self.shared.relay.all() {
                                 self.relay_one(&client, &topic, json);
                             }
                         }
-                        Event::Incoming(Packet::Publish(p)) if p.topic == ack_topic => {
-                            match serde_json::from_slice::<proto::UplinkAck>(&p.payload) {
-                                Ok(ack) => {
-                                    if acked.is_none() {
-                                        // Start (again) where the gateway is.
-                                        sent = ack.next;
-                                    }
-                                    let a = acked.map_or(ack.next, |a| a.max(ack.next));
-                                    if acked != Some(a) {
-                                        last_progress = Instant::now();
-                                    }
-                                    acked = Some(a);
-                                    sent = sent.max(a);
-                                    self.shared.acked.fetch_max(a, Ordering::SeqCst);
-                                    self.shared.update(|s| { s.acked = s.acked.max(a); s.sent = sent; });
-                                }
-                                Err(e) => tracing::warn!("gateway ack is not JSON {{\"next\":N}}: {e}"),
-                            }
+                        Event::Incoming(Packet::Publish(p)) if p.topic == topics.ack => {
+                            self.on_ack(&mut window, &p.payload, now_ms());
                         }
                         _ => {}
                     }
@@ -452,70 +458,93 @@ impl Uplink {
             for (topic, json) in self.shared.relay.take_dirty(256) {
                 self.relay_one(&client, &topic, json);
             }
-            let Some(acked) = acked else { continue };
-            if sent > acked && last_progress.elapsed() > ack_timeout {
-                // The gateway has not moved for a while although batches are out: it
-                // refused one (a hole) or lost it. Send again from its ack.
+            let now = now_ms();
+            if window.on_tick(now) {
+                // The destination has not moved for a while although batches are out: it
+                // refused one (a hole) or lost it.
                 tracing::warn!(
-                    acked,
-                    sent,
-                    "no uplink ack progress; re-sending from the gateway's ack"
+                    acked = window.acked(),
+                    "no {} ack progress; re-sending from the ack",
+                    self.scheme.name()
                 );
-                sent = acked;
-                last_progress = Instant::now();
-            }
-            if sent == acked {
-                last_progress = Instant::now();
             }
             let head = *self.head.borrow();
             self.shared.update(|s| s.head = head);
-            // Fill the window.
-            while sent < head && sent - acked < self.config.max_inflight_readings {
-                let now_ms = live_started.elapsed().as_millis() as u64;
-                if !pacer.ready(now_ms) {
-                    break;
-                }
-                let want = self
-                    .config
-                    .batch_readings
-                    .min(self.config.max_inflight_readings - (sent - acked));
-                let blocks = self.source.blocks_from(sent, want.max(1), head)?;
-                if blocks.is_empty() {
-                    break;
-                }
-                let mut full = false;
-                for block in blocks {
-                    let frame = proto::BatchFrame {
-                        start: sent,
-                        first_offset: block.first_offset,
-                        block: &block.bytes,
-                    }
-                    .encode();
-                    let bytes = frame.len() as u64;
-                    if client
-                        .try_publish(log_topic.clone(), QoS::AtLeastOnce, false, frame)
-                        .is_err()
-                    {
-                        // The client's queue is full: the rest goes next round.
-                        full = true;
-                        break;
-                    }
-                    pacer.consume(
-                        now_ms,
-                        block
-                            .end_offset
-                            .saturating_sub(sent.max(block.first_offset)),
-                    );
-                    sent = block.end_offset;
+            let sent = fill(
+                &mut window,
+                self.source.as_ref(),
+                &client,
+                &topics.log,
+                head,
+                now,
+            )?;
+            self.shared.update(|s| {
+                s.sent = window.sent();
+                s.batches_sent += sent.batches;
+                s.bytes_sent += sent.bytes;
+            });
+        }
+    }
+
+    fn window_config(&self) -> WindowConfig {
+        WindowConfig {
+            max_inflight: self.config.max_inflight_readings,
+            batch: self.config.batch_readings.max(1),
+            ack_timeout_ms: self.config.ack_timeout_ms.max(100),
+            drain_rate: self.config.drain_rate,
+        }
+    }
+
+    /// The destination's ack: believed only if it is possible.
+    fn on_ack(&self, window: &mut Window, payload: &[u8], now_ms: u64) {
+        let ack = match proto::UplinkAck::decode(payload) {
+            Ok(ack) => ack,
+            Err(e) => {
+                self.shared.update(|s| s.acks_refused += 1);
+                tracing::warn!(origin = %self.origin, "{} ack is not JSON {{\"next\":N}}: {e}", self.scheme.name());
+                return;
+            }
+        };
+        // A destination cannot have more of this agent's own log than it ever wrote; of
+        // a replica, a destination may hold more than this agent does.
+        let bound = if self.own_log {
+            *self.head.borrow()
+        } else {
+            u64::MAX
+        };
+        match window.on_ack(ack.next, bound, now_ms) {
+            AckVerdict::Moved => {
+                if let Some(a) = window.acked() {
+                    self.shared.acked.fetch_max(a, Ordering::SeqCst);
                     self.shared.update(|s| {
-                        s.sent = sent;
-                        s.batches_sent += 1;
-                        s.bytes_sent += bytes;
+                        s.acked = s.acked.max(a);
+                        s.sent = window.sent();
                     });
                 }
-                if full {
-                    break;
-                }
+            }
+            AckVerdict::Same => {}
+            AckVerdict::Backwards { acked } => {
+                self.shared.update(|s| s.acks_backwards += 1);
+                tracing::warn!(
+                    origin = %self.origin,
+                    destination = %self.destination,
+                    acked,
+                    got = ack.next,
+                    "the {} ack went backwards: ignored (was its store reset?)",
+                    self.scheme.name()
+                );
+            }
+            AckVerdict::Impossible { head } => {
+                self.shared.update(|s| s.acks_refused += 1);
+                tracing::error!(
+                    origin = %self.origin,
+                    destination = %self.destination,
+                    head,
+                    got = ack.next,
+                    "refused an impossible {} ack beyond everything this log holds: \
+                     nothing is deleted for it",
+                    self.scheme.name()
+                );
             }
         }
     }
@@ -529,9 +558,206 @@ impl Uplink {
     }
 }
 
+/// The topics of one origin's log at one destination.
+struct Topics {
+    ack: String,
+    log: String,
+}
+
+/// What the uplink needs of an MQTT client: queue a QoS 1 publish, or say it is full.
+pub trait Link {
+    fn publish(&self, topic: &str, payload: Vec<u8>) -> Result<(), LinkFull>;
+}
+
+/// The client's queue is full: the rest goes next round.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LinkFull;
+
+impl Link for AsyncClient {
+    fn publish(&self, topic: &str, payload: Vec<u8>) -> Result<(), LinkFull> {
+        self.try_publish(topic, QoS::AtLeastOnce, false, payload)
+            .map_err(|_| LinkFull)
+    }
+}
+
+/// What one [`fill`] sent.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Sent {
+    pub batches: u64,
+    pub bytes: u64,
+}
+
+/// Sends what the window asks for, block by block, from `source` through `link`, until
+/// the window, the pace, the log or the link's queue says stop.
+pub fn fill(
+    window: &mut Window,
+    source: &dyn Source,
+    link: &impl Link,
+    topic: &str,
+    head: u64,
+    now_ms: u64,
+) -> anyhow::Result<Sent> {
+    let mut sent = Sent::default();
+    while let Some(want) = window.poll_send(head, now_ms) {
+        let blocks = source.blocks_from(want.from, want.max_readings, head)?;
+        if blocks.is_empty() {
+            break;
+        }
+        for block in blocks {
+            let frame = proto::BatchFrame {
+                start: window.sent(),
+                first_offset: block.first_offset,
+                block: &block.bytes,
+            }
+            .encode();
+            let bytes = frame.len() as u64;
+            if link.publish(topic, frame).is_err() {
+                return Ok(sent);
+            }
+            window.sent_block(block.first_offset, block.end_offset, now_ms);
+            sent.batches += 1;
+            sent.bytes += bytes;
+        }
+    }
+    Ok(sent)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::cell::RefCell;
+
+    /// A log of blocks `first..end` (holes allowed), each block's bytes its range.
+    struct FakeLog(Vec<(u64, u64)>);
+
+    impl Source for FakeLog {
+        fn blocks_from(&self, from: u64, max: u64, head: u64) -> anyhow::Result<Vec<StoredBlock>> {
+            let mut out = Vec::new();
+            let mut n = 0;
+            for &(first, end) in &self.0 {
+                if end <= from || end > head || n >= max {
+                    continue;
+                }
+                n += end - first;
+                out.push(StoredBlock {
+                    first_offset: first,
+                    end_offset: end,
+                    bytes: format!("{first}..{end}").into_bytes(),
+                });
+            }
+            Ok(out)
+        }
+    }
+
+    /// A link that takes `room` publishes, then is full.
+    struct FakeLink {
+        room: RefCell<usize>,
+        frames: RefCell<Vec<(u64, u64, String)>>,
+    }
+
+    impl FakeLink {
+        fn with_room(room: usize) -> FakeLink {
+            FakeLink {
+                room: RefCell::new(room),
+                frames: RefCell::new(Vec::new()),
+            }
+        }
+
+        /// (start, first_offset, block) of every frame sent, and forgets them.
+        fn take(&self) -> Vec<(u64, u64, String)> {
+            std::mem::take(&mut *self.frames.borrow_mut())
+        }
+    }
+
+    impl Link for FakeLink {
+        fn publish(&self, topic: &str, payload: Vec<u8>) -> Result<(), LinkFull> {
+            assert_eq!(topic, "log");
+            let mut room = self.room.borrow_mut();
+            if *room == 0 {
+                return Err(LinkFull);
+            }
+            *room -= 1;
+            let f = proto::decode_batch(&payload).map_err(|_| LinkFull)?;
+            let block = String::from_utf8_lossy(f.block).into_owned();
+            self.frames
+                .borrow_mut()
+                .push((f.start, f.first_offset, block));
+            Ok(())
+        }
+    }
+
+    const CFG: WindowConfig = WindowConfig {
+        max_inflight: 1000,
+        batch: 100,
+        ack_timeout_ms: 1000,
+        drain_rate: 0,
+    };
+
+    #[test]
+    fn fill_sends_the_log_from_the_ack_and_announces_holes() {
+        // 30..40 were dropped at the edge.
+        let log = FakeLog(vec![(0, 10), (10, 30), (40, 50), (50, 60)]);
+        let link = FakeLink::with_room(100);
+        let mut w = Window::new(CFG, 0);
+        w.on_ack(10, 60, 0);
+        let sent = fill(&mut w, &log, &link, "log", 60, 0).expect("fill");
+        assert_eq!(sent.batches, 3);
+        assert_eq!(
+            link.take(),
+            vec![
+                (10, 10, "10..30".to_owned()),
+                (30, 40, "40..50".to_owned()),
+                (50, 50, "50..60".to_owned()),
+            ]
+        );
+        assert_eq!(w.sent(), 60);
+        // Nothing more until the log grows.
+        assert_eq!(
+            fill(&mut w, &log, &link, "log", 60, 1).expect("fill"),
+            Sent::default()
+        );
+    }
+
+    #[test]
+    fn fill_stops_when_the_link_is_full_and_goes_on_from_there() {
+        let log = FakeLog(vec![(0, 10), (10, 20), (20, 30)]);
+        let link = FakeLink::with_room(1);
+        let mut w = Window::new(CFG, 0);
+        w.on_ack(0, 30, 0);
+        let sent = fill(&mut w, &log, &link, "log", 30, 0).expect("fill");
+        assert_eq!(sent.batches, 1);
+        assert_eq!(w.sent(), 10, "only what the link took counts as sent");
+        *link.room.borrow_mut() = 10;
+        fill(&mut w, &log, &link, "log", 30, 1).expect("fill");
+        let starts: Vec<u64> = link.take().iter().map(|f| f.0).collect();
+        assert_eq!(starts, vec![0, 10, 20]);
+    }
+
+    #[test]
+    fn fill_sends_nothing_beyond_the_window_or_before_the_first_ack() {
+        let log = FakeLog((0..50).map(|i| (i * 10, i * 10 + 10)).collect());
+        let link = FakeLink::with_room(1000);
+        let mut w = Window::new(
+            WindowConfig {
+                max_inflight: 35,
+                batch: 10,
+                ..CFG
+            },
+            0,
+        );
+        assert_eq!(
+            fill(&mut w, &log, &link, "log", 500, 0).expect("fill"),
+            Sent::default()
+        );
+        w.on_ack(100, 500, 0);
+        fill(&mut w, &log, &link, "log", 500, 0).expect("fill");
+        // 100..140 out: the fourth block started with 30 in flight, within the window.
+        assert_eq!(w.sent(), 140);
+        assert_eq!(link.take().len(), 4);
+        w.on_ack(120, 500, 1);
+        fill(&mut w, &log, &link, "log", 500, 1).expect("fill");
+        assert_eq!(w.sent(), 160);
+    }
 
     #[test]
     fn gateway_addresses_split_into_host_and_port() {
