@@ -20,11 +20,15 @@
 //!
 //! docs/agent.md has the alternatives this replaced and why.
 
+mod codec;
 pub mod config;
 mod conn;
+mod connect;
 pub mod metrics;
+pub mod protocol;
 mod publisher;
 pub mod refusals;
+mod rights;
 pub mod session;
 mod start;
 pub mod topic;
@@ -50,9 +54,10 @@ use refusals::FrontMetrics;
 use session::{Dropped, Msg, Props, Record, Session, Store};
 use topic::Tag;
 
-pub use conn::{decode_any, Rights};
+pub use codec::decode_any;
 pub use metrics::Metrics;
 pub use publisher::Publisher;
+pub use rights::Rights;
 pub use start::{start, Front, FrontConfig, SiteListener, StartMetrics};
 
 /// How often changed sessions are written to `sessions.redb`.
@@ -79,6 +84,20 @@ pub struct Settings {
     /// Topics under `fogline/cluster/` and `fogline/repl/` are closed to the device
     /// port (the site has its own listener).
     pub site_private: bool,
+}
+
+impl Settings {
+    /// What one connection's protocol is bound by.
+    pub fn limits(&self) -> protocol::Limits {
+        protocol::Limits {
+            max_packet: self.max_packet,
+            max_batch_packet: self.max_batch_packet,
+            max_inflight: self.max_inflight,
+            topic_alias_max: self.topic_alias_max,
+            session_expiry_max_secs: self.session_expiry_max_secs,
+            site_private: self.site_private,
+        }
+    }
 }
 
 /// The router and every session; shared by all connections.
