@@ -8,6 +8,7 @@
 //! Operations: [`config`] (layered TOML), [`http`] (`/healthz`, `/metrics`, `/status`),
 //! [`metrics`].
 
+pub mod addr;
 pub mod aggregate;
 pub mod batch;
 pub mod buffer;

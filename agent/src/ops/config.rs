@@ -287,11 +287,10 @@ impl Config {
             return bad("aggregate.publish_interval_ms must be at least 1".into());
         }
         let u = &self.uplink;
-        if !u.gateway.is_empty() && !u.gateway.contains(':') {
-            return bad(format!(
-                "uplink.gateway = {:?} must be HOST:PORT",
-                u.gateway
-            ));
+        if !u.gateway.is_empty() {
+            if let Err(e) = u.gateway.parse::<crate::addr::HostPort>() {
+                return bad(format!("uplink.gateway: {e}"));
+            }
         }
         if u.batch_readings == 0 || u.max_inflight_readings < u.batch_readings {
             return bad("need 0 < uplink.batch_readings <= uplink.max_inflight_readings".into());

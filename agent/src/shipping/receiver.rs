@@ -389,7 +389,7 @@ impl<H: Hooks> Receiver<H> {
                     aggs.push((origin.to_owned(), topic, json));
                 }
                 Some(Topic::GatewayAck { site, origin }) => {
-                    match serde_json::from_slice::<proto::UplinkAck>(&m.payload) {
+                    match proto::UplinkAck::decode(&m.payload) {
                         Ok(ack) => {
                             gateway_acks.push((site.to_owned(), origin.to_owned(), ack.next))
                         }
@@ -491,7 +491,7 @@ impl<H: Hooks> Receiver<H> {
 
     fn ack(&mut self, site: &str, origin: &str) {
         let next = self.store.next(&Txn::default(), site, origin);
-        let payload = serde_json::json!({ "next": next }).to_string();
+        let payload = proto::UplinkAck { next }.encode();
         if let Err(e) = self
             .publisher
             .retained(self.scheme.ack_topic(site, origin), payload)

@@ -51,8 +51,7 @@ impl ClusterConfig {
         for entry in &self.peers {
             let bad = || format!("cluster.peers entry {entry:?}: expected ID=HOST:PORT");
             let (id, addr) = entry.split_once('=').ok_or_else(bad)?;
-            let (host, port) = addr.rsplit_once(':').ok_or_else(bad)?;
-            if host.is_empty() || port.parse::<u16>().is_err() {
+            if addr.parse::<crate::addr::HostPort>().is_err() {
                 return Err(bad());
             }
             if !fogline_firmware::wire::valid_id(id) {

@@ -659,13 +659,9 @@ impl PeerLink {
         peer: &Peer,
         tls: Option<&Arc<rustls::ClientConfig>>,
     ) -> Option<PeerLink> {
-        let (host, port) = peer.addr.rsplit_once(':')?;
-        let host = host.trim_start_matches('[').trim_end_matches(']');
-        let mut options = MqttOptions::new(
-            format!("fogline-peer-{site}-{me}"),
-            host,
-            port.parse().ok()?,
-        );
+        let addr: crate::addr::HostPort = peer.addr.parse().ok()?;
+        let mut options =
+            MqttOptions::new(format!("fogline-peer-{site}-{me}"), addr.host, addr.port);
         options
             .set_keep_alive(Duration::from_secs(5))
             .set_clean_session(true);
@@ -836,7 +832,7 @@ impl Election {
             }
             announced.insert(origin.clone(), next);
             let topic = proto::REPLICATION.gateway_ack_topic(&self.site, &origin);
-            let payload = serde_json::json!({ "next": next }).to_string();
+            let payload = proto::UplinkAck { next }.encode();
             for link in links.values() {
                 let _ = link.client.try_publish(
                     topic.clone(),

@@ -302,18 +302,15 @@ enum End {
     Inactive,
 }
 
-fn split_host_port(addr: &str) -> Option<(String, u16)> {
-    let (host, port) = addr.rsplit_once(':')?;
-    let host = host.trim_start_matches('[').trim_end_matches(']');
-    Some((host.to_owned(), port.parse().ok()?))
-}
-
 impl Uplink {
     /// Runs until `shutdown` fires.
     pub async fn run(mut self, mut shutdown: crate::shutdown::Shutdown) {
-        let Some((host, port)) = split_host_port(&self.destination) else {
-            tracing::error!(destination = %self.destination, "not HOST:PORT; uplink off");
-            return;
+        let (host, port) = match self.destination.parse::<crate::addr::HostPort>() {
+            Ok(hp) => (hp.host, hp.port),
+            Err(e) => {
+                tracing::error!("uplink off: {e}");
+                return;
+            }
         };
         self.shared.update(|s| {
             s.gateway = self.destination.clone();
@@ -757,17 +754,6 @@ mod tests {
         w.on_ack(120, 500, 1);
         fill(&mut w, &log, &link, "log", 500, 1).expect("fill");
         assert_eq!(w.sent(), 160);
-    }
-
-    #[test]
-    fn gateway_addresses_split_into_host_and_port() {
-        assert_eq!(
-            split_host_port("gw.local:1883"),
-            Some(("gw.local".into(), 1883))
-        );
-        assert_eq!(split_host_port("[::1]:1883"), Some(("::1".into(), 1883)));
-        assert_eq!(split_host_port("nohost"), None);
-        assert_eq!(split_host_port("h:notaport"), None);
     }
 
     #[test]
