@@ -14,7 +14,8 @@
 //! - [`Storage`] / [`MemStorage`] (`storage.rs`): where the [`HardState`] lives.
 //! - [`Driver`] (`driver.rs`): a node and its storage, saved before anything is sent;
 //!   a node whose save failed sends nothing and does not lead.
-//! - [`Replication`] (`replication.rs`): who durably holds which prefix of which origin.
+//! - [`replication`]: where an origin's log is replicated ([`replica_targets`]) and below
+//!   which offset it is durable on enough members ([`insync_offset`]).
 //! - [`sim`]: an in-memory network harness (drops, duplicates, delays, partitions,
 //!   restarts), seeded and deterministic.
 //! - [`rng`]: the SplitMix64 PRNG used for election jitter and by the harness.
@@ -22,7 +23,7 @@
 //! # Protocol
 //!
 //! Raft's election rules, without a log (the site elects its uplink; each origin's log is
-//! replicated by its own writer, see [`Replication`]):
+//! replicated by its own writer, see [`replication`]):
 //!
 //! - Every member persists `HardState { term, voted_for }` and votes at most once per
 //!   term. Terms only grow.
@@ -94,8 +95,7 @@
 //! ```
 //!
 //! The uplink should forward only while `has_lease(now)` holds (checking a later `now`
-//! covers an operation that takes a few ticks). `/status` reads [`Node::status`] and
-//! [`Replication::peers`].
+//! covers an operation that takes a few ticks). `/status` reads [`Node::status`].
 #![no_std]
 
 extern crate alloc;
@@ -113,7 +113,7 @@ pub use config::{Config, ConfigError};
 pub use driver::{Driver, DriverError};
 pub use message::{Message, MessageKind};
 pub use node::{HardState, Node, Ready, Role, Status, StepError};
-pub use replication::{Offset, Replication, ReplicationError};
+pub use replication::{insync_offset, replica_targets, Offset};
 pub use storage::{MemStorage, Storage};
 
 /// A member's id (the agent maps it to a configured peer).
