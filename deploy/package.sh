@@ -183,7 +183,9 @@ build_one() {
     install -m 0755 "$bin" "$stage/usr/bin/$pkg"
     install -m 0644 "$FL_ROOT/deploy/config/$name.toml" "$stage/etc/fogline/$name.toml"
     install -m 0644 "$FL_ROOT/deploy/systemd/$pkg.service" "$stage/lib/systemd/system/$pkg.service"
-    install -m 0644 "$FL_ROOT/$name/src/default.toml" "$doc/$name-defaults.toml"
+    local defaults="$FL_ROOT/gateway/src/default.toml"
+    [ "$name" = agent ] && defaults="$FL_ROOT/agent/src/ops/default.toml"
+    install -m 0644 "$defaults" "$doc/$name-defaults.toml"
     printf 'u fogline - "fogline services" /var/lib/fogline /usr/sbin/nologin\n' \
         >"$stage/usr/lib/sysusers.d/$pkg.conf"
     chmod 0644 "$stage/usr/lib/sysusers.d/$pkg.conf"
