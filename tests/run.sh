@@ -69,6 +69,10 @@ step "cargo fmt --check"
 cargo fmt --all -- --check
 step "cargo clippy -D warnings"
 cargo clippy --workspace --all-targets -- -D warnings
+# The module docs are the map a newcomer reads: no broken or private links in them.
+step "cargo doc -D warnings"
+RUSTDOCFLAGS="-D warnings" cargo doc --no-deps -p fogline-agent -p fogline-gateway \
+    -p fogline-cluster -p fogline-firmware
 # The end-to-end tests run target/debug/fogline-agent: build it before testing.
 step "cargo build"
 cargo build --workspace --bins

@@ -1,12 +1,48 @@
 //! fogline-agent: the edge agent of a fogline site.
 //!
-//! Data path: sensors publish to the embedded broker ([`broker`]); the ingest thread
-//! validates each publish ([`ingest`]) and queues it; the writer thread ([`pipeline`])
-//! commits batches to the durable [`buffer`] (redb, one fsync per batch), publishes each
-//! device's durable watermark on `fogline/ack/<device>`, and folds committed readings into
-//! tumbling-window [`aggregate`]s published on `agg/<device>/<metric>/<len>s`.
-//! Operations: [`config`] (layered TOML), [`http`] (`/healthz`, `/metrics`, `/status`),
-//! [`metrics`].
+//! # Layout
+//!
+//! One room per stage of a reading's path. Each room uses only the rooms above it in
+//! this table, never one below; `cargo test -p fogline-tests --test layout` checks that,
+//! and that no file passes 600 lines of code. `ARCHITECTURE.md` at the top of the
+//! repository draws the whole system.
+//!
+//! | room | what lives there |
+//! |---|---|
+//! | [`addr`], [`batch`], [`fsync`], [`labels`], [`shutdown`] | shared pieces: `HOST:PORT`, the one group-commit collector, directory fsync, the `reason` label, the one shutdown type |
+//! | [`ingest`] | a publish becomes a validated reading ([`ingest::parse`](mod@ingest::parse)), held to its device's [`ingest::limits`], queued for the writer with its connection's ack cursor ([`ingest::queue`]) |
+//! | [`aggregate`] | tumbling-window summaries per device and metric, pure |
+//! | [`buffer`] | the durable origin log in redb: the commit, per-device sequence state ([`buffer::seq`]), window checkpoints, capacity, a full disk, `buffer check` |
+//! | [`security`] | device credentials, node certificates and TLS, the `certs` command |
+//! | [`router`] | rumqttd's router in the process, and the links the stages reach it by |
+//! | [`mqtt`] | the MQTT front end: listeners, CONNECT, the sans-io connection [`mqtt::protocol`], sessions, routing, the agent's own retained messages |
+//! | [`shipping`] | log shipping, both ends: the protocol ([`shipping::proto`]), the store of shipped logs, the receiver that writes it |
+//! | [`uplink`] | sending an origin log to the gateway or to a peer: the sans-io [`uplink::window`] and its async shell |
+//! | [`writer`] | the writer thread: group commit into the buffer, the acks after it (through the replicated-ack [`writer::gate`]), aggregates |
+//! | [`site`] | the site cluster: the election, replication of this agent's log to its peers, the replicas it keeps of theirs |
+//! | [`ops`] | configuration, the HTTP surface, the metrics registry, what every `main` does |
+//!
+//! # A reading's path
+//!
+//! 1. A device publishes on `sensors/<device>/<metric>`. Its connection (an I/O shell
+//!    around [`mqtt::protocol::Protocol`]) hands the publish to [`ingest`], which parses
+//!    it, holds it to the device's limits and queues it with the connection's ack cursor.
+//!    A refusal is counted and answered at once: a negative PUBACK in MQTT 5; in 3.1.1 a
+//!    temporary refusal closes the connection unacknowledged, so the device sends again.
+//! 2. The writer thread ([`writer`]) gathers what is queued into one batch per fsync and
+//!    commits it to [`buffer::Buffer`] (redb), dropping re-sent duplicates by
+//!    (device, boot, seq).
+//! 3. Only after the commit — and with `cluster.ack_after = "replicated"` only once
+//!    enough peers hold it — does the connection send its PUBACK (or PUBREC), and the
+//!    writer publish the device's durable watermark on `fogline/ack/<device>`. Committed
+//!    readings fold into [`aggregate`]s, published on `agg/<device>/<metric>/<len>s`.
+//! 4. The [`uplink`] reads committed blocks from the buffer (never from memory) and ships
+//!    them to the gateway; in a site only the leader does, and every agent also
+//!    replicates its log to its peers ([`site`]), who keep it until the gateway has it.
+//! 5. The gateway's ack moves the uplink's acked offset; the writer deletes what is acked
+//!    once `uplink.retention_secs` have passed.
+//!
+//! [`run`] starts the components in that order and stops them from the edges inwards.
 
 pub mod addr;
 pub mod aggregate;

@@ -1,11 +1,30 @@
 //! fogline-gateway: the cloud side of fogline.
 //!
-//! Agents (each site's leader) publish their origin logs to the gateway's embedded broker
-//! (`fogline_agent::shipping::proto`). The writer thread stores each batch once, in offset
-//! order, with one fsync per group of batches ([`store`]), then publishes the per-origin
-//! watermark back as the agents' durable ack. Aggregates relayed by the agents are
-//! republished retained on `agg/<site>/<device>/<metric>/<len>s` for dashboards and kept
-//! in the store, so they are served again after a restart.
+//! # Layout
+//!
+//! | module | what lives there |
+//! |---|---|
+//! | [`config`] | the gateway's configuration (the agent's layering and sections where they mean the same) |
+//! | `embed` | rumqttd as the network broker, on its own thread, and the in-process links to it |
+//! | `relay` | with `[tls]`: the public listener, a TLS front end requiring a site certificate, relaying to rumqttd on loopback |
+//! | [`store`] | the agent's `shipping::store`: every (site, origin) log complete, in offset order, in `gateway.redb` |
+//! | `lib.rs` | [`run`]: the receiver, the writer thread, HTTP (`/healthz`, `/metrics`, `/status`), start and stop |
+//!
+//! The log-shipping protocol and its receiver are the agent's (`fogline_agent::shipping`):
+//! a site's replicas and the gateway store shipped logs with the same code.
+//!
+//! # A batch's path
+//!
+//! 1. A site's leader publishes a batch of its origin log on
+//!    `fogline/uplink/<site>/<origin>/…` (`fogline_agent::shipping::proto`).
+//! 2. The `uplink-in` thread moves it from rumqttd into a queue bounded in messages and
+//!    bytes; the `store-writer` thread takes it only if it joins the stored log without a
+//!    hole, stores each offset once, with one fsync per group of batches.
+//! 3. After the commit it publishes the per-origin watermark retained on
+//!    `fogline/uplink/<site>/<origin>/ack` as `{"next":N}`, the agents' durable ack.
+//! 4. Aggregates relayed by the agents are republished retained on
+//!    `agg/<site>/<device>/<metric>/<len>s` for dashboards and kept in the store, so they
+//!    are served again after a restart.
 //!
 //! Nothing here assumes it is the only gateway: all state is per (site, origin).
 
@@ -146,18 +165,18 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
         )
         .route("/status", get(status))
         .with_state(state);
-    let (stop_http, http_stopped) = tokio::sync::oneshot::channel::<()>();
+    let (stop, mut stopping) = fogline_agent::shutdown::channel();
     let http = tokio::spawn(async move {
         axum::serve(http_listener, app)
-            .with_graceful_shutdown(async {
-                let _ = http_stopped.await;
-            })
+            .with_graceful_shutdown(async move { stopping.fired().await })
             .await
     });
 
+    // Stopped from the edges inwards, as the agent's: HTTP, then the link reader (no
+    // more batches), then the writer, which commits what is queued and acks it.
     shutdown.await;
     tracing::info!("shutting down: committing what is queued");
-    let _ = stop_http.send(());
+    stop.fire();
     tokio::task::spawn_blocking(move || {
         reader.stop();
         if writer.join().is_err() {

@@ -1,5 +1,5 @@
 //! The readings path, before the buffer: a publish on `sensors/<device>/<metric>` is
-//! validated ([`parse`]), held to the device's limits ([`limits`]) and queued for the
+//! validated ([`parse`](mod@parse)), held to the device's limits ([`limits`]) and queued for the
 //! writer with the ack cursor of its connection ([`queue`]); refusals are counted and
 //! logged ([`reject_log`], [`Metrics`]).
 

@@ -174,7 +174,7 @@ impl Server {
     }
 
     /// After a session added `filter`: subscribe its router link (made on first use).
-    /// `$` filters are served from [`Server::sys`] instead.
+    /// `$` filters are served from `Server::sys` instead.
     pub async fn subscribed(self: &Arc<Self>, session: &Arc<Session>, filter: &str) {
         if self.track(session, filter) {
             let retained = self.lock_local().retained.get(filter).cloned();

@@ -14,7 +14,7 @@ use super::Server;
 /// How often changed sessions are written to `sessions.redb`.
 const PERSIST_EVERY: Duration = Duration::from_millis(100);
 
-/// Writes sessions every [`PERSIST_EVERY`] until `stop`, then once more.
+/// Writes sessions every `PERSIST_EVERY` (100 ms) until `stop`, then once more.
 pub async fn persist_loop(server: Arc<Server>, mut stop: crate::shutdown::Shutdown) {
     loop {
         tokio::select! {

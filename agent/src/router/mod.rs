@@ -1,6 +1,7 @@
-//! rumqttd's router inside the agent (and the gateway): the in-process links the stages
-//! talk to it through — [`Publisher`] for retained messages from a plain thread,
-//! [`receive`] for what a link subscribed to — and [`Worker`], the thread that reads one.
+//! rumqttd's router inside the agent (and the gateway): its configuration, the in-process
+//! links the stages talk to it through ([`receive`] for what a link subscribed to), and
+//! [`Worker`], the thread that reads one. The agent's own retained messages go in
+//! through the MQTT front end's `Publisher`.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};

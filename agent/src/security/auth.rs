@@ -1,6 +1,6 @@
 //! Device authentication on the agent's broker: `[auth]` in the config, password hashes
 //! (argon2id, PHC strings) and the check made at CONNECT by the MQTT front end
-//! ([`crate::frontend`]).
+//! ([`crate::mqtt`]).
 //!
 //! A device's MQTT username is its device id, and its client id must be the same: the
 //! front end checks both at CONNECT and then lets the connection publish only under

@@ -1,4 +1,4 @@
-//! TLS for node links (agent → gateway uplink now; agent ↔ agent peer links later): load
+//! TLS for node links (the agent's uplink to the gateway, and the links between peers): load
 //! the site CA, this node's certificate and its key, and build rustls configs that
 //! require the other side to hold a certificate signed by the same site CA.
 //!

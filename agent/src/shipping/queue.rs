@@ -53,7 +53,7 @@ pub struct QueueTx {
     budget: Arc<Budget>,
 }
 
-/// The receiving end: [`Receiver::run`] takes it.
+/// The receiving end: [`Receiver::run`](super::receiver::Receiver::run) takes it.
 pub struct QueueRx {
     rx: ChannelRx<Message>,
     budget: Arc<Budget>,
