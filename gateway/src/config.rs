@@ -71,17 +71,7 @@ impl Config {
         if self.store.batch_max_messages == 0 {
             return bad("store.batch_max_messages must be at least 1".into());
         }
-        if self
-            .log
-            .level
-            .parse::<tracing_subscriber::EnvFilter>()
-            .is_err()
-        {
-            return bad(format!(
-                "log.level = {:?} is not a tracing filter",
-                self.log.level
-            ));
-        }
+        self.log.validate().map_err(ConfigError::Invalid)?;
         Ok(())
     }
 

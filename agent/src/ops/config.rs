@@ -80,6 +80,19 @@ pub struct LogConfig {
     pub level: String,
 }
 
+impl LogConfig {
+    /// `log.level` must be a tracing filter (`info`, `fogline_agent=debug,warn`, …).
+    pub fn validate(&self) -> Result<(), String> {
+        match self.level.parse::<tracing_subscriber::EnvFilter>() {
+            Ok(_) => Ok(()),
+            Err(_) => Err(format!(
+                "log.level = {:?} is not a tracing filter",
+                self.level
+            )),
+        }
+    }
+}
+
 /// Values given on the command line; they override every other layer.
 #[derive(Debug, Default, Clone)]
 pub struct Overrides {
@@ -298,17 +311,7 @@ impl Config {
         if u.backoff_min_ms == 0 || u.backoff_max_ms < u.backoff_min_ms {
             return bad("need 0 < uplink.backoff_min_ms <= uplink.backoff_max_ms".into());
         }
-        if self
-            .log
-            .level
-            .parse::<tracing_subscriber::EnvFilter>()
-            .is_err()
-        {
-            return bad(format!(
-                "log.level = {:?} is not a tracing filter",
-                self.log.level
-            ));
-        }
+        self.log.validate().map_err(ConfigError::Invalid)?;
         self.tls.validate().map_err(ConfigError::Invalid)?;
         self.auth.validate().map_err(ConfigError::Invalid)?;
         self.limits.validate().map_err(ConfigError::Invalid)?;
