@@ -279,7 +279,17 @@ pub fn pub_command(port: u16, topic: &str) -> Command {
 
 /// `mosquitto_pub -h 127.0.0.1 -p PORT -q 1 -t TOPIC (-m TEXT | -f FILE)`.
 pub fn publish(port: u16, topic: &str, message: Message<'_>) -> anyhow::Result<()> {
+    run_pub(pub_command(port, topic), topic, message)
+}
+
+/// The same with `-r`: the broker keeps the message for every later subscriber.
+pub fn publish_retained(port: u16, topic: &str, message: Message<'_>) -> anyhow::Result<()> {
     let mut cmd = pub_command(port, topic);
+    cmd.arg("-r");
+    run_pub(cmd, topic, message)
+}
+
+fn run_pub(mut cmd: Command, topic: &str, message: Message<'_>) -> anyhow::Result<()> {
     match message {
         Message::Text(text) => cmd.args(["-m", text]),
         Message::File(path) => cmd.arg("-f").arg(path),
