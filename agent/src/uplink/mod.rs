@@ -26,7 +26,7 @@ use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 use tokio::sync::watch;
 
 pub use config::UplinkConfig;
-pub use send::{fill, Link, LinkFull, Sent, Source};
+pub use send::{fill, Link, LinkFull, Outbox, Sent, Source};
 pub use status::{AggRelay, Metrics, Shared, UplinkStatus};
 use window::{AckVerdict, Window, WindowConfig};
 
@@ -181,11 +181,26 @@ impl Uplink {
         let started = Instant::now();
         let now_ms = || u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
         let mut window = Window::new(self.window_config(), now_ms());
+        let mut outbox = Outbox::default();
         let mut tick = tokio::time::interval(Duration::from_millis(20));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
 
         loop {
+            // Biased: shutdown and leadership first, then the connection (acks in, queued
+            // publishes out) before anything that would queue more.
             tokio::select! {
+                biased;
+                () = shutdown.fired() => return Ok(End::Shutdown),
+                Some(()) = async {
+                    match active.as_mut() {
+                        Some(a) => a.changed().await.ok(),
+                        None => std::future::pending().await,
+                    }
+                } => {
+                    if active.as_ref().is_some_and(|a| !*a.borrow()) {
+                        return Ok(End::Inactive);
+                    }
+                }
                 event = eventloop.poll() => {
                     match event? {
                         Event::Incoming(Packet::ConnAck(_)) => {
@@ -213,17 +228,6 @@ impl Uplink {
                 _ = self.head.changed(), if connected => {}
                 _ = self.shared.relay.changed.notified(), if connected => {}
                 _ = tick.tick(), if connected => {}
-                () = shutdown.fired() => return Ok(End::Shutdown),
-                Some(()) = async {
-                    match active.as_mut() {
-                        Some(a) => a.changed().await.ok(),
-                        None => std::future::pending().await,
-                    }
-                } => {
-                    if active.as_ref().is_some_and(|a| !*a.borrow()) {
-                        return Ok(End::Inactive);
-                    }
-                }
             }
             if !connected {
                 continue;
@@ -245,6 +249,7 @@ impl Uplink {
             self.shared.update(|s| s.head = head);
             let sent = fill(
                 &mut window,
+                &mut outbox,
                 self.source.as_ref(),
                 &client,
                 &topics.log,

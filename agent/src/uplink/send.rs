@@ -1,5 +1,9 @@
 //! Sending the log: where blocks are read ([`Source`]), what they are sent through
-//! ([`Link`]), and [`fill`], which sends what the window asks for.
+//! ([`Link`]), and [`fill`], which sends what the window asks for. Blocks read but not
+//! yet taken by a full link wait in the [`Outbox`]: a full link costs one failed
+//! publish per round, not a read of the log.
+
+use std::collections::VecDeque;
 
 use rumqttc::{AsyncClient, QoS};
 
@@ -55,10 +59,37 @@ pub struct Sent {
     pub bytes: u64,
 }
 
+/// Blocks read from the log that the link has not taken yet, oldest first, and the
+/// offset they continue from.
+///
+/// A link is full when the destination is slower than the log (a backlog after a long
+/// partition); without this, every round would read and decode a batch's worth of blocks
+/// again only to have the first one refused — enough work, with small blocks, to starve
+/// the connection that would drain the link.
+#[derive(Debug, Default)]
+pub struct Outbox {
+    blocks: VecDeque<StoredBlock>,
+    /// `blocks` are the log's next blocks from this offset on.
+    from: u64,
+}
+
+impl Outbox {
+    /// Whether the waiting blocks continue the log from `from`; after a rewind or an ack
+    /// past them they do not, and are dropped.
+    fn continues(&mut self, from: u64) -> bool {
+        if self.from != from {
+            self.blocks.clear();
+        }
+        !self.blocks.is_empty()
+    }
+}
+
 /// Sends what the window asks for, block by block, from `source` through `link`, until
-/// the window, the pace, the log or the link's queue says stop.
+/// the window, the pace, the log or the link's queue says stop. Blocks the link did not
+/// take stay in `outbox` for the next call.
 pub fn fill(
     window: &mut Window,
+    outbox: &mut Outbox,
     source: &dyn Source,
     link: &impl Link,
     topic: &str,
@@ -67,11 +98,15 @@ pub fn fill(
 ) -> anyhow::Result<Sent> {
     let mut sent = Sent::default();
     while let Some(want) = window.poll_send(head, now_ms) {
-        let blocks = source.blocks_from(want.from, want.max_readings, head)?;
-        if blocks.is_empty() {
-            break;
+        if !outbox.continues(want.from) {
+            let read = source.blocks_from(want.from, want.max_readings, head)?;
+            if read.is_empty() {
+                break;
+            }
+            outbox.blocks.extend(read);
+            outbox.from = want.from;
         }
-        for block in blocks {
+        while let Some(block) = outbox.blocks.front() {
             let frame = proto::BatchFrame {
                 start: window.sent(),
                 first_offset: block.first_offset,
@@ -83,6 +118,8 @@ pub fn fill(
                 return Ok(sent);
             }
             window.sent_block(block.first_offset, block.end_offset, now_ms);
+            outbox.from = window.sent();
+            outbox.blocks.pop_front();
             sent.batches += 1;
             sent.bytes += bytes;
         }
@@ -93,15 +130,24 @@ pub fn fill(
 #[cfg(test)]
 mod tests {
     use std::cell::RefCell;
+    use std::sync::atomic::{AtomicUsize, Ordering};
 
     use super::*;
     use crate::uplink::window::WindowConfig;
 
-    /// A log of blocks `first..end` (holes allowed), each block's bytes its range.
-    struct FakeLog(Vec<(u64, u64)>);
+    /// A log of blocks `first..end` (holes allowed), each block's bytes its range; counts
+    /// its reads.
+    struct FakeLog(Vec<(u64, u64)>, AtomicUsize);
+
+    impl FakeLog {
+        fn new(blocks: Vec<(u64, u64)>) -> FakeLog {
+            FakeLog(blocks, AtomicUsize::new(0))
+        }
+    }
 
     impl Source for FakeLog {
         fn blocks_from(&self, from: u64, max: u64, head: u64) -> anyhow::Result<Vec<StoredBlock>> {
+            self.1.fetch_add(1, Ordering::Relaxed);
             let mut out = Vec::new();
             let mut n = 0;
             for &(first, end) in &self.0 {
@@ -166,11 +212,12 @@ mod tests {
     #[test]
     fn fill_sends_the_log_from_the_ack_and_announces_holes() {
         // 30..40 were dropped at the edge.
-        let log = FakeLog(vec![(0, 10), (10, 30), (40, 50), (50, 60)]);
+        let log = FakeLog::new(vec![(0, 10), (10, 30), (40, 50), (50, 60)]);
         let link = FakeLink::with_room(100);
+        let mut ob = Outbox::default();
         let mut w = Window::new(CFG, 0);
         w.on_ack(10, 60, 0);
-        let sent = fill(&mut w, &log, &link, "log", 60, 0).expect("fill");
+        let sent = fill(&mut w, &mut ob, &log, &link, "log", 60, 0).expect("fill");
         assert_eq!(sent.batches, 3);
         assert_eq!(
             link.take(),
@@ -183,30 +230,32 @@ mod tests {
         assert_eq!(w.sent(), 60);
         // Nothing more until the log grows.
         assert_eq!(
-            fill(&mut w, &log, &link, "log", 60, 1).expect("fill"),
+            fill(&mut w, &mut ob, &log, &link, "log", 60, 1).expect("fill"),
             Sent::default()
         );
     }
 
     #[test]
     fn fill_stops_when_the_link_is_full_and_goes_on_from_there() {
-        let log = FakeLog(vec![(0, 10), (10, 20), (20, 30)]);
+        let log = FakeLog::new(vec![(0, 10), (10, 20), (20, 30)]);
         let link = FakeLink::with_room(1);
+        let mut ob = Outbox::default();
         let mut w = Window::new(CFG, 0);
         w.on_ack(0, 30, 0);
-        let sent = fill(&mut w, &log, &link, "log", 30, 0).expect("fill");
+        let sent = fill(&mut w, &mut ob, &log, &link, "log", 30, 0).expect("fill");
         assert_eq!(sent.batches, 1);
         assert_eq!(w.sent(), 10, "only what the link took counts as sent");
         *link.room.borrow_mut() = 10;
-        fill(&mut w, &log, &link, "log", 30, 1).expect("fill");
+        fill(&mut w, &mut ob, &log, &link, "log", 30, 1).expect("fill");
         let starts: Vec<u64> = link.take().iter().map(|f| f.0).collect();
         assert_eq!(starts, vec![0, 10, 20]);
     }
 
     #[test]
     fn fill_sends_nothing_beyond_the_window_or_before_the_first_ack() {
-        let log = FakeLog((0..50).map(|i| (i * 10, i * 10 + 10)).collect());
+        let log = FakeLog::new((0..50).map(|i| (i * 10, i * 10 + 10)).collect());
         let link = FakeLink::with_room(1000);
+        let mut ob = Outbox::default();
         let mut w = Window::new(
             WindowConfig {
                 max_inflight: 35,
@@ -216,16 +265,71 @@ mod tests {
             0,
         );
         assert_eq!(
-            fill(&mut w, &log, &link, "log", 500, 0).expect("fill"),
+            fill(&mut w, &mut ob, &log, &link, "log", 500, 0).expect("fill"),
             Sent::default()
         );
         w.on_ack(100, 500, 0);
-        fill(&mut w, &log, &link, "log", 500, 0).expect("fill");
+        fill(&mut w, &mut ob, &log, &link, "log", 500, 0).expect("fill");
         // 100..140 out: the fourth block started with 30 in flight, within the window.
         assert_eq!(w.sent(), 140);
         assert_eq!(link.take().len(), 4);
         w.on_ack(120, 500, 1);
-        fill(&mut w, &log, &link, "log", 500, 1).expect("fill");
+        fill(&mut w, &mut ob, &log, &link, "log", 500, 1).expect("fill");
         assert_eq!(w.sent(), 160);
+    }
+
+    #[test]
+    fn a_full_link_does_not_read_the_log_again() {
+        // A backlog of small blocks behind a link that takes two publishes per round: the
+        // log is read once per batch, not once per round (reading and decoding a batch
+        // every round starved the connection that drains the link).
+        let log = FakeLog::new((0..8).map(|i| (i * 10, i * 10 + 10)).collect());
+        let link = FakeLink::with_room(2);
+        let mut ob = Outbox::default();
+        let mut w = Window::new(CFG, 0);
+        w.on_ack(0, 80, 0);
+        for round in 1..=4 {
+            let sent = fill(&mut w, &mut ob, &log, &link, "log", 80, round).expect("fill");
+            assert_eq!(sent.batches, 2, "round {round}");
+            *link.room.borrow_mut() = 2;
+        }
+        assert_eq!(w.sent(), 80);
+        assert_eq!(
+            log.1.load(Ordering::Relaxed),
+            1,
+            "one read for the whole batch"
+        );
+        let starts: Vec<u64> = link.take().iter().map(|f| f.0).collect();
+        assert_eq!(starts, (0..8).map(|i| i * 10).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn blocks_waiting_for_the_link_are_dropped_after_a_rewind() {
+        let log = FakeLog::new(vec![(0, 10), (10, 20), (20, 30)]);
+        let link = FakeLink::with_room(1);
+        let mut ob = Outbox::default();
+        let mut w = Window::new(CFG, 0);
+        w.on_ack(0, 30, 0);
+        fill(&mut w, &mut ob, &log, &link, "log", 30, 0).expect("fill");
+        assert_eq!(ob.blocks.len(), 2, "10..20 and 20..30 wait");
+        // No ack for longer than the timeout: the window goes back to 0, and the blocks
+        // waiting (from 10) are not what comes next.
+        assert!(w.on_tick(CFG.ack_timeout_ms + 1));
+        *link.room.borrow_mut() = 10;
+        fill(
+            &mut w,
+            &mut ob,
+            &log,
+            &link,
+            "log",
+            30,
+            CFG.ack_timeout_ms + 1,
+        )
+        .expect("fill");
+        assert_eq!(log.1.load(Ordering::Relaxed), 2, "read again from the ack");
+        let frames: Vec<(u64, u64)> = link.take().iter().map(|f| (f.0, f.1)).collect();
+        // 0..10 once before the rewind, then the log again from the ack, not 10..20 first.
+        assert_eq!(frames, vec![(0, 0), (0, 0), (10, 10), (20, 20)]);
+        assert_eq!(w.sent(), 30);
     }
 }
