@@ -513,6 +513,7 @@ fn observe(
     let mut last_total = lab.gateway_total().unwrap_or(0);
     let mut last_progress: Option<Duration> = None;
     let mut elected_seen = cut_leader.is_none();
+    let mut new_leader_seen = false;
     while t0.elapsed() < until {
         let now = t0.elapsed();
         let mut still = Vec::new();
@@ -538,16 +539,24 @@ fn observe(
                 sc.lease_lost = Some(now);
             }
             if !elected_seen {
-                let total = lab.gateway_total().unwrap_or(last_total);
-                if total > last_total {
-                    last_total = total;
-                    last_progress = Some(now);
-                }
                 let leaders: Vec<usize> = majority
                     .iter()
                     .copied()
                     .filter(|&i| lab.status(i).is_ok_and(|s| s["role"] == "leader"))
                     .collect();
+                // Progress counts as the cut-off leader's only while no other agent leads:
+                // a new leader forwards as soon as it holds the lease, before every agent
+                // of the majority reports it. Leaders are looked at before the gateway, so
+                // progress seen in this round came before any new leader.
+                if leaders.is_empty() && !new_leader_seen {
+                    let total = lab.gateway_total().unwrap_or(last_total);
+                    if total > last_total {
+                        last_total = total;
+                        last_progress = Some(now);
+                    }
+                } else {
+                    new_leader_seen = true;
+                }
                 if let [l] = leaders[..] {
                     let id = lab.ids[l].clone();
                     if majority
