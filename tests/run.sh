@@ -16,6 +16,15 @@ if ! command -v mosquitto_pub >/dev/null 2>&1 || ! command -v mosquitto_sub >/de
     $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends mosquitto-clients
 fi
 
+# The gateway's history API is queried with curl.
+if ! command -v curl >/dev/null 2>&1; then
+    SUDO=""
+    if [ "$(id -u)" -ne 0 ]; then SUDO="sudo"; fi
+    echo "installing curl"
+    $SUDO apt-get update
+    $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends curl ca-certificates
+fi
+
 # The broker conformance suite (tests/conformance) drives the broker with Eclipse Paho.
 PAHO_STATUS="$(dpkg-query -W -f='${Status}' python3-paho-mqtt 2>/dev/null || true)"
 if [ "$PAHO_STATUS" != "install ok installed" ]; then

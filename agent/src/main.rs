@@ -50,6 +50,10 @@ enum CertsCommand {
         /// A name for the CA's common name, e.g. the site id.
         #[arg(long, default_value = "site")]
         name: String,
+        /// Bind the CA to this site: the gateway then takes the node certificates it
+        /// signs for this site only. Leave out for a fleet CA (nodes name their site).
+        #[arg(long)]
+        site: Option<String>,
     },
     /// Create a node certificate signed by the site CA: OUT/ID.pem and OUT/ID.key (0600).
     /// Usable as server and client certificate by agents and the gateway.
@@ -67,6 +71,10 @@ enum CertsCommand {
         /// Directory to write into.
         #[arg(long)]
         out: PathBuf,
+        /// The node's site, named in the certificate: the gateway takes this node's
+        /// uplink for this site only (and refuses a node certificate without a site).
+        #[arg(long)]
+        site: Option<String>,
     },
 }
 
@@ -223,13 +231,16 @@ fn limit_malloc_arenas() {}
 
 fn certs(cmd: CertsCommand) -> anyhow::Result<ExitCode> {
     let written = match cmd {
-        CertsCommand::Init { out, name } => fogline_agent::security::certs::init(&out, &name)?,
+        CertsCommand::Init { out, name, site } => {
+            fogline_agent::security::certs::init(&out, &name, site.as_deref())?
+        }
         CertsCommand::Node {
             ca,
             node_id,
             host,
             out,
-        } => fogline_agent::security::certs::node(&ca, &node_id, &host, &out)?,
+            site,
+        } => fogline_agent::security::certs::node(&ca, &node_id, &host, &out, site.as_deref())?,
     };
     process::print(&format!(
         "wrote {} and {} (mode 0600)\n",

@@ -4,8 +4,11 @@
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
+use std::collections::BTreeMap;
+
 use figment::providers::Env;
 use fogline_agent::ops::config::{load_layers, ConfigError, HttpConfig, LogConfig, MqttConfig};
+use fogline_agent::security::auth::SecretHash;
 use serde::{Deserialize, Serialize};
 
 pub const DEFAULTS: &str = include_str!("default.toml");
@@ -20,6 +23,34 @@ pub struct Config {
     /// Agents' uplinks over TLS with client certificates signed by the site CA.
     #[serde(default)]
     pub tls: fogline_agent::security::tls::TlsConfig,
+    /// Who may do what on `mqtt.listen` besides nodes with a certificate.
+    #[serde(default)]
+    pub access: AccessConfig,
+}
+
+/// `[access]`: dashboards and clients without a node certificate.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AccessConfig {
+    /// What a client with neither a node certificate nor credentials becomes.
+    pub anonymous: AnonymousPolicy,
+    /// Dashboards: user name → argon2 hash (`fogline-agent auth hash`). They subscribe
+    /// to `agg/#` and publish nothing.
+    pub readers: BTreeMap<String, SecretHash>,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AnonymousPolicy {
+    /// `node` without `[tls]` (a lab, warned at start), `refuse` with it.
+    #[default]
+    Auto,
+    /// Refused at CONNECT.
+    Refuse,
+    /// A read-only dashboard: subscribes to `agg/#`, publishes nothing.
+    Read,
+    /// A node of any site (never an ack): only without `[tls]`.
+    Node,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -29,6 +60,13 @@ pub struct StoreConfig {
     pub batch_max_messages: usize,
     pub batch_max_delay_ms: u64,
     pub cache_bytes: usize,
+    /// Index every reading and aggregate by series and time for the history API.
+    #[serde(default = "yes")]
+    pub history: bool,
+}
+
+fn yes() -> bool {
+    true
 }
 
 /// Command-line values; they override every other layer.
@@ -68,11 +106,31 @@ impl Config {
             return bad("mqtt.max_packet_bytes must be at least 65536 (uplink batches)".into());
         }
         self.tls.validate().map_err(ConfigError::Invalid)?;
+        fogline_agent::security::auth::validate_users("access.readers", &self.access.readers)
+            .map_err(ConfigError::Invalid)?;
+        if self.tls.enabled() && self.access.anonymous == AnonymousPolicy::Node {
+            return bad(
+                "access.anonymous = \"node\" with [tls] would let any client without a \
+                        certificate ship for any site; use \"refuse\" or \"read\""
+                    .into(),
+            );
+        }
         if self.store.batch_max_messages == 0 {
             return bad("store.batch_max_messages must be at least 1".into());
         }
         self.log.validate().map_err(ConfigError::Invalid)?;
         Ok(())
+    }
+
+    /// What `access.anonymous` comes to with this `[tls]`.
+    pub fn anonymous(&self) -> fogline_agent::mqtt::Anonymous {
+        use fogline_agent::mqtt::Anonymous;
+        match self.access.anonymous {
+            AnonymousPolicy::Auto if self.tls.enabled() => Anonymous::Refuse,
+            AnonymousPolicy::Auto | AnonymousPolicy::Node => Anonymous::Node,
+            AnonymousPolicy::Refuse => Anonymous::Refuse,
+            AnonymousPolicy::Read => Anonymous::Read,
+        }
     }
 
     pub fn store_path(&self) -> PathBuf {
@@ -98,5 +156,31 @@ mod tests {
         .expect("defaults");
         assert_eq!(c.mqtt.listen.port(), 1883);
         assert_eq!(c.http.listen.port(), 9280);
+        // No TLS, no readers: a lab where anyone may ship (warned at start).
+        assert_eq!(c.anonymous(), fogline_agent::mqtt::Anonymous::Node);
+    }
+
+    #[test]
+    fn anonymous_nodes_are_refused_with_tls() {
+        let mut c = Config::load_with_env(
+            None,
+            &Overrides::default(),
+            Env::prefixed("FOGLINE_GW_TEST_NOTHING_"),
+        )
+        .expect("defaults");
+        c.tls.ca = "ca.pem".into();
+        c.tls.cert = "gw.pem".into();
+        c.tls.key = "gw.key".into();
+        assert_eq!(c.anonymous(), fogline_agent::mqtt::Anonymous::Refuse);
+        c.access.anonymous = AnonymousPolicy::Node;
+        let err = c.validate().expect_err("node with tls");
+        assert!(err.to_string().contains("access.anonymous"), "{err}");
+        c.access.anonymous = AnonymousPolicy::Read;
+        c.validate().expect("read with tls");
+        c.access
+            .readers
+            .insert("grafana".into(), SecretHash::new("not-a-hash"));
+        let err = c.validate().expect_err("bad hash");
+        assert!(err.to_string().contains("access.readers.grafana"), "{err}");
     }
 }

@@ -5,8 +5,7 @@
 //! | module | what lives there |
 //! |---|---|
 //! | [`config`] | the gateway's configuration (the agent's layering and sections where they mean the same) |
-//! | `embed` | rumqttd as the network broker, on its own thread, and the in-process links to it |
-//! | `relay` | with `[tls]`: the public listener, a TLS front end requiring a site certificate, relaying to rumqttd on loopback |
+//! | `front` | the agent's MQTT front end on `mqtt.listen`, over rumqttd's router, with the gateway's access rules (nodes bound to their site by certificate, dashboards read-only, acks and `agg/…` the gateway's own) |
 //! | [`store`] | the agent's `shipping::store`: every (site, origin) log complete, in offset order, in `gateway.redb` |
 //! | `lib.rs` | [`run`]: the receiver, the writer thread, HTTP (`/healthz`, `/metrics`, `/status`), start and stop |
 //!
@@ -29,8 +28,8 @@
 //! Nothing here assumes it is the only gateway: all state is per (site, origin).
 
 pub mod config;
-mod embed;
-mod relay;
+mod front;
+mod history;
 pub use fogline_agent::shipping::store;
 
 use std::future::Future;
@@ -42,7 +41,6 @@ use anyhow::Context;
 use axum::extract::State;
 use axum::routing::get;
 use axum::{Json, Router};
-use fogline_agent::mqtt::Publisher;
 use fogline_agent::shipping::proto;
 use fogline_agent::shipping::receiver::{self, AggOut, Counters, Hooks, Receiver};
 use prometheus_client::registry::Registry;
@@ -54,8 +52,8 @@ use store::Store;
 pub struct Metrics {
     registry: Registry,
     counters: Arc<Counters>,
-    /// Node links refused at TLS (no certificate, another CA, …) and over the limit.
-    links_refused: Arc<fogline_agent::mqtt::refusals::FrontMetrics>,
+    /// The MQTT front end's: connections, sessions, refusals by reason.
+    mqtt: Arc<fogline_agent::mqtt::Metrics>,
 }
 
 impl Metrics {
@@ -63,17 +61,12 @@ impl Metrics {
         let mut registry = Registry::with_prefix("fogline_gateway");
         let counters = Arc::new(Counters::default());
         counters.register(&mut registry);
-        let links_refused =
-            fogline_agent::mqtt::refusals::FrontMetrics::new(Duration::from_secs(10));
-        registry.register(
-            "links_refused",
-            "Connections refused at the TLS front end, by reason",
-            links_refused.refused.clone(),
-        );
+        let mqtt = Arc::new(fogline_agent::mqtt::Metrics::default());
+        mqtt.register(&mut registry);
         Metrics {
             registry,
             counters,
-            links_refused,
+            mqtt,
         }
     }
 
@@ -96,38 +89,44 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
     let metrics = Arc::new(Metrics::new());
     let path = config.store_path();
     let cache = config.store.cache_bytes;
-    let store = tokio::task::spawn_blocking(move || Store::open(&path, cache))
-        .await
-        .context("store open task")?
-        .with_context(|| format!("opening the store in {}", config.store.data_dir.display()))?;
+    let keep_history = config.store.history;
+    let store = tokio::task::spawn_blocking(move || {
+        let mut store = Store::open(&path, cache)?;
+        if keep_history {
+            let indexed = store.keep_history()?;
+            if indexed > 0 {
+                tracing::info!(readings = indexed, "history index built for the stored log");
+            }
+        }
+        Ok::<_, store::StoreError>(store)
+    })
+    .await
+    .context("store open task")?
+    .with_context(|| format!("opening the store in {}", config.store.data_dir.display()))?;
+    let history = Arc::new(history::History {
+        reader: store.reader(),
+        readers: (config.access.anonymous != config::AnonymousPolicy::Read
+            && !config.access.readers.is_empty())
+        .then(|| fogline_agent::security::auth::Authenticator::for_users(&config.access.readers)),
+    });
     tracing::info!(path = %config.store_path().display(), origins = store.origins().len(), "store open");
 
     let http_listener = tokio::net::TcpListener::bind(config.http.listen)
         .await
         .with_context(|| format!("cannot listen for HTTP on {}", config.http.listen))?;
 
-    let mut mqtt = config.mqtt.clone();
-    let front = tls_front(&config, &mut mqtt, &metrics)?;
     let filter = proto::UPLINK.filter();
-    let mut links = tokio::task::block_in_place(|| {
-        embed::embed(
-            &mqtt,
-            &[&filter, "agg/#"],
-            &[("gateway-in", &[&filter]), ("gateway-out", &[])],
-        )
-    })
-    .context("starting the MQTT broker")?
-    .into_iter();
-    let (Some(link_in), Some((out_tx, _))) = (links.next(), links.next()) else {
-        anyhow::bail!("broker links missing");
-    };
-    if let Some(front) = front {
-        front.spawn().context("starting the TLS front end")?;
-    }
+    let front::Mqtt {
+        uplinks,
+        publisher,
+        sessions,
+    } = front::start(&config, metrics.mqtt.clone(), &filter)
+        .await
+        .context("starting MQTT")?;
     // Batches from every site's leader: 4096 messages, 64 MiB at most.
     let (queue_tx, queue_rx) = receiver::queue(4096, 64 << 20);
     let mut reader =
-        receiver::spawn_reader("uplink-in", link_in, queue_tx, metrics.counters.clone())
+        receiver::spawn_reader("uplink-in", uplinks, queue_tx, metrics.counters.clone())
             .context("starting the uplink receiver")?;
 
     let state = Arc::new(AppState {
@@ -138,7 +137,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
     });
     let writer = Receiver {
         store,
-        publisher: Publisher::new(out_tx),
+        publisher,
         scheme: proto::UPLINK,
         counters: metrics.counters.clone(),
         agg_out: AggOut::PerSite,
@@ -165,6 +164,12 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
         )
         .route("/status", get(status))
         .with_state(state);
+    // With store.history off there is no index to serve from: /api/v1/… is a 404.
+    let app = if keep_history {
+        app.merge(history::routes(history))
+    } else {
+        app
+    };
     let (stop, mut stopping) = fogline_agent::shutdown::channel();
     let http = tokio::spawn(async move {
         axum::serve(http_listener, app)
@@ -186,45 +191,9 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
     .await
     .context("shutdown task")?;
     let _ = http.await;
+    sessions.stop().await;
     tracing::info!("stopped");
     Ok(())
-}
-
-/// With `[tls]`: the public MQTT listener becomes a TLS front end that requires a client
-/// certificate signed by the site CA, and rumqttd moves to a loopback-only port.
-fn tls_front(
-    config: &Config,
-    mqtt: &mut fogline_agent::ops::config::MqttConfig,
-    metrics: &Metrics,
-) -> anyhow::Result<Option<relay::Front>> {
-    use relay::{internal_addr, Front, Guard};
-    if !config.tls.enabled() {
-        tracing::warn!(
-            "tls is off: any client can connect to the gateway and uplink for any site; \
-             set [tls] outside a lab"
-        );
-        return Ok(None);
-    }
-    let identity = fogline_agent::security::tls::NodeIdentity::load(&config.tls)
-        .context("loading the TLS files (tls.*)")?;
-    let acceptor = tokio_rustls::TlsAcceptor::from(identity.server_config()?);
-    if !mqtt.listen_v5.is_empty() {
-        anyhow::bail!("mqtt.listen_v5 is not served over TLS yet: set it to \"\" with [tls]");
-    }
-    let listener = std::net::TcpListener::bind(mqtt.listen)
-        .with_context(|| format!("cannot listen on {}", mqtt.listen))?;
-    let backend = internal_addr().context("no loopback port for the broker")?;
-    tracing::info!(listen = %mqtt.listen, "node links need a client certificate signed by the site CA");
-    let front = Front {
-        listener,
-        backend,
-        guard: Guard::Tls(acceptor),
-        max_connections: mqtt.max_connections,
-        connect_timeout: Duration::from_millis(u64::from(mqtt.connect_timeout_ms)),
-        metrics: metrics.links_refused.clone(),
-    };
-    mqtt.listen = backend;
-    Ok(Some(front))
 }
 
 async fn status(State(s): State<Arc<AppState>>) -> Json<serde_json::Value> {

@@ -36,12 +36,19 @@ pub struct Gateway {
     mqtt_port: u16,
     http_port: u16,
     env: Vec<(String, String)>,
+    /// `--config FILE`, if any.
+    config: Option<PathBuf>,
     child: Option<Child>,
 }
 
 impl Gateway {
     /// Starts a gateway on free local ports and a fresh data dir; waits until ready.
     pub fn start(env: &[(&str, &str)]) -> anyhow::Result<Gateway> {
+        Gateway::start_with(env, None)
+    }
+
+    /// [`Gateway::start`] with `--config FILE`.
+    pub fn start_with(env: &[(&str, &str)], config: Option<PathBuf>) -> anyhow::Result<Gateway> {
         let root = tempfile::Builder::new()
             .prefix("fogline-gw-")
             .tempdir()
@@ -57,6 +64,7 @@ impl Gateway {
                 .iter()
                 .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
                 .collect(),
+            config,
             child: None,
         };
         gw.restart()?;
@@ -89,6 +97,9 @@ impl Gateway {
             .stderr(Stdio::from(err));
         for (k, v) in &self.env {
             cmd.env(k, v);
+        }
+        if let Some(config) = &self.config {
+            cmd.arg("--config").arg(config);
         }
         self.child = Some(cmd.spawn().context("starting fogline-gateway")?);
         let deadline = Instant::now() + Duration::from_secs(30);
@@ -157,6 +168,11 @@ impl Gateway {
 
     pub fn mqtt_addr(&self) -> SocketAddr {
         local(self.mqtt_port)
+    }
+
+    /// Where its HTTP listener is (`/status`, `/metrics`, `/api/v1/…`).
+    pub fn http_addr(&self) -> SocketAddr {
+        local(self.http_port)
     }
 
     pub fn mqtt_port(&self) -> u16 {

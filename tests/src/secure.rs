@@ -23,7 +23,17 @@ fn agent(args: &[&str]) -> anyhow::Result<BoundedOutput> {
 
 /// `fogline-agent certs init --out DIR`.
 pub fn certs_init(dir: &Path) -> anyhow::Result<()> {
-    agent(&["certs", "init", "--out", &dir.to_string_lossy()]).map(|_| ())
+    certs_init_for(dir, None)
+}
+
+/// `fogline-agent certs init --out DIR [--site SITE]`: a CA bound to `site`, or a fleet CA.
+pub fn certs_init_for(dir: &Path, site: Option<&str>) -> anyhow::Result<()> {
+    let dir = dir.to_string_lossy();
+    let mut args = vec!["certs", "init", "--out", &dir];
+    if let Some(site) = site {
+        args.extend(["--site", site]);
+    }
+    agent(&args).map(|_| ())
 }
 
 /// `fogline-agent certs node --ca CA --node-id ID --host … --out OUT`; returns the
@@ -33,6 +43,17 @@ pub fn certs_node(
     id: &str,
     hosts: &[&str],
     out: &Path,
+) -> anyhow::Result<(PathBuf, PathBuf)> {
+    certs_node_for(ca, id, hosts, out, None)
+}
+
+/// [`certs_node`] with `--site SITE`: the certificate names the node's site.
+pub fn certs_node_for(
+    ca: &Path,
+    id: &str,
+    hosts: &[&str],
+    out: &Path,
+    site: Option<&str>,
 ) -> anyhow::Result<(PathBuf, PathBuf)> {
     let ca = ca.to_string_lossy();
     let out_s = out.to_string_lossy();
@@ -48,6 +69,9 @@ pub fn certs_node(
     ];
     for h in hosts {
         args.extend(["--host", h]);
+    }
+    if let Some(site) = site {
+        args.extend(["--site", site]);
     }
     agent(&args)?;
     Ok((out.join(format!("{id}.pem")), out.join(format!("{id}.key"))))

@@ -8,10 +8,10 @@
 use std::os::unix::fs::PermissionsExt;
 use std::time::Duration;
 
-use fogline_tests::secure::{certs_init, certs_node};
+use fogline_tests::secure::{certs_init, certs_node, certs_node_for};
 use fogline_tests::{mosquitto, poll_until, Agent, AgentOptions, Gateway};
 
-const REFUSED: &str = "fogline_gateway_links_refused_total";
+const REFUSED: &str = "fogline_gateway_connections_refused_total";
 
 fn agent_with(
     gw: &Gateway,
@@ -44,8 +44,8 @@ fn only_nodes_with_a_site_certificate_can_uplink() -> anyhow::Result<()> {
     certs_init(&other)?;
     let ca = site.join("ca.pem");
     let (gw_cert, gw_key) = certs_node(&site, "gateway", &["127.0.0.1", "localhost"], &site)?;
-    let (good_cert, good_key) = certs_node(&site, "pi-1", &[], &site)?;
-    let (evil_cert, evil_key) = certs_node(&other, "pi-evil", &[], &other)?;
+    let (good_cert, good_key) = certs_node_for(&site, "pi-1", &[], &site, Some("farm"))?;
+    let (evil_cert, evil_key) = certs_node_for(&other, "pi-evil", &[], &other, Some("farm"))?;
     let key_mode = std::fs::metadata(&good_key)?.permissions().mode() & 0o777;
     assert_eq!(key_mode, 0o600, "certs node writes keys 0600");
 

@@ -179,6 +179,17 @@ impl Ingest {
     }
 
     /// No more readings: the writer drains its queue and stops.
+    /// Takes no readings at all: a front end that serves no devices (the gateway's).
+    pub fn none() -> Ingest {
+        Ingest {
+            queue: Mutex::new(None),
+            limiter: Mutex::new(limits::Limiter::new(limits::LimitsConfig::default())),
+            rejects: Mutex::new(RejectLog::new(Duration::from_secs(10))),
+            metrics: Arc::new(Metrics::default()),
+            max_payload: 0,
+        }
+    }
+
     pub fn close(&self) {
         self.queue.lock().unwrap_or_else(|e| e.into_inner()).take();
     }

@@ -15,7 +15,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use super::codec::{connect_level, Codec};
 use super::protocol::{printable, Protocol};
-use super::rights::{own_topic, Rights};
+use super::rights::{Anonymous, GatewayLogin, Rights};
 use super::session::{Record, Session};
 use super::Server;
 use crate::security::auth::Refusal;
@@ -86,57 +86,57 @@ where
     };
 
     // Who is it?
-    let rights = match rights {
+    let user = login.as_ref().map(|l| l.username.clone());
+    let password = login.as_ref().map(|l| l.password.clone().into_bytes());
+    let verdict = match rights {
         Rights::Authenticate(auth) => {
-            let (user, pass) = match &login {
-                Some(l) => (
-                    Some(l.username.clone()),
-                    Some(l.password.clone().into_bytes()),
-                ),
-                None => (None, None),
-            };
             let client_id = connect.client_id.clone();
-            let checker = auth.clone();
+            let checked = user.clone();
             let permit = server.hashing.acquire().await;
-            let user_for_check = user.clone();
-            let mut verdict = tokio::task::spawn_blocking(move || {
-                checker.check(&client_id, user_for_check.as_deref(), pass.as_deref())
+            let verdict = tokio::task::spawn_blocking(move || {
+                auth.check(&client_id, checked.as_deref(), password.as_deref())
             })
             .await
             .unwrap_or(Err(Refusal::BadPassword));
             drop(permit);
-            let device = user.unwrap_or_default();
-            if verdict.is_ok() {
-                if let Some(w) = &will {
-                    if !own_topic(&device, &w.topic) {
-                        verdict = Err(Refusal::ForeignWill);
-                    }
-                }
-            }
-            if let Err(refusal) = verdict {
-                let code = match refusal {
-                    Refusal::NoCredentials | Refusal::UnknownDevice | Refusal::BadPassword => {
-                        ConnectReturnCode::BadUserNamePassword
-                    }
-                    _ => ConnectReturnCode::NotAuthorized,
-                };
-                refuse(code, &mut wbuf);
-                let _ = writer.write_all(&wbuf).await;
-                let _ = writer.shutdown().await;
-                server.front.refuse(
-                    refusal.as_str(),
-                    peer,
-                    &format!(
-                        "client id {:?}, user {:?}",
-                        printable(&connect.client_id),
-                        printable(&device)
-                    ),
-                );
-                return None;
-            }
-            Rights::Device(device)
+            verdict.map(|()| Rights::Device(user.clone().unwrap_or_default()))
         }
-        other => other,
+        Rights::GatewayLogin(door) => gateway_login(server, door, user.clone(), password).await,
+        other => Ok(other),
+    };
+    // A will is published like any other message: only where the client may publish.
+    let verdict = verdict.and_then(|rights| match &will {
+        Some(w)
+            if !std::str::from_utf8(&w.topic)
+                .is_ok_and(|t| rights.may_publish(t, server.settings.site_private)) =>
+        {
+            Err(Refusal::ForeignWill)
+        }
+        _ => Ok(rights),
+    });
+    let rights = match verdict {
+        Ok(rights) => rights,
+        Err(refusal) => {
+            let code = match refusal {
+                Refusal::NoCredentials | Refusal::UnknownDevice | Refusal::BadPassword => {
+                    ConnectReturnCode::BadUserNamePassword
+                }
+                _ => ConnectReturnCode::NotAuthorized,
+            };
+            refuse(code, &mut wbuf);
+            let _ = writer.write_all(&wbuf).await;
+            let _ = writer.shutdown().await;
+            server.front.refuse(
+                refusal.as_str(),
+                peer,
+                &format!(
+                    "client id {:?}, user {:?}",
+                    printable(&connect.client_id),
+                    printable(user.as_deref().unwrap_or_default())
+                ),
+            );
+            return None;
+        }
     };
 
     // Which session?
@@ -291,4 +291,37 @@ async fn read_connect<R: AsyncRead + Unpin>(
             Ok(_) => {}
         }
     }
+}
+
+/// At the gateway, a client without a certificate: a dashboard with credentials, or
+/// whatever `access.anonymous` makes a client without any.
+async fn gateway_login(
+    server: &Server,
+    door: Arc<GatewayLogin>,
+    user: Option<String>,
+    password: Option<Vec<u8>>,
+) -> Result<Rights, Refusal> {
+    if user.is_none() && password.is_none() {
+        return match door.anonymous {
+            Anonymous::Refuse => Err(Refusal::NoCredentials),
+            Anonymous::Read => Ok(Rights::Reader),
+            Anonymous::Node => Ok(Rights::Uplink(None)),
+        };
+    }
+    if door.readers.is_none() {
+        return Err(Refusal::UnknownDevice);
+    }
+    let permit = server.hashing.acquire().await;
+    let verdict = tokio::task::spawn_blocking(move || {
+        door.readers
+            .as_ref()
+            .map_or(Err(Refusal::UnknownDevice), |r| {
+                r.check_login(user.as_deref(), password.as_deref())
+                    .map(|_| ())
+            })
+    })
+    .await
+    .unwrap_or(Err(Refusal::BadPassword));
+    drop(permit);
+    verdict.map(|()| Rights::Reader)
 }

@@ -9,6 +9,7 @@ use tokio::net::TcpListener;
 
 use crate::security::auth::Authenticator;
 
+use super::rights::GatewayLogin;
 use super::{conn, Rights, Server};
 
 /// Who may connect on a listener, and with what rights.
@@ -22,6 +23,57 @@ pub enum Guard {
     Node,
     /// The site's node listener: TLS with a client certificate from the site CA.
     Tls(tokio_rustls::TlsAcceptor),
+    /// The gateway's listener: nodes known by their certificate, bound to the site it
+    /// names; everyone else by [`GatewayLogin`].
+    Gateway(Arc<GatewayDoor>),
+}
+
+/// Who may connect to the gateway.
+pub struct GatewayDoor {
+    /// `None`: no TLS (a lab): nobody has a certificate.
+    pub tls: Option<GatewayTls>,
+    pub login: Arc<GatewayLogin>,
+}
+
+/// The gateway's TLS: the CAs it trusts, and which of them are bound to a site.
+pub struct GatewayTls {
+    pub acceptor: tokio_rustls::TlsAcceptor,
+    /// Raw subject name of a per-site CA → its site ([`crate::security::tls`]).
+    pub ca_sites: std::collections::HashMap<Vec<u8>, String>,
+}
+
+impl GatewayTls {
+    /// The rights of a client that presented `certs` (none: it logs in instead).
+    /// `Err((reason, detail))`: refused.
+    pub fn rights(
+        &self,
+        certs: Option<&[rustls::pki_types::CertificateDer<'_>]>,
+        login: &Arc<GatewayLogin>,
+    ) -> Result<Rights, (&'static str, String)> {
+        use crate::security::tls::{cert_issuer, cert_site, peer_name};
+        let Some(cert) = certs.and_then(<[_]>::first) else {
+            return Ok(Rights::GatewayLogin(login.clone()));
+        };
+        let node = peer_name(certs).unwrap_or_else(|| "?".into());
+        let Some(site) = cert_site(cert) else {
+            return Err((
+                "no_site",
+                format!(
+                    "the certificate of node {node:?} names no site \
+                     (make it with `fogline-agent certs node --site <site>`)"
+                ),
+            ));
+        };
+        if let Some(bound) = cert_issuer(cert).and_then(|i| self.ca_sites.get(&i)) {
+            if *bound != site {
+                return Err((
+                    "foreign_site",
+                    format!("node {node:?} claims site {site:?}, but its CA is site {bound:?}'s"),
+                ));
+            }
+        }
+        Ok(Rights::Uplink(Some(site.into())))
+    }
 }
 
 impl Server {
@@ -75,10 +127,16 @@ impl Server {
                             Box::pin(async {
                                 if let Some(tls) = server.tls_accept(&acceptor, stream, peer).await
                                 {
+                                    let certs = tls.get_ref().1.peer_certificates();
+                                    let node = crate::security::tls::peer_name(certs);
+                                    tracing::info!(%peer, node = node.as_deref().unwrap_or("?"), "node link authenticated");
                                     conn::serve(&server, tls, peer, Rights::All).await;
                                 }
                             })
                             .await;
+                        }
+                        Guard::Gateway(door) => {
+                            Box::pin(server.gateway_serve(&door, stream, peer)).await;
                         }
                     }
                     server.open.fetch_sub(1, Ordering::SeqCst);
@@ -91,6 +149,32 @@ impl Server {
         }))
     }
 
+    async fn gateway_serve(
+        self: &Arc<Self>,
+        door: &GatewayDoor,
+        stream: tokio::net::TcpStream,
+        peer: SocketAddr,
+    ) {
+        let Some(tls) = &door.tls else {
+            let rights = Rights::GatewayLogin(door.login.clone());
+            return conn::serve(self, stream, peer, rights).await;
+        };
+        let Some(stream) = self.tls_accept(&tls.acceptor, stream, peer).await else {
+            return;
+        };
+        let certs = stream.get_ref().1.peer_certificates();
+        match tls.rights(certs, &door.login) {
+            Ok(rights) => {
+                if let Rights::Uplink(Some(site)) = &rights {
+                    let node = crate::security::tls::peer_name(certs);
+                    tracing::info!(%peer, node = node.as_deref().unwrap_or("?"), site = &**site, "node link authenticated");
+                }
+                conn::serve(self, stream, peer, rights).await
+            }
+            Err((reason, detail)) => self.front.refuse(reason, peer, &detail),
+        }
+    }
+
     pub(super) async fn tls_accept(
         &self,
         acceptor: &tokio_rustls::TlsAcceptor,
@@ -100,11 +184,7 @@ impl Server {
         let accepted =
             tokio::time::timeout(self.settings.connect_timeout, acceptor.accept(stream)).await;
         match accepted {
-            Ok(Ok(tls)) => {
-                let node = crate::security::tls::peer_name(tls.get_ref().1.peer_certificates());
-                tracing::info!(%peer, node = node.as_deref().unwrap_or("?"), "node link authenticated");
-                Some(tls)
-            }
+            Ok(Ok(tls)) => Some(tls),
             Ok(Err(e)) => {
                 let (reason, detail) = crate::security::tls::classify_tls(&e);
                 self.front.refuse(reason, peer, &detail);

@@ -60,10 +60,10 @@ use routing::{is_local_exact, watch_front_link, LocalTopics, SessionLink};
 use session::{Dropped, Session, Store};
 
 pub use codec::decode_any;
-pub use listen::Guard;
+pub use listen::{GatewayDoor, GatewayTls, Guard};
 pub use metrics::Metrics;
 pub use publisher::Publisher;
-pub use rights::Rights;
+pub use rights::{Anonymous, GatewayLogin, Rights};
 pub use routing::LOCAL_PREFIX;
 pub use sessions::persist_loop;
 pub use start::{start, Front, FrontConfig, SiteListener, StartMetrics};

@@ -381,10 +381,7 @@ impl Protocol {
             return self.end(DisconnectReasonCode::TopicNameInvalid, None);
         }
         if !self.rights.may_publish(topic, self.limits.site_private) {
-            let who = match &self.rights {
-                Rights::Device(d) => format!("device {d:?}"),
-                _ => format!("client {:?}", self.client),
-            };
+            let who = self.rights.describe(&self.client);
             let why = Violation {
                 reason: "foreign_topic",
                 detail: format!("{who} published on {:?}", printable(topic)),

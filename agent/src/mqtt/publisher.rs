@@ -100,7 +100,7 @@ impl Publisher {
     }
 
     /// A publisher behind the agent's front end.
-    pub(crate) fn behind(tx: LinkTx, server: Arc<super::Server>) -> Publisher {
+    pub fn behind(tx: LinkTx, server: Arc<super::Server>) -> Publisher {
         Publisher {
             local: Some(server),
             ..Publisher::new(tx)

@@ -17,7 +17,7 @@ pub struct RefusedLabel {
 
 /// Every reason a front end (the agent's MQTT front end, the gateway's TLS relay)
 /// refuses a connection, exported from the start.
-pub const REFUSALS: [&str; 15] = [
+pub const REFUSALS: [&str; 17] = [
     "no_credentials",
     "unknown_device",
     "bad_password",
@@ -33,6 +33,8 @@ pub const REFUSALS: [&str; 15] = [
     "unknown_ca",
     "bad_certificate",
     "tls_handshake",
+    "no_site",
+    "foreign_site",
 ];
 
 /// Shared by the front ends of one process; register `refused` on `/metrics`.

@@ -1,4 +1,5 @@
-//! What a connection may do: publish and subscribe rights by who it is.
+//! What a connection may do: publish and subscribe rights by who it is, at an agent
+//! (devices, site nodes) and at the gateway (site nodes bound to their site, dashboards).
 
 use std::sync::Arc;
 
@@ -15,6 +16,32 @@ pub enum Rights {
     Device(String),
     /// A node of the site: anything.
     All,
+    /// At the gateway: a node shipping the logs of its site (of any site when `None`:
+    /// a lab without TLS). Never an ack: only the gateway acks.
+    Uplink(Option<Arc<str>>),
+    /// At the gateway: a dashboard. It subscribes to aggregates and publishes nothing.
+    Reader,
+    /// At the gateway, a client without a certificate: its CONNECT credentials or the
+    /// anonymous policy decide ([`GatewayLogin`]).
+    GatewayLogin(Arc<GatewayLogin>),
+}
+
+/// What a client without a certificate becomes at the gateway.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Anonymous {
+    /// Refused.
+    Refuse,
+    /// A dashboard: subscribes to aggregates only.
+    Read,
+    /// A node of any site (a lab without TLS).
+    Node,
+}
+
+/// How the gateway decides who a client without a certificate is.
+pub struct GatewayLogin {
+    /// Dashboards' user names and password hashes (`access.readers`).
+    pub readers: Option<Authenticator>,
+    pub anonymous: Anonymous,
 }
 
 const SITE_PREFIXES: [&str; 2] = ["fogline/cluster/", "fogline/repl/"];
@@ -25,7 +52,9 @@ impl Rights {
         match self {
             Rights::All => true,
             Rights::Open => !site_private,
-            Rights::Device(_) | Rights::Authenticate(_) => false,
+            Rights::Uplink(_) => true,
+            Rights::Device(_) | Rights::Authenticate(_) | Rights::Reader => false,
+            Rights::GatewayLogin(_) => false,
         }
     }
 
@@ -34,7 +63,8 @@ impl Rights {
             Rights::All => true,
             Rights::Open => !site_private || !SITE_PREFIXES.iter().any(|p| topic.starts_with(p)),
             Rights::Device(d) => own_topic(d, topic.as_bytes()),
-            Rights::Authenticate(_) => false,
+            Rights::Uplink(site) => uplink_topic(site.as_deref(), topic),
+            Rights::Authenticate(_) | Rights::Reader | Rights::GatewayLogin(_) => false,
         }
     }
 
@@ -43,9 +73,50 @@ impl Rights {
             Rights::All => true,
             Rights::Open => !site_private || !SITE_PREFIXES.iter().any(|p| filter.starts_with(p)),
             Rights::Device(d) => own_filter(d, filter.as_bytes()),
-            Rights::Authenticate(_) => false,
+            Rights::Uplink(None) => true,
+            Rights::Uplink(Some(site)) => site_filter(site, filter),
+            Rights::Reader => filter.starts_with("agg/") || filter.starts_with("$SYS/"),
+            Rights::Authenticate(_) | Rights::GatewayLogin(_) => false,
         }
     }
+
+    /// Who, for a log line.
+    pub fn describe(&self, client: &str) -> String {
+        match self {
+            Rights::Device(d) => format!("device {d:?}"),
+            Rights::Uplink(Some(site)) => format!("node {client:?} of site {site:?}"),
+            Rights::Reader => format!("dashboard {client:?}"),
+            _ => format!("client {client:?}"),
+        }
+    }
+}
+
+/// May a node of `site` (any site: `None`) publish on `topic` at the gateway? Its
+/// site's batches, syncs and aggregates (`fogline/uplink/<site>/<origin>/{log, sync,
+/// agg/…}`, the shipping protocol's topics); never an ack, nothing else.
+fn uplink_topic(site: Option<&str>, topic: &str) -> bool {
+    let Some(rest) = topic.strip_prefix(UPLINK_PREFIX) else {
+        return false;
+    };
+    let mut parts = rest.splitn(3, '/');
+    let (Some(s), Some(origin), Some(kind)) = (parts.next(), parts.next(), parts.next()) else {
+        return false;
+    };
+    let shipped = matches!(kind, "log" | "sync") || kind.starts_with("agg/");
+    shipped && !origin.is_empty() && site.is_none_or(|own| own == s)
+}
+
+const UPLINK_PREFIX: &str = "fogline/uplink/";
+
+/// May a node of `site` subscribe to `filter` at the gateway? Its site's uplink topics
+/// (the acks) and its site's aggregates, the site named, not matched by a wildcard.
+fn site_filter(site: &str, filter: &str) -> bool {
+    [UPLINK_PREFIX, "agg/"].iter().any(|prefix| {
+        filter
+            .strip_prefix(prefix)
+            .and_then(|r| r.strip_prefix(site))
+            .is_some_and(|r| r.starts_with('/'))
+    })
 }
 
 /// May `device` publish on (or leave a will on) `topic`? Only its own readings.
@@ -97,5 +168,41 @@ mod tests {
         assert!(!Rights::Open.may_publish("fogline/repl/x", true));
         assert!(!Rights::Open.may_subscribe("fogline/cluster/#", true));
         assert!(Rights::All.may_publish("fogline/repl/x", true));
+    }
+
+    #[test]
+    fn a_node_at_the_gateway_ships_only_its_own_site_and_never_acks() {
+        let node = Rights::Uplink(Some("farm".into()));
+        assert!(node.may_publish("fogline/uplink/farm/pi-1.0a0b0c0d/log", false));
+        assert!(node.may_publish("fogline/uplink/farm/pi-1.0a0b0c0d/sync", false));
+        assert!(node.may_publish("fogline/uplink/farm/pi-1.0a0b0c0d/agg/d1/temp/60s", false));
+        assert!(!node.may_publish("fogline/uplink/farm/pi-1.0a0b0c0d/ack", false));
+        assert!(!node.may_publish("fogline/uplink/barn/pi-1.0a0b0c0d/log", false));
+        assert!(!node.may_publish("agg/farm/d1/temp/60s", false));
+        assert!(!node.may_publish("sensors/d1/temp", false));
+        assert!(!node.may_publish("fogline/uplink/farm/x/unknown", false));
+        assert!(node.may_ship(false));
+        assert!(node.may_subscribe("fogline/uplink/farm/pi-1.0a0b0c0d/ack", false));
+        assert!(node.may_subscribe("agg/farm/#", false));
+        assert!(!node.may_subscribe("fogline/uplink/+/pi-1.0a0b0c0d/ack", false));
+        assert!(!node.may_subscribe("fogline/uplink/farmhouse/x/ack", false));
+        assert!(!node.may_subscribe("#", false));
+        // Without TLS (a lab): any site, but still never an ack.
+        let lab = Rights::Uplink(None);
+        assert!(lab.may_publish("fogline/uplink/barn/x.00000000/log", false));
+        assert!(!lab.may_publish("fogline/uplink/barn/x.00000000/ack", false));
+        assert!(lab.may_subscribe("#", false));
+    }
+
+    #[test]
+    fn a_dashboard_at_the_gateway_only_subscribes_to_aggregates() {
+        let r = Rights::Reader;
+        assert!(r.may_subscribe("agg/#", false));
+        assert!(r.may_subscribe("agg/farm/+/temp/60s", false));
+        assert!(!r.may_subscribe("fogline/uplink/#", false));
+        assert!(!r.may_subscribe("#", false));
+        assert!(!r.may_publish("agg/farm/d1/temp/60s", false));
+        assert!(!r.may_publish("fogline/uplink/farm/x.00000000/log", false));
+        assert!(!r.may_ship(false));
     }
 }

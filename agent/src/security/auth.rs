@@ -61,18 +61,7 @@ pub struct AuthConfig {
 
 impl AuthConfig {
     pub fn validate(&self) -> Result<(), String> {
-        for (id, hash) in &self.devices {
-            if !fogline_firmware::wire::valid_id(id) {
-                return Err(format!(
-                    "auth.devices: {id:?} is not a device id (1-32 characters of [A-Za-z0-9_.-])"
-                ));
-            }
-            PasswordHash::new(&hash.0).map_err(|e| {
-                format!(
-                    "auth.devices.{id}: not a password hash from `fogline-agent auth hash` ({e})"
-                )
-            })?;
-        }
+        validate_users("auth.devices", &self.devices)?;
         if self.mode == AuthMode::Credentials && self.devices.is_empty() {
             return Err(
                 "auth.mode = \"credentials\" needs at least one entry in auth.devices".into(),
@@ -80,6 +69,22 @@ impl AuthConfig {
         }
         Ok(())
     }
+}
+
+/// Checks a table of user names (ids: 1-32 characters of `[A-Za-z0-9_.-]`) and password
+/// hashes; `section` names it in errors.
+pub fn validate_users(section: &str, users: &BTreeMap<String, SecretHash>) -> Result<(), String> {
+    for (id, hash) in users {
+        if !fogline_firmware::wire::valid_id(id) {
+            return Err(format!(
+                "{section}: {id:?} is not a valid name (1-32 characters of [A-Za-z0-9_.-])"
+            ));
+        }
+        PasswordHash::new(&hash.0).map_err(|e| {
+            format!("{section}.{id}: not a password hash from `fogline-agent auth hash` ({e})")
+        })?;
+    }
+    Ok(())
 }
 
 /// Hashes `password` for `auth.devices` (argon2id, default parameters, random salt).
@@ -124,6 +129,14 @@ pub struct Authenticator {
 }
 
 impl Authenticator {
+    /// Checks the users of `users` (the gateway's dashboards).
+    pub fn for_users(users: &BTreeMap<String, SecretHash>) -> Authenticator {
+        Authenticator::new(&AuthConfig {
+            mode: AuthMode::Credentials,
+            devices: users.clone(),
+        })
+    }
+
     pub fn new(config: &AuthConfig) -> Authenticator {
         let mut cache_key = [0u8; 32];
         // A fresh random key per process: the cache means nothing outside it.
@@ -152,6 +165,20 @@ impl Authenticator {
         username: Option<&str>,
         password: Option<&[u8]>,
     ) -> Result<(), Refusal> {
+        let user = self.check_login(username, password)?;
+        if client_id != user {
+            return Err(Refusal::ClientIdMismatch);
+        }
+        Ok(())
+    }
+
+    /// Username and password present, a known user, the right password; returns the
+    /// user. (The gateway's dashboards: no client id rule.)
+    pub fn check_login<'u>(
+        &self,
+        username: Option<&'u str>,
+        password: Option<&[u8]>,
+    ) -> Result<&'u str, Refusal> {
         let (Some(user), Some(password)) = (username, password) else {
             return Err(Refusal::NoCredentials);
         };
@@ -175,10 +202,7 @@ impl Authenticator {
                 v.insert(user.to_owned(), digest);
             }
         }
-        if client_id != user {
-            return Err(Refusal::ClientIdMismatch);
-        }
-        Ok(())
+        Ok(user)
     }
 
     fn digest(&self, user: &str, password: &[u8]) -> [u8; 32] {

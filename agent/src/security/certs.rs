@@ -62,9 +62,11 @@ fn validity(params: &mut CertificateParams, years: i32) {
     params.not_after = rcgen::date_time_ymd(year + years, 1, 1);
 }
 
-/// `certs init`: a new site CA in `out` (`ca.pem`, `ca.key`). `name` goes into its
-/// common name, e.g. the site id.
-pub fn init(out: &Path, name: &str) -> Result<Written, CertsError> {
+/// `certs init`: a new CA in `out` (`ca.pem`, `ca.key`). `name` goes into its common
+/// name, e.g. the site id. With `site`, the CA is bound to that site: the gateway takes
+/// the node certificates it signs only for that site (a per-site CA); without, it is a
+/// fleet CA whose node certificates name their own site.
+pub fn init(out: &Path, name: &str, site: Option<&str>) -> Result<Written, CertsError> {
     let cert_path = out.join("ca.pem");
     let key_path = out.join("ca.key");
     refuse_existing(&[&cert_path, &key_path])?;
@@ -79,6 +81,9 @@ pub fn init(out: &Path, name: &str) -> Result<Written, CertsError> {
         format!("fogline site CA {name} {:08x}", fastrand::u32(..)),
     );
     params.distinguished_name = dn;
+    if let Some(site) = site {
+        params.subject_alt_names = vec![site_uri(site)?];
+    }
     params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
     params.key_usages = vec![
         KeyUsagePurpose::KeyCertSign,
@@ -98,12 +103,15 @@ pub fn init(out: &Path, name: &str) -> Result<Written, CertsError> {
 
 /// `certs node`: a certificate for `node_id` signed by the CA in `ca_dir`, written to
 /// `out/<node_id>.pem` and `out/<node_id>.key`. `hosts` are extra SANs (DNS names or IP
-/// addresses) that clients will use to reach this node.
+/// addresses) that clients will use to reach this node. With `site`, the certificate
+/// names the node's site (a SAN URI `urn:fogline:site:<site>`): the gateway takes its
+/// uplink for that site only, and refuses a node certificate without one.
 pub fn node(
     ca_dir: &Path,
     node_id: &str,
     hosts: &[String],
     out: &Path,
+    site: Option<&str>,
 ) -> Result<Written, CertsError> {
     if !fogline_firmware::wire::valid_id(node_id) {
         return Err(CertsError::Name(
@@ -138,6 +146,9 @@ pub fn node(
         if !sans.contains(&s) {
             sans.push(s);
         }
+    }
+    if let Some(site) = site {
+        sans.push(site_uri(site)?);
     }
     let mut params = CertificateParams::default();
     let mut dn = DistinguishedName::new();
@@ -176,6 +187,22 @@ fn san(name: &str) -> Result<SanType, CertsError> {
         .try_into()
         .map_err(|e: rcgen::Error| CertsError::Name(name.to_owned(), e.to_string()))?;
     Ok(SanType::DnsName(ia5))
+}
+
+/// The SAN that names a site, read back by [`crate::security::tls::cert_site`].
+fn site_uri(site: &str) -> Result<SanType, CertsError> {
+    if !fogline_firmware::wire::valid_id(site) {
+        return Err(CertsError::Name(
+            site.to_owned(),
+            "a site id is 1-32 characters of [A-Za-z0-9_.-]".into(),
+        ));
+    }
+    let uri = format!("{}{site}", crate::security::tls::SITE_URI_PREFIX);
+    let ia5 = uri
+        .clone()
+        .try_into()
+        .map_err(|e: rcgen::Error| CertsError::Name(uri, e.to_string()))?;
+    Ok(SanType::URI(ia5))
 }
 
 fn refuse_existing(paths: &[&Path]) -> Result<(), CertsError> {
@@ -226,14 +253,28 @@ mod tests {
     #[test]
     fn a_node_certificate_is_signed_by_the_site_ca_and_its_key_is_private() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let ca = init(dir.path(), "test").expect("init");
+        let ca = init(dir.path(), "test", None).expect("init");
         let node = node(
             dir.path(),
             "pi-1",
             &["127.0.0.1".into(), "localhost".into()],
             dir.path(),
+            Some("farm"),
         )
         .expect("node");
+        let der = |path: &Path| {
+            let pem = std::fs::read(path).expect("read");
+            rustls::pki_types::CertificateDer::pem_slice_iter(&pem)
+                .next()
+                .expect("a certificate")
+                .expect("pem")
+        };
+        use rustls::pki_types::pem::PemObject;
+        assert_eq!(
+            crate::security::tls::cert_site(&der(&node.cert)).as_deref(),
+            Some("farm")
+        );
+        assert_eq!(crate::security::tls::cert_site(&der(&ca.cert)), None);
         use std::os::unix::fs::PermissionsExt;
         for key in [&ca.key, &node.key] {
             let mode = std::fs::metadata(key).expect("meta").permissions().mode();
@@ -248,7 +289,7 @@ mod tests {
         id.server_config().expect("server config");
         id.client_config().expect("client config");
         assert!(matches!(
-            init(dir.path(), "again"),
+            init(dir.path(), "again", None),
             Err(CertsError::Exists(_))
         ));
     }

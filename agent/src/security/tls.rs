@@ -98,9 +98,33 @@ pub fn provider() -> Arc<CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
+/// How a certificate names a site: a SAN URI `urn:fogline:site:<site>`.
+pub const SITE_URI_PREFIX: &str = "urn:fogline:site:";
+
+/// The site a certificate names ([`SITE_URI_PREFIX`]), if any.
+pub fn cert_site(der: &CertificateDer<'_>) -> Option<String> {
+    let (_, cert) = x509_parser::parse_x509_certificate(der.as_ref()).ok()?;
+    let sans = cert.subject_alternative_name().ok()??;
+    sans.value.general_names.iter().find_map(|n| match n {
+        x509_parser::extensions::GeneralName::URI(uri) => uri
+            .strip_prefix(SITE_URI_PREFIX)
+            .filter(|s| fogline_firmware::wire::valid_id(s))
+            .map(str::to_owned),
+        _ => None,
+    })
+}
+
+/// The raw issuer name of a certificate (to find the CA that signed it).
+pub fn cert_issuer(der: &CertificateDer<'_>) -> Option<Vec<u8>> {
+    let (_, cert) = x509_parser::parse_x509_certificate(der.as_ref()).ok()?;
+    Some(cert.issuer().as_raw().to_vec())
+}
+
 /// This node's TLS identity: the site CA, its certificate chain and key.
 #[derive(Debug)]
 pub struct NodeIdentity {
+    /// The CA certificates, as loaded.
+    cas: Vec<CertificateDer<'static>>,
     roots: Arc<RootCertStore>,
     chain: Vec<CertificateDer<'static>>,
     key: PrivateKeyDer<'static>,
@@ -110,9 +134,9 @@ impl NodeIdentity {
     /// Loads and checks the files named by `config` (which must be enabled).
     pub fn load(config: &TlsConfig) -> Result<NodeIdentity, TlsError> {
         config.validate().map_err(TlsError::Rustls)?;
-        let ca = certs(&config.ca)?;
+        let cas = certs(&config.ca)?;
         let mut roots = RootCertStore::empty();
-        for cert in ca {
+        for cert in cas.iter().cloned() {
             roots.add(cert).map_err(|e| TlsError::Pem {
                 path: config.ca.clone(),
                 reason: format!("not a usable CA certificate: {e}"),
@@ -125,6 +149,7 @@ impl NodeIdentity {
             reason: format!("no private key: {e}"),
         })?;
         Ok(NodeIdentity {
+            cas,
             roots: Arc::new(roots),
             chain,
             key,
@@ -133,7 +158,22 @@ impl NodeIdentity {
 
     /// A server config that requires a client certificate signed by the site CA.
     pub fn server_config(&self) -> Result<Arc<ServerConfig>, TlsError> {
-        let verifier = WebPkiClientVerifier::builder_with_provider(self.roots.clone(), provider())
+        self.server_with(false)
+    }
+
+    /// A server config that asks for a client certificate signed by one of the CAs but
+    /// also lets clients without one in (the gateway's dashboards, who log in instead).
+    pub fn server_config_optional_client(&self) -> Result<Arc<ServerConfig>, TlsError> {
+        self.server_with(true)
+    }
+
+    fn server_with(&self, optional_client: bool) -> Result<Arc<ServerConfig>, TlsError> {
+        let mut verifier =
+            WebPkiClientVerifier::builder_with_provider(self.roots.clone(), provider());
+        if optional_client {
+            verifier = verifier.allow_unauthenticated();
+        }
+        let verifier = verifier
             .build()
             .map_err(|e| TlsError::Rustls(e.to_string()))?;
         let config = ServerConfig::builder_with_provider(provider())
@@ -143,6 +183,19 @@ impl NodeIdentity {
             .with_single_cert(self.chain.clone(), self.key.clone_key())
             .map_err(|e| TlsError::Rustls(e.to_string()))?;
         Ok(Arc::new(config))
+    }
+
+    /// The CAs bound to a site (`certs init --site`), by their raw subject name: a node
+    /// certificate one of them signed is taken for that site only.
+    pub fn ca_sites(&self) -> std::collections::HashMap<Vec<u8>, String> {
+        self.cas
+            .iter()
+            .filter_map(|der| {
+                let site = cert_site(der)?;
+                let (_, cert) = x509_parser::parse_x509_certificate(der.as_ref()).ok()?;
+                Some((cert.subject().as_raw().to_vec(), site))
+            })
+            .collect()
     }
 
     /// A client config that trusts only the site CA and presents this node's certificate.

@@ -207,6 +207,28 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
 
+    /// The gateway's rights (`mqtt::Rights::Uplink`) spell the uplink's topics out
+    /// themselves (the front end sits below this module): they must agree with them.
+    #[test]
+    fn the_gateway_lets_a_node_publish_exactly_what_the_uplink_sends() {
+        use crate::mqtt::Rights;
+        let node = Rights::Uplink(Some("farm".into()));
+        let origin = "pi-1.0a0b0c0d";
+        for topic in [
+            UPLINK.log_topic("farm", origin),
+            UPLINK.sync_topic("farm", origin),
+            UPLINK
+                .agg_relay_topic("farm", origin, "agg/d1/temp/60s")
+                .expect("agg"),
+        ] {
+            assert!(node.may_publish(&topic, false), "{topic}");
+            assert!(UPLINK.parse_topic(&topic).is_some(), "{topic}");
+        }
+        assert!(!node.may_publish(&UPLINK.ack_topic("farm", origin), false));
+        assert!(!node.may_publish(&UPLINK.log_topic("barn", origin), false));
+        assert!(node.may_subscribe(&UPLINK.ack_topic("farm", origin), false));
+    }
+
     #[test]
     fn frames_round_trip() {
         let block = [1u8, 2, 3];

@@ -42,12 +42,21 @@ pub struct Counters {
     downsampled: Counter,
     origins: Gauge,
     stored_total: Gauge,
+    /// When an implausible batch was last logged (at most one line a minute).
+    implausible_logged: std::sync::Mutex<Option<std::time::Instant>>,
 }
 
 impl Counters {
     /// Registers every counter in `registry` (give it the program's prefix).
     pub fn register(&self, registry: &mut Registry) {
-        for result in ["stored", "duplicate", "gap", "malformed", "oversized"] {
+        for result in [
+            "stored",
+            "duplicate",
+            "gap",
+            "malformed",
+            "oversized",
+            "implausible",
+        ] {
             let _ = self.batches.get_or_create(&ResultLabel { result });
         }
         registry.register(
@@ -101,6 +110,23 @@ impl Counters {
 
     pub fn rejected(&self) {
         self.rejected.inc();
+    }
+
+    /// Logs an implausible batch (`result="implausible"`), at most once a minute.
+    fn implausible(&self, site: &str, origin: &str) {
+        let Ok(mut last) = self.implausible_logged.lock() else {
+            return;
+        };
+        if last.is_some_and(|at| at.elapsed() < Duration::from_secs(60)) {
+            return;
+        }
+        *last = Some(std::time::Instant::now());
+        tracing::warn!(
+            site,
+            origin,
+            "refused a batch claiming offsets beyond 2^48, which no honest log reaches: \
+             a forgery (counted as fogline_*_batches_total{{result=\"implausible\"}})"
+        );
     }
 }
 
@@ -264,6 +290,7 @@ impl<H: Hooks> Receiver<H> {
                         Applied::Gap => {
                             tracing::debug!(site, origin, "batch past the watermark")
                         }
+                        Applied::Implausible => self.counters.implausible(site, origin),
                         Applied::Duplicate => {}
                     }
                     push_unique(&mut acks, site, origin);

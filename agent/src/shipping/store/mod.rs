@@ -7,6 +7,7 @@
 //! [`Store::apply`]); re-sent batches are recognised by their offsets and stored once.
 
 mod budget;
+pub mod history;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -100,7 +101,15 @@ pub enum Applied {
     Gap,
     /// The block inside does not decode. Not stored.
     Malformed,
+    /// It claims offsets no honest log reaches ([`MAX_OFFSET`]): a forgery. Not stored.
+    Implausible,
 }
+
+/// No honest origin log gets this far: 2^48 offsets is 100,000 readings a second for 89
+/// years. A batch reaching past it is refused, so a forged batch claiming a huge
+/// `first_offset` cannot move an origin's watermark beyond every real batch (which
+/// would then all be taken for duplicates, and acked).
+pub const MAX_OFFSET: u64 = 1 << 48;
 
 impl Applied {
     pub fn label(self) -> &'static str {
@@ -109,6 +118,7 @@ impl Applied {
             Applied::Duplicate => "duplicate",
             Applied::Gap => "gap",
             Applied::Malformed => "malformed",
+            Applied::Implausible => "implausible",
         }
     }
 }
@@ -140,6 +150,9 @@ pub struct Store {
     origins: HashMap<Key, OriginState>,
     /// Stored bytes per origin, once [`Store::track_sizes`] was called.
     sizes: Option<HashMap<Key, u64>>,
+    /// Index readings and aggregates by series and time ([`history`]), once
+    /// [`Store::keep_history`] was called.
+    history: bool,
 }
 
 /// Reads a store while its writer goes on (redb readers see the last commit).
@@ -183,6 +196,7 @@ impl Store {
             db: Arc::new(db),
             origins,
             sizes: None,
+            history: false,
         })
     }
 
@@ -200,7 +214,35 @@ impl Store {
             db: Arc::new(db),
             origins: HashMap::new(),
             sizes: None,
+            history: false,
         })
+    }
+
+    /// From now on every commit also indexes its readings and aggregates by series and
+    /// time (the gateway's history API). A store whose index is empty (new, or written
+    /// before the index existed) has its whole log indexed first, in one transaction.
+    pub fn keep_history(&mut self) -> Result<u64, StoreError> {
+        let mut w = self.db.begin_write()?;
+        w.set_durability(Durability::Immediate)?;
+        history::create(&w)?;
+        let mut indexed = 0;
+        if history::is_empty(&w)? {
+            let read = self.db.begin_read()?;
+            let log = read.open_table(LOG)?;
+            for row in log.iter()? {
+                let (k, v) = row?;
+                let (site, origin, first) = k.value();
+                history::index_block(&w, site, origin, first, v.value())?;
+                indexed += block::count(v.value()).unwrap_or(0);
+            }
+            for row in read.open_table(AGGREGATES)?.iter()? {
+                let (k, v) = row?;
+                history::index_aggregate(&w, k.value(), v.value())?;
+            }
+        }
+        w.commit()?;
+        self.history = true;
+        Ok(indexed)
     }
 
     pub fn reader(&self) -> StoreReader {
@@ -243,8 +285,11 @@ impl Store {
             return Applied::Malformed;
         };
         let Some(end) = frame.first_offset.checked_add(n) else {
-            return Applied::Malformed;
+            return Applied::Implausible;
         };
+        if end > MAX_OFFSET {
+            return Applied::Implausible;
+        }
         if frame.start.min(frame.first_offset) > state.next {
             return Applied::Gap;
         }
@@ -317,6 +362,14 @@ impl Store {
             let mut aggs = w.open_table(AGGREGATES)?;
             for (topic, json) in &txn.aggregates {
                 aggs.insert(topic.as_str(), json.as_str())?;
+            }
+        }
+        if self.history {
+            for ((site, origin), first, bytes) in &txn.blocks {
+                history::index_block(&w, site, origin, *first, bytes)?;
+            }
+            for (topic, json) in &txn.aggregates {
+                history::index_aggregate(&w, topic, json)?;
             }
         }
         w.commit()?;
@@ -403,6 +456,37 @@ impl Store {
 }
 
 impl StoreReader {
+    /// A page of one series' readings ([`history::readings`]); needs
+    /// [`Store::keep_history`].
+    pub fn history_readings(
+        &self,
+        range: &history::Range<'_>,
+        after: Option<&history::Cursor>,
+        limit: usize,
+    ) -> Result<(Vec<history::HistoryReading>, Option<history::Cursor>), StoreError> {
+        history::readings(&self.db.begin_read()?, range, after, limit)
+    }
+
+    /// A page of one series' aggregates at one window length ([`history::aggregates`]).
+    pub fn history_aggregates(
+        &self,
+        range: &history::Range<'_>,
+        window_secs: u32,
+        after: Option<i64>,
+        limit: usize,
+    ) -> Result<(Vec<String>, Option<i64>), StoreError> {
+        history::aggregates(&self.db.begin_read()?, range, window_secs, after, limit)
+    }
+
+    /// Every series with history: (site, device, metric, readings).
+    pub fn history_series(
+        &self,
+        site: Option<&str>,
+        device: Option<&str>,
+    ) -> Result<Vec<(String, String, String, u64)>, StoreError> {
+        history::series(&self.db.begin_read()?, site, device)
+    }
+
     /// Blocks of one origin holding offsets from `from` on, oldest first, until about
     /// `max_readings` readings or `head`.
     pub fn blocks_from(
@@ -489,6 +573,15 @@ mod tests {
         // The agent dropped 20..25 before sending: it says so with `start`.
         assert_eq!(apply(&mut s, 20, 25, &block_of(3, 100)), Applied::Stored(3));
         assert_eq!(apply(&mut s, 0, 0, b"\x09garbage"), Applied::Malformed);
+        // A forgery: the watermark may not jump past every offset an honest log reaches.
+        assert_eq!(
+            apply(&mut s, 28, MAX_OFFSET - 2, &block_of(3, 200)),
+            Applied::Implausible
+        );
+        assert_eq!(
+            apply(&mut s, 28, u64::MAX - 1, &block_of(3, 200)),
+            Applied::Implausible
+        );
         drop(s);
         let mut s = Store::open(&path, 1 << 20).expect("reopen");
         let state = s.origins()[&("s".to_owned(), "a".to_owned())];
@@ -562,13 +655,91 @@ mod tests {
         assert!(blocks.iter().all(|b| b.end_offset > 10));
     }
 
+    /// The history index: pages of one series by time, each reading once; a store
+    /// written without the index gets it when history is turned on.
+    #[test]
+    fn history_pages_a_series_by_time_and_is_built_for_an_old_store() {
+        use history::{Cursor, Range};
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("store.redb");
+        let mut s = Store::open(&path, 1 << 20).expect("open");
+        // Written before history was on: 10 readings, ts 1_700_000_000_000 + i.
+        assert_eq!(apply(&mut s, 0, 0, &block_of(10, 1)), Applied::Stored(10));
+        assert_eq!(
+            s.keep_history().expect("history"),
+            10,
+            "the old log is indexed"
+        );
+        // From now on every commit indexes what it stores, in the same transaction.
+        assert_eq!(apply(&mut s, 10, 10, &block_of(5, 11)), Applied::Stored(5));
+        let mut txn = Txn::default();
+        Store::put_aggregate(
+            &mut txn,
+            "agg/s/d/t/60s".into(),
+            r#"{"start_ms":1699999980000,"count":15}"#.into(),
+        );
+        s.commit(txn).expect("commit");
+        let r = s.reader();
+        let all = Range {
+            site: "s",
+            device: "d",
+            metric: "t",
+            from: i64::MIN,
+            to: i64::MAX,
+        };
+        // block_of(5, 11) repeats ts +0..+4: two readings at each of those times.
+        let mut seen = Vec::new();
+        let mut after: Option<Cursor> = None;
+        loop {
+            let (page, next) = r.history_readings(&all, after.as_ref(), 4).expect("page");
+            assert!(page.len() <= 4);
+            seen.extend(page.iter().map(|p| (p.ts_ms, p.offset)));
+            match next {
+                Some(c) => after = Some(Cursor::decode(&c.encode()).expect("cursor")),
+                None => break,
+            }
+        }
+        let mut want: Vec<(i64, u64)> = (0..10)
+            .map(|i| (1_700_000_000_000 + i, i as u64))
+            .chain((0..5).map(|i| (1_700_000_000_000 + i, 10 + i as u64)))
+            .collect();
+        want.sort();
+        assert_eq!(seen, want, "every reading once, by time");
+        let range = Range {
+            from: 1_700_000_000_002,
+            to: 1_700_000_000_004,
+            ..all.clone()
+        };
+        let (page, next) = r.history_readings(&range, None, 100).expect("range");
+        assert_eq!(page.len(), 4, "ts +2 and +3, twice each");
+        assert!(next.is_none());
+        let (aggs, _) = r.history_aggregates(&all, 60, None, 10).expect("aggs");
+        assert_eq!(aggs.len(), 1);
+        assert!(r
+            .history_aggregates(&all, 10, None, 10)
+            .expect("aggs")
+            .0
+            .is_empty());
+        assert_eq!(
+            r.history_series(Some("s"), None).expect("series"),
+            vec![("s".into(), "d".into(), "t".into(), 15)]
+        );
+        // Re-opened: the index is there, not built again.
+        drop(r);
+        drop(s);
+        let mut s = Store::open(&path, 1 << 20).expect("reopen");
+        assert_eq!(s.keep_history().expect("history"), 0);
+        let (page, _) = s.reader().history_readings(&all, None, 100).expect("page");
+        assert_eq!(page.len(), 15);
+    }
+
     /// Regression: offset arithmetic on a batch from the network was unchecked.
     #[test]
     fn absurd_offsets_are_refused_not_overflowed() {
         let dir = tempfile::tempdir().expect("tempdir");
         let mut s = Store::open(&dir.path().join("store.redb"), 1 << 20).expect("open");
         let b = block_of(10, 1);
-        assert_eq!(apply(&mut s, 0, u64::MAX - 3, &b), Applied::Malformed);
+        assert_eq!(apply(&mut s, 0, u64::MAX - 3, &b), Applied::Implausible);
         assert_eq!(apply(&mut s, 0, 0, &b), Applied::Stored(10));
     }
 
