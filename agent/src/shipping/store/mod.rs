@@ -456,7 +456,7 @@ impl Store {
 }
 
 impl StoreReader {
-    /// A page of one series' readings ([`history::readings`]); needs
+    /// A page of one series' readings, oldest first (see [`history`]); needs
     /// [`Store::keep_history`].
     pub fn history_readings(
         &self,
@@ -467,7 +467,7 @@ impl StoreReader {
         history::readings(&self.db.begin_read()?, range, after, limit)
     }
 
-    /// A page of one series' aggregates at one window length ([`history::aggregates`]).
+    /// A page of one series' aggregates at one window length, by window start.
     pub fn history_aggregates(
         &self,
         range: &history::Range<'_>,
