@@ -183,6 +183,12 @@ fn nodes_ship_only_for_their_site_and_dashboards_only_read() -> anyhow::Result<(
     ] {
         assert!(log.contains(want), "the log says {want:?}:\n{log}");
     }
+    // Refusals of a client already in name its address too.
+    assert!(
+        log.lines()
+            .any(|l| l.contains("foreign_topic") && l.contains("peer=127.0.0.1:")),
+        "the impostor's address is logged:\n{log}"
+    );
 
     // The dashboard reads farm's aggregate of d1 (five readings, 1..=5)...
     let grafana = Some(("grafana", PASSWORD));

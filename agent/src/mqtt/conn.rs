@@ -31,6 +31,8 @@ struct Conn<'a> {
     /// The writer's commits of this connection's readings.
     commits: Arc<Commits>,
     will: Option<Box<(LastWill, Option<LastWillProperties>)>>,
+    /// The client's address, for refusals logged while it is in.
+    peer: SocketAddr,
 }
 
 /// Serves one client connection until it ends.
@@ -70,6 +72,7 @@ where
         proto,
         commits: Arc::new(Commits::default()),
         will,
+        peer,
     };
     {
         let st = conn.session.lock();
@@ -81,9 +84,6 @@ where
     let _ = writer.shutdown().await;
     Box::pin(conn.finish(end)).await;
 }
-
-/// Where a refusal of a connection already in is counted: the peer is in the detail.
-const IN: SocketAddr = SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED), 0);
 
 impl Conn<'_> {
     async fn run<R, W>(
@@ -171,7 +171,7 @@ impl Conn<'_> {
     }
 
     fn refuse(&self, why: &Violation) {
-        self.server.front.refuse(why.reason, IN, &why.detail);
+        self.server.front.refuse(why.reason, self.peer, &why.detail);
     }
 
     /// Does what a step of the protocol asks; `Some` ends the connection.
@@ -263,7 +263,7 @@ impl Conn<'_> {
         for f in &s.refused {
             self.server.front.refuse(
                 "foreign_subscription",
-                IN,
+                self.peer,
                 &format!(
                     "client {:?} subscribed to {:?}",
                     self.session.client_id,
@@ -293,7 +293,7 @@ impl Conn<'_> {
         let why = flushed.err()?;
         self.server.front.refuse(
             "reading_not_stored",
-            IN,
+            self.peer,
             &format!(
                 "MQTT 3.1.1 client {:?} disconnected instead of acknowledging a reading \
                  that was not stored ({}); it sends it again",
