@@ -63,6 +63,14 @@ pub struct StoreConfig {
     /// Index every reading and aggregate by series and time for the history API.
     #[serde(default = "yes")]
     pub history: bool,
+    /// `postgres://USER@HOST:PORT/DB`: the store is in PostgreSQL (shared by any number
+    /// of gateways); empty: the embedded store in `data_dir`.
+    #[serde(default)]
+    pub url: String,
+    /// PostgreSQL only: days of readings, summaries and aggregates kept (whole daily
+    /// partitions are dropped after that); 0: kept forever.
+    #[serde(default)]
+    pub retention_days: u32,
 }
 
 fn yes() -> bool {
@@ -73,6 +81,8 @@ fn yes() -> bool {
 #[derive(Debug, Default, Clone)]
 pub struct Overrides {
     pub data_dir: Option<PathBuf>,
+    /// `--store`: a PostgreSQL URL (`store.url`).
+    pub store_url: Option<String>,
     pub mqtt_listen: Option<SocketAddr>,
     pub http_listen: Option<SocketAddr>,
 }
@@ -86,6 +96,9 @@ impl Config {
         let mut c: Config = load_layers(DEFAULTS, file, env)?;
         if let Some(v) = &o.data_dir {
             c.store.data_dir = v.clone();
+        }
+        if let Some(v) = &o.store_url {
+            c.store.url = v.clone();
         }
         if let Some(v) = o.mqtt_listen {
             c.mqtt.listen = v;
@@ -112,6 +125,20 @@ impl Config {
             return bad(
                 "access.anonymous = \"node\" with [tls] would let any client without a \
                         certificate ship for any site; use \"refuse\" or \"read\""
+                    .into(),
+            );
+        }
+        if !self.store.url.is_empty() && !crate::pg::is_url(&self.store.url) {
+            return bad(format!(
+                "store.url = {:?}: a PostgreSQL URL postgres://USER@HOST:PORT/DB, or empty \
+                 for the embedded store in store.data_dir",
+                crate::pg::redact(&self.store.url)
+            ));
+        }
+        if self.store.retention_days > 0 && self.store.url.is_empty() {
+            return bad(
+                "store.retention_days needs store.url (PostgreSQL): the embedded store keeps \
+                 everything"
                     .into(),
             );
         }

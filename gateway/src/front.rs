@@ -30,6 +30,8 @@ pub struct Mqtt {
     pub uplinks: Link,
     /// The gateway's own retained messages: acks and aggregates.
     pub publisher: Publisher,
+    /// Aggregates other gateways stored (PostgreSQL), from a thread of their own.
+    pub relay_publisher: Publisher,
     pub sessions: Sessions,
 }
 
@@ -71,6 +73,7 @@ pub async fn start(
     let (mut in_tx, in_rx) = make_link("gateway-in").map_err(|e| anyhow::anyhow!("{e}"))?;
     in_tx.subscribe(uplink_filter)?;
     let (out_tx, _out_rx) = make_link("gateway-out").map_err(|e| anyhow::anyhow!("{e}"))?;
+    let (relay_tx, _relay_rx) = make_link("gateway-relay").map_err(|e| anyhow::anyhow!("{e}"))?;
     let settings = mqtt::Settings {
         max_packet: m.max_packet_bytes,
         // Uplink batches: only nodes may send packets this large, dashboards get the same
@@ -107,7 +110,8 @@ pub async fn start(
     let persist = tokio::spawn(mqtt::persist_loop(server.clone(), stop_rx));
     Ok(Mqtt {
         uplinks: (in_tx, in_rx),
-        publisher: Publisher::behind(out_tx, server),
+        publisher: Publisher::behind(out_tx, server.clone()),
+        relay_publisher: Publisher::behind(relay_tx, server),
         sessions: Sessions { stop, persist },
     })
 }

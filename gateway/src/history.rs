@@ -24,13 +24,67 @@ use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use fogline_agent::security::auth::Authenticator;
-use fogline_agent::shipping::store::history::{Cursor, Range};
+use fogline_agent::shipping::store::history::{Cursor, HistoryReading, Range};
 use fogline_agent::shipping::store::{StoreError, StoreReader};
 use serde_json::json;
 
+/// Where the history comes from: the embedded store's index, or PostgreSQL's tables.
+pub trait HistorySource: Send + Sync + 'static {
+    /// A page of one series' readings, by time, then origin and offset.
+    fn readings(
+        &self,
+        range: &Range<'_>,
+        after: Option<&Cursor>,
+        limit: usize,
+    ) -> Result<(Vec<HistoryReading>, Option<Cursor>), StoreError>;
+    /// A page of one series' aggregates at one window length, by window start.
+    fn aggregates(
+        &self,
+        range: &Range<'_>,
+        window_secs: u32,
+        after: Option<i64>,
+        limit: usize,
+    ) -> Result<(Vec<String>, Option<i64>), StoreError>;
+    /// Every series with history: (site, device, metric, readings), in that order.
+    fn series(
+        &self,
+        site: Option<&str>,
+        device: Option<&str>,
+    ) -> Result<Vec<(String, String, String, u64)>, StoreError>;
+}
+
+impl HistorySource for StoreReader {
+    fn readings(
+        &self,
+        range: &Range<'_>,
+        after: Option<&Cursor>,
+        limit: usize,
+    ) -> Result<(Vec<HistoryReading>, Option<Cursor>), StoreError> {
+        self.history_readings(range, after, limit)
+    }
+
+    fn aggregates(
+        &self,
+        range: &Range<'_>,
+        window_secs: u32,
+        after: Option<i64>,
+        limit: usize,
+    ) -> Result<(Vec<String>, Option<i64>), StoreError> {
+        self.history_aggregates(range, window_secs, after, limit)
+    }
+
+    fn series(
+        &self,
+        site: Option<&str>,
+        device: Option<&str>,
+    ) -> Result<Vec<(String, String, String, u64)>, StoreError> {
+        self.history_series(site, device)
+    }
+}
+
 /// What the history handlers share.
 pub struct History {
-    pub reader: StoreReader,
+    pub reader: Arc<dyn HistorySource>,
     /// `Some`: requests need Basic credentials of one of these readers.
     pub readers: Option<Authenticator>,
 }
@@ -199,7 +253,7 @@ async fn blocking<T: Send + 'static>(
 async fn with_range<T: Send + 'static>(
     h: &History,
     range: &Range<'_>,
-    f: impl FnOnce(&StoreReader, &Range<'_>) -> Result<T, StoreError> + Send + 'static,
+    f: impl FnOnce(&dyn HistorySource, &Range<'_>) -> Result<T, StoreError> + Send + 'static,
 ) -> Result<T, Failure> {
     let (site, device, metric) = (
         range.site.to_owned(),
@@ -216,7 +270,7 @@ async fn with_range<T: Send + 'static>(
             from,
             to,
         };
-        f(&reader, &range)
+        f(reader.as_ref(), &range)
     })
     .await
 }
@@ -243,7 +297,7 @@ async fn readings(
     };
     let limit = s.limit;
     let (rows, next) = with_range(&h, &s.range, move |reader, range| {
-        reader.history_readings(range, after.as_ref(), limit)
+        reader.readings(range, after.as_ref(), limit)
     })
     .await?;
     let next = next.map(|c| c.encode());
@@ -315,7 +369,7 @@ async fn aggregates(
         .transpose()?;
     let limit = s.limit;
     let (rows, next) = with_range(&h, &s.range, move |reader, range| {
-        reader.history_aggregates(range, window, after, limit)
+        reader.aggregates(range, window, after, limit)
     })
     .await?;
     let aggregates: Vec<serde_json::Value> = rows
@@ -369,7 +423,7 @@ async fn list(
     };
     known(&p, allowed)?;
     let reader = h.reader.clone();
-    let rows = blocking(move || reader.history_series(site.as_deref(), device.as_deref())).await?;
+    let rows = blocking(move || reader.series(site.as_deref(), device.as_deref())).await?;
     let body = match what {
         List::Sites => {
             let mut sites: Vec<&str> = rows.iter().map(|r| r.0.as_str()).collect();

@@ -28,8 +28,10 @@
 //! Nothing here assumes it is the only gateway: all state is per (site, origin).
 
 pub mod config;
+pub mod export;
 mod front;
-mod history;
+pub mod history;
+pub mod pg;
 pub use fogline_agent::shipping::store;
 
 use std::future::Future;
@@ -46,7 +48,7 @@ use fogline_agent::shipping::receiver::{self, AggOut, Counters, Hooks, Receiver}
 use prometheus_client::registry::Registry;
 
 pub use config::Config;
-use store::Store;
+use store::{LogStore, Store};
 
 /// The gateway's counters, on `/metrics`.
 pub struct Metrics {
@@ -84,9 +86,10 @@ struct AppState {
     last_commit_ms: AtomicU64,
 }
 
-/// Runs the gateway until `shutdown` completes.
-pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
-    let metrics = Arc::new(Metrics::new());
+/// Opens the embedded store (off the runtime: it blocks). The PostgreSQL store is opened
+/// on the writer thread itself ([`Writer::spawn_postgres`]): its client may not even be
+/// dropped on the runtime.
+async fn open_embedded(config: &Config) -> anyhow::Result<Store> {
     let path = config.store_path();
     let cache = config.store.cache_bytes;
     let keep_history = config.store.history;
@@ -103,13 +106,32 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
     .await
     .context("store open task")?
     .with_context(|| format!("opening the store in {}", config.store.data_dir.display()))?;
-    let history = Arc::new(history::History {
-        reader: store.reader(),
-        readers: (config.access.anonymous != config::AnonymousPolicy::Read
-            && !config.access.readers.is_empty())
-        .then(|| fogline_agent::security::auth::Authenticator::for_users(&config.access.readers)),
-    });
     tracing::info!(path = %config.store_path().display(), origins = store.origins().len(), "store open");
+    Ok(store)
+}
+
+/// Runs the gateway until `shutdown` completes.
+pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+    let metrics = Arc::new(Metrics::new());
+    let embedded = if config.store.url.is_empty() {
+        Some(open_embedded(&config).await?)
+    } else {
+        // Only the MQTT sessions live there.
+        std::fs::create_dir_all(&config.store.data_dir)
+            .with_context(|| format!("cannot create {}", config.store.data_dir.display()))?;
+        None
+    };
+    let readers = (config.access.anonymous != config::AnonymousPolicy::Read
+        && !config.access.readers.is_empty())
+    .then(|| fogline_agent::security::auth::Authenticator::for_users(&config.access.readers));
+    let source: Option<Arc<dyn history::HistorySource>> = match &embedded {
+        // With store.history off there is no index to serve from: /api/v1/… is a 404.
+        Some(store) => config
+            .store
+            .history
+            .then(|| Arc::new(store.reader()) as Arc<dyn history::HistorySource>),
+        None => Some(Arc::new(pg::PgHistory::new(&config.store.url))),
+    };
 
     let http_listener = tokio::net::TcpListener::bind(config.http.listen)
         .await
@@ -119,6 +141,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
     let front::Mqtt {
         uplinks,
         publisher,
+        relay_publisher,
         sessions,
     } = front::start(&config, metrics.mqtt.clone(), &filter)
         .await
@@ -135,25 +158,25 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
         started: Instant::now(),
         last_commit_ms: AtomicU64::new(0),
     });
-    let writer = Receiver {
-        store,
+    let writer = Writer {
         publisher,
-        scheme: proto::UPLINK,
         counters: metrics.counters.clone(),
-        agg_out: AggOut::PerSite,
         batch_max: config.store.batch_max_messages,
         batch_delay: Duration::from_millis(config.store.batch_max_delay_ms),
-        budget: None,
-        downsample_window_secs: 60,
-        max_batch_bytes: None,
-        hooks: StatusHooks {
-            state: state.clone(),
-        },
+        state: state.clone(),
     };
-    let writer = std::thread::Builder::new()
-        .name("store-writer".into())
-        .spawn(move || writer.run(queue_rx))
-        .context("starting the writer thread")?;
+    let (writer, relay) = match embedded {
+        Some(store) => (writer.spawn(store, queue_rx)?, None),
+        None => {
+            let url = config.store.url.clone();
+            let retention = config.store.retention_days;
+            tokio::task::spawn_blocking(move || {
+                writer.spawn_postgres(&url, retention, relay_publisher, queue_rx)
+            })
+            .await
+            .context("store open task")??
+        }
+    };
     tracing::info!(mqtt = %config.mqtt.listen, http = %config.http.listen, "fogline-gateway ready");
 
     let app = Router::new()
@@ -164,11 +187,12 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
         )
         .route("/status", get(status))
         .with_state(state);
-    // With store.history off there is no index to serve from: /api/v1/… is a 404.
-    let app = if keep_history {
-        app.merge(history::routes(history))
-    } else {
-        app
+    let app = match source {
+        Some(reader) => app.merge(history::routes(Arc::new(history::History {
+            reader,
+            readers,
+        }))),
+        None => app,
     };
     let (stop, mut stopping) = fogline_agent::shutdown::channel();
     let http = tokio::spawn(async move {
@@ -187,6 +211,9 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
         if writer.join().is_err() {
             tracing::error!("the writer thread panicked");
         }
+        if let Some(relay) = relay {
+            relay.stop();
+        }
     })
     .await
     .context("shutdown task")?;
@@ -194,6 +221,58 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
     sessions.stop().await;
     tracing::info!("stopped");
     Ok(())
+}
+
+/// What the store's writer thread is started with.
+struct Writer {
+    publisher: fogline_agent::mqtt::Publisher,
+    counters: Arc<Counters>,
+    batch_max: usize,
+    batch_delay: Duration,
+    state: Arc<AppState>,
+}
+
+impl Writer {
+    /// Opens the PostgreSQL store and starts the writer and the relay of other
+    /// gateways' aggregates (call it off the runtime).
+    fn spawn_postgres(
+        self,
+        url: &str,
+        retention_days: u32,
+        relay_publisher: fogline_agent::mqtt::Publisher,
+        queue: receiver::QueueRx,
+    ) -> anyhow::Result<(std::thread::JoinHandle<()>, Option<pg::Relay>)> {
+        let store = pg::PgStore::open(url, retention_days)
+            .with_context(|| format!("opening the store {}", pg::redact(url)))?;
+        tracing::info!(store = %pg::redact(url), origins = store.origins().len(), "store open (PostgreSQL)");
+        let relay = pg::spawn_relay(url.to_owned(), store.own_pid(), relay_publisher)
+            .context("starting the aggregate relay")?;
+        Ok((self.spawn(store, queue)?, Some(relay)))
+    }
+
+    fn spawn<S: LogStore>(
+        self,
+        store: S,
+        queue: receiver::QueueRx,
+    ) -> anyhow::Result<std::thread::JoinHandle<()>> {
+        let writer = Receiver {
+            store,
+            publisher: self.publisher,
+            scheme: proto::UPLINK,
+            counters: self.counters,
+            agg_out: AggOut::PerSite,
+            batch_max: self.batch_max,
+            batch_delay: self.batch_delay,
+            budget: None,
+            downsample_window_secs: 60,
+            max_batch_bytes: None,
+            hooks: StatusHooks { state: self.state },
+        };
+        std::thread::Builder::new()
+            .name("store-writer".into())
+            .spawn(move || writer.run(queue))
+            .context("starting the writer thread")
+    }
 }
 
 async fn status(State(s): State<Arc<AppState>>) -> Json<serde_json::Value> {
@@ -211,24 +290,17 @@ struct StatusHooks {
     state: Arc<AppState>,
 }
 
-impl Hooks for StatusHooks {
-    fn committed(&mut self, store: &Store) {
+impl<S: LogStore> Hooks<S> for StatusHooks {
+    fn committed(&mut self, store: &S) {
         self.state
             .last_commit_ms
             .store(fogline_agent::now_ms().max(0) as u64, Ordering::Relaxed);
-        let mut list: Vec<serde_json::Value> = store
-            .origins()
-            .iter()
-            .map(|((site, origin), s)| {
-                serde_json::json!({
-                    "site": site, "origin": origin, "next_offset": s.next,
-                    "stored": s.stored, "skipped_at_edge": s.skipped,
-                    "downsampled_at_edge": s.downsampled,
-                })
-            })
-            .collect();
-        list.sort_by_key(|v| v.to_string());
-        if let Ok(mut o) = self.state.origins.lock() {
+        let list = match export::stats(store.origins()) {
+            serde_json::Value::Object(mut o) => o.remove("origins"),
+            _ => None,
+        };
+        if let (Ok(mut o), Some(serde_json::Value::Array(list))) = (self.state.origins.lock(), list)
+        {
             *o = list;
         }
     }

@@ -9,6 +9,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 use fogline_agent::ops::process;
 use fogline_gateway::config::{self, Config, Overrides};
 use fogline_gateway::store::Store;
+use fogline_gateway::{export, pg};
 
 #[derive(Parser)]
 #[command(
@@ -29,7 +30,8 @@ enum Command {
     /// Show or check configuration.
     #[command(subcommand)]
     Config(ConfigCommand),
-    /// Inspect the store of a stopped gateway.
+    /// Inspect the store: the embedded one of a stopped gateway, or PostgreSQL's at any
+    /// time; move an embedded store into PostgreSQL.
     #[command(subcommand)]
     Store(StoreCommand),
 }
@@ -39,9 +41,13 @@ struct RunArgs {
     /// TOML config file; keys it leaves out keep their defaults.
     #[arg(long, short)]
     config: Option<PathBuf>,
-    /// Directory for the store (store.data_dir).
+    /// Directory for the store and MQTT sessions (store.data_dir).
     #[arg(long)]
     data_dir: Option<PathBuf>,
+    /// The store in PostgreSQL, postgres://USER@HOST:PORT/DB (store.url); without it the
+    /// embedded store in the data directory.
+    #[arg(long, value_name = "URL")]
+    store: Option<String>,
     /// MQTT listen address for agents and dashboards (mqtt.listen).
     #[arg(long)]
     mqtt_listen: Option<SocketAddr>,
@@ -67,20 +73,43 @@ enum ExportFormat {
     Jsonl,
 }
 
+/// Which store a `store` command reads.
+#[derive(clap::Args)]
+#[group(required = true, multiple = false)]
+struct Which {
+    /// The embedded store's directory (store.data_dir) of a stopped gateway.
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    /// A PostgreSQL store, postgres://USER@HOST:PORT/DB (gateways may be running on it).
+    #[arg(long, value_name = "URL")]
+    store: Option<String>,
+}
+
 #[derive(Subcommand)]
 enum StoreCommand {
     /// Print every stored reading: per (site, origin), in offset order; first the
     /// summaries of readings downsampled at the edge (lines with "kind":"summary").
     Export {
-        #[arg(long)]
-        data_dir: PathBuf,
+        #[command(flatten)]
+        which: Which,
         #[arg(long, value_enum, default_value = "jsonl")]
         format: ExportFormat,
     },
     /// Per (site, origin): watermark, stored and skipped readings, as JSON.
     Stats {
-        #[arg(long)]
-        data_dir: PathBuf,
+        #[command(flatten)]
+        which: Which,
+    },
+    /// Copy an embedded store (of a stopped gateway) into PostgreSQL: every origin's log
+    /// in offset order, the summaries and the aggregates; offsets already there are not
+    /// copied again, so it can be re-run. Prints the counts on both sides.
+    Migrate {
+        /// The embedded store's directory.
+        #[arg(long, value_name = "DIR")]
+        from: PathBuf,
+        /// postgres://USER@HOST:PORT/DB
+        #[arg(long, value_name = "URL")]
+        to: String,
     },
 }
 
@@ -113,6 +142,7 @@ fn main() -> ExitCode {
 fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     let overrides = Overrides {
         data_dir: args.data_dir,
+        store_url: args.store,
         mqtt_listen: args.mqtt_listen,
         http_listen: args.http_listen,
     };
@@ -122,56 +152,75 @@ fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+fn open_embedded(data_dir: &std::path::Path) -> anyhow::Result<Store> {
+    Ok(Store::open(
+        &fogline_gateway::config::store_path(data_dir),
+        16 << 20,
+    )?)
+}
+
 fn store(cmd: StoreCommand) -> anyhow::Result<ExitCode> {
     match cmd {
         StoreCommand::Export {
-            data_dir,
+            which,
             format: ExportFormat::Jsonl,
         } => {
-            let store = Store::open(&fogline_gateway::config::store_path(&data_dir), 16 << 20)?;
             let stdout = std::io::stdout();
             let mut out = std::io::BufWriter::new(stdout.lock());
-            let mut failed = None;
-            store.for_each_summary(|site, origin, span, row| {
-                let mut line = row.to_json(Some(span));
-                line["site"] = site.into();
-                line["origin"] = origin.into();
-                if let Err(e) = writeln!(out, "{line}") {
-                    failed.get_or_insert(e);
-                }
-            })?;
-            store.for_each_record(|site, origin, offset, r| {
-                let line = serde_json::json!({
-                    "site": site, "origin": origin, "offset": offset,
-                    "device": &*r.device, "metric": &*r.metric, "boot": r.boot,
-                    "seq": r.seq, "value": r.value, "ts": r.ts_ms,
-                });
-                if let Err(e) = writeln!(out, "{line}") {
-                    failed.get_or_insert(e);
-                }
-            })?;
-            match failed {
-                Some(e) if e.kind() != std::io::ErrorKind::BrokenPipe => return Err(e.into()),
+            match (which.store, which.data_dir) {
+                (Some(url), _) => pg::export(&url, &mut out)?,
+                (None, Some(dir)) => export_embedded(&open_embedded(&dir)?, &mut out)?,
+                (None, None) => anyhow::bail!("--data-dir or --store"),
+            }
+            match out.flush() {
+                Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => return Err(e.into()),
                 _ => {}
             }
-            out.flush().ok();
             Ok(ExitCode::SUCCESS)
         }
-        StoreCommand::Stats { data_dir } => {
-            let store = Store::open(&fogline_gateway::config::store_path(&data_dir), 16 << 20)?;
-            let mut origins: Vec<serde_json::Value> = store
-                .origins()
-                .iter()
-                .map(|((site, origin), s)| {
-                    serde_json::json!({"site": site, "origin": origin, "next_offset": s.next,
-                        "stored": s.stored, "skipped_at_edge": s.skipped,
-                        "downsampled_at_edge": s.downsampled})
-                })
-                .collect();
-            origins.sort_by_key(|v| v.to_string());
-            let json = serde_json::to_string_pretty(&serde_json::json!({ "origins": origins }))?;
+        StoreCommand::Stats { which } => {
+            let stats = match (which.store, which.data_dir) {
+                (Some(url), _) => {
+                    let origins = pg::stats(&url)?;
+                    export::stats(origins.iter().map(|(k, s)| (k, s)))
+                }
+                (None, Some(dir)) => export::stats(open_embedded(&dir)?.origins()),
+                (None, None) => anyhow::bail!("--data-dir or --store"),
+            };
+            let json = serde_json::to_string_pretty(&stats)?;
             process::print(&format!("{json}\n"))?;
             Ok(ExitCode::SUCCESS)
         }
+        StoreCommand::Migrate { from, to } => {
+            let from_store = open_embedded(&from)?;
+            let report = pg::migrate(&from_store, &to)?;
+            let json = serde_json::to_string_pretty(&report)?;
+            process::print(&format!("{json}\n"))?;
+            Ok(if report.complete() {
+                ExitCode::SUCCESS
+            } else {
+                eprintln!("fogline-gateway: the counts differ: see above");
+                ExitCode::FAILURE
+            })
+        }
+    }
+}
+
+/// Every summary, then every reading, of an embedded store.
+fn export_embedded(store: &Store, out: &mut impl Write) -> anyhow::Result<()> {
+    let mut failed = None;
+    store.for_each_summary(|site, origin, span, row| {
+        if let Err(e) = writeln!(out, "{}", export::summary_line(site, origin, span, &row)) {
+            failed.get_or_insert(e);
+        }
+    })?;
+    store.for_each_record(|site, origin, offset, r| {
+        if let Err(e) = writeln!(out, "{}", export::record_line(site, origin, offset, &r)) {
+            failed.get_or_insert(e);
+        }
+    })?;
+    match failed {
+        Some(e) if e.kind() != std::io::ErrorKind::BrokenPipe => Err(e.into()),
+        _ => Ok(()),
     }
 }

@@ -38,6 +38,8 @@ pub struct Gateway {
     env: Vec<(String, String)>,
     /// `--config FILE`, if any.
     config: Option<PathBuf>,
+    /// `--store URL`: the store in PostgreSQL; `None`: the embedded store.
+    store_url: Option<String>,
     child: Option<Child>,
 }
 
@@ -49,6 +51,16 @@ impl Gateway {
 
     /// [`Gateway::start`] with `--config FILE`.
     pub fn start_with(env: &[(&str, &str)], config: Option<PathBuf>) -> anyhow::Result<Gateway> {
+        Gateway::start_on(env, config, None)
+    }
+
+    /// [`Gateway::start_with`] on the PostgreSQL store at `store_url` (`--store URL`), or
+    /// the embedded one.
+    pub fn start_on(
+        env: &[(&str, &str)],
+        config: Option<PathBuf>,
+        store_url: Option<&str>,
+    ) -> anyhow::Result<Gateway> {
         let root = tempfile::Builder::new()
             .prefix("fogline-gw-")
             .tempdir()
@@ -65,6 +77,7 @@ impl Gateway {
                 .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
                 .collect(),
             config,
+            store_url: store_url.map(str::to_owned),
             child: None,
         };
         gw.restart()?;
@@ -100,6 +113,9 @@ impl Gateway {
         }
         if let Some(config) = &self.config {
             cmd.arg("--config").arg(config);
+        }
+        if let Some(url) = &self.store_url {
+            cmd.arg("--store").arg(url);
         }
         self.child = Some(cmd.spawn().context("starting fogline-gateway")?);
         let deadline = Instant::now() + Duration::from_secs(30);
@@ -221,7 +237,21 @@ impl Gateway {
         Ok(next)
     }
 
-    /// The readings of `store export` on the (stopped) gateway's data dir.
+    /// `--store URL` or `--data-dir DIR`: where `store export|stats` read.
+    fn which_store<'c>(&self, cmd: &'c mut Command) -> &'c mut Command {
+        match &self.store_url {
+            Some(url) => cmd.arg("--store").arg(url),
+            None => cmd.arg("--data-dir").arg(&self.data_dir),
+        }
+    }
+
+    /// The pid of the running process.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// The readings of `store export` on the (stopped) gateway's data dir, or on its
+    /// PostgreSQL store (running or not).
     pub fn export(&self) -> anyhow::Result<Vec<GatewayReading>> {
         Ok(self.export_all()?.0)
     }
@@ -232,14 +262,10 @@ impl Gateway {
     }
 
     fn export_all(&self) -> anyhow::Result<(Vec<GatewayReading>, Vec<serde_json::Value>)> {
+        let mut cmd = Command::new(&self.bin);
+        crate::clean_env(&mut cmd).arg("store").arg("export");
         let out = run_bounded(
-            crate::clean_env(&mut Command::new(&self.bin))
-                .arg("store")
-                .arg("export")
-                .arg("--data-dir")
-                .arg(&self.data_dir)
-                .arg("--format")
-                .arg("jsonl"),
+            self.which_store(&mut cmd).arg("--format").arg("jsonl"),
             Duration::from_secs(120),
         )?;
         if !out.status.success() {
@@ -250,14 +276,9 @@ impl Gateway {
 
     /// `store stats` on the (stopped) gateway's data dir: per origin as JSON.
     pub fn stats(&self) -> anyhow::Result<Vec<serde_json::Value>> {
-        let out = run_bounded(
-            crate::clean_env(&mut Command::new(&self.bin))
-                .arg("store")
-                .arg("stats")
-                .arg("--data-dir")
-                .arg(&self.data_dir),
-            Duration::from_secs(60),
-        )?;
+        let mut cmd = Command::new(&self.bin);
+        crate::clean_env(&mut cmd).arg("store").arg("stats");
+        let out = run_bounded(self.which_store(&mut cmd), Duration::from_secs(60))?;
         if !out.status.success() {
             bail!("store stats failed: {}", out.stderr);
         }

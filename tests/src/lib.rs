@@ -23,6 +23,7 @@ mod gateway;
 mod http;
 pub mod mosquitto;
 pub mod netlab;
+pub mod postgres;
 pub mod powercut;
 mod proc;
 mod proxy;

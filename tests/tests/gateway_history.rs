@@ -8,7 +8,7 @@ use std::process::Command;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use fogline_tests::secure::{auth_hash, pub_lines};
-use fogline_tests::{mosquitto, poll_until, run_bounded, Agent, AgentOptions, Gateway};
+use fogline_tests::{mosquitto, poll_until, postgres, run_bounded, Agent, AgentOptions, Gateway};
 
 const PASSWORD: &str = "history-pw";
 const D1: i64 = 25;
@@ -96,6 +96,20 @@ fn all_pages(gw: &Gateway, limit: usize) -> anyhow::Result<Vec<Vec<serde_json::V
 
 #[test]
 fn the_history_of_a_series_is_served_page_by_page() -> anyhow::Result<()> {
+    history_is_served(None)
+}
+
+/// The same answers from a gateway whose store is PostgreSQL.
+#[test]
+fn the_history_is_served_from_postgres_too() -> anyhow::Result<()> {
+    let Some(pg) = postgres::start_or_skip("gateway_history::postgres")? else {
+        return Ok(());
+    };
+    let url = pg.create_db("history")?;
+    history_is_served(Some(&url))
+}
+
+fn history_is_served(store_url: Option<&str>) -> anyhow::Result<()> {
     mosquitto::require_clients()?;
     let dir = tempfile::tempdir()?;
     let config = dir.path().join("gateway.toml");
@@ -103,7 +117,7 @@ fn the_history_of_a_series_is_served_page_by_page() -> anyhow::Result<()> {
         &config,
         format!("[access.readers]\ngrafana = {:?}\n", auth_hash(PASSWORD)?),
     )?;
-    let mut gw = Gateway::start_with(&[], Some(config))?;
+    let mut gw = Gateway::start_on(&[], Some(config), store_url)?;
     let mut agent = Agent::start(
         AgentOptions::default()
             .env("FOGLINE_UPLINK__GATEWAY", gw.mqtt_addr())

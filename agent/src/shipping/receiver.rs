@@ -20,7 +20,7 @@ use crate::buffer::block;
 use crate::mqtt::Publisher;
 use crate::router::{self, BrokerError, Worker};
 use crate::shipping::proto::{self, Scheme, Topic};
-use crate::shipping::store::{Applied, Store, Txn};
+use crate::shipping::store::{Applied, LogStore, Store};
 
 pub use super::queue::{queue, Message, QueueRx, QueueTx};
 
@@ -140,18 +140,18 @@ pub enum AggOut {
 }
 
 /// What the embedding program does around the receiver's work.
-pub trait Hooks: Send + 'static {
+pub trait Hooks<S: LogStore = Store>: Send + 'static {
     /// After every successful commit (and once at start-up).
-    fn committed(&mut self, _store: &Store) {}
+    fn committed(&mut self, _store: &S) {}
     /// An aggregate relayed by `origin` was republished on `topic`.
     fn aggregate(&mut self, _origin: &str, _topic: &str, _json: &str) {}
     /// The site leader passed on the gateway's ack of `origin` (replication only).
-    fn gateway_ack(&mut self, _store: &mut Store, _site: &str, _origin: &str, _next: u64) {}
+    fn gateway_ack(&mut self, _store: &mut S, _site: &str, _origin: &str, _next: u64) {}
 }
 
 /// The writer: applies queued publishes to the store.
-pub struct Receiver<H: Hooks> {
-    pub store: Store,
+pub struct Receiver<S: LogStore, H: Hooks<S>> {
+    pub store: S,
     pub publisher: Publisher,
     pub scheme: Scheme,
     pub counters: std::sync::Arc<Counters>,
@@ -191,7 +191,7 @@ pub fn spawn_reader(
     .map_err(|e| BrokerError::Config(format!("cannot start the {name} thread: {e}")))
 }
 
-impl<H: Hooks> Receiver<H> {
+impl<S: LogStore, H: Hooks<S>> Receiver<S, H> {
     /// Runs until every sender of `queue` is gone.
     pub fn run(mut self, mut queue: QueueRx) {
         if self.budget.is_some() {
@@ -229,7 +229,7 @@ impl<H: Hooks> Receiver<H> {
     }
 
     fn handle(&mut self, batch: Vec<Message>) {
-        let mut txn = Txn::default();
+        let mut txn = S::Txn::default();
         let mut acks: Vec<(String, String)> = Vec::new();
         let mut aggs: Vec<(String, String, String)> = Vec::new();
         let mut gateway_acks: Vec<(String, String, u64)> = Vec::new();
@@ -305,7 +305,7 @@ impl<H: Hooks> Receiver<H> {
                         AggOut::PerSite => format!("agg/{site}/{rest}"),
                         AggOut::Local => format!("agg/{rest}"),
                     };
-                    Store::put_aggregate(&mut txn, topic.clone(), json.clone());
+                    S::put_aggregate(&mut txn, topic.clone(), json.clone());
                     aggs.push((origin.to_owned(), topic, json));
                 }
                 Some(Topic::GatewayAck { site, origin }) => {
@@ -378,7 +378,7 @@ impl<H: Hooks> Receiver<H> {
     /// readings were summarised before they could be sent still shows.
     fn summaries_as_aggregates(
         &self,
-        txn: &mut Txn,
+        txn: &mut S::Txn,
         site: &str,
         origin: &str,
         bytes: &[u8],
@@ -389,8 +389,7 @@ impl<H: Hooks> Receiver<H> {
         };
         for row in s.rows {
             let topic = format!("agg/{site}/{}/{}/{}s", row.device, row.metric, row.len_secs);
-            let newer_kept = txn
-                .aggregate(&topic)
+            let newer_kept = S::pending_aggregate(txn, &topic)
                 .map(str::to_owned)
                 .or_else(|| self.store.aggregate(&topic).ok().flatten())
                 .and_then(|json| serde_json::from_str::<serde_json::Value>(&json).ok())
@@ -404,13 +403,19 @@ impl<H: Hooks> Receiver<H> {
                 o.remove("kind");
             }
             let json = json.to_string();
-            Store::put_aggregate(txn, topic.clone(), json.clone());
+            S::put_aggregate(txn, topic.clone(), json.clone());
             aggs.push((origin.to_owned(), topic, json));
         }
     }
 
     fn ack(&mut self, site: &str, origin: &str) {
-        let next = self.store.next(&Txn::default(), site, origin);
+        let next = match self.store.watermark(site, origin) {
+            Ok(next) => next,
+            Err(e) => {
+                tracing::warn!(site, origin, "cannot read the watermark to ack: {e}");
+                return;
+            }
+        };
         let payload = proto::UplinkAck { next }.encode();
         if let Err(e) = self
             .publisher

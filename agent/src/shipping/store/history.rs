@@ -148,7 +148,8 @@ pub(super) fn index_aggregate(
     Ok(())
 }
 
-fn parse_agg_topic(topic: &str) -> Option<(&str, &str, &str, u32)> {
+/// `agg/<site>/<device>/<metric>/<len>s` as (site, device, metric, len).
+pub fn parse_agg_topic(topic: &str) -> Option<(&str, &str, &str, u32)> {
     let mut p = topic.strip_prefix("agg/")?.split('/');
     let (site, device, metric, len) = (p.next()?, p.next()?, p.next()?, p.next()?);
     if p.next().is_some() {
@@ -276,6 +277,19 @@ pub(super) fn aggregates(
         out.push(v.value().to_owned());
     }
     Ok((out, None))
+}
+
+/// Every indexed aggregate as (its topic, its JSON), by series, window and start.
+pub(super) fn all_aggregates(
+    read: &ReadTransaction,
+    mut f: impl FnMut(String, &str),
+) -> Result<(), StoreError> {
+    for row in read.open_table(AGGREGATES)?.iter()? {
+        let (k, v) = row?;
+        let (site, device, metric, len, _) = k.value();
+        f(format!("agg/{site}/{device}/{metric}/{len}s"), v.value());
+    }
+    Ok(())
 }
 
 /// Every series (site, device, metric, readings) under `site` and `device` if given.

@@ -1,0 +1,812 @@
+//! The gateway's store in PostgreSQL (`store.url = "postgres://…"`): the system of record
+//! for fleets that outgrow one machine. Any number of gateways share one database and
+//! serve any site; every (site, origin) log in it stays complete, in offset order, each
+//! offset once.
+//!
+//! Exactly once without a time window: a commit locks the watermark row of every origin
+//! it touches (`SELECT … FOR UPDATE`, in key order, so two gateways never deadlock),
+//! checks each batch against the locked watermark with the embedded store's rule
+//! ([`store::join`]), copies the new readings in (binary `COPY`), advances the
+//! watermark, stores the aggregates and commits; only then does the receiver publish the
+//! ack. Two gateways that receive the same origin during a failover take turns on its
+//! row, and whichever comes second finds the first one's readings already below the
+//! watermark.
+//!
+//! Aggregates that reach one gateway reach every gateway's MQTT listener: the commit
+//! that stores them sends `NOTIFY fogline_aggregates` with each topic, delivered to the
+//! others' [`spawn_relay`] only if and when it commits; they read the newest JSON from
+//! `aggregates_latest` and republish it retained. No second channel to run or secure,
+//! and a gateway that missed notifications (its connection dropped) republishes all.
+
+mod migrate;
+mod read;
+pub mod schema;
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use fogline_agent::buffer::block::Entry;
+use fogline_agent::mqtt::Publisher;
+use fogline_agent::shipping::proto::BatchFrame;
+use fogline_agent::shipping::store::history::parse_agg_topic;
+use fogline_agent::shipping::store::{self, Applied, Join, Key, LogStore, OriginState, StoreError};
+use postgres::binary_copy::BinaryCopyInWriter;
+use postgres::fallible_iterator::FallibleIterator;
+use postgres::types::{ToSql, Type};
+use postgres::{Client, NoTls};
+
+pub use migrate::{migrate, Report};
+pub use read::{export, stats, PgHistory};
+use schema::Partitions;
+
+/// The channel the gateways' commits notify aggregate topics on.
+const CHANNEL: &str = "fogline_aggregates";
+
+pub(crate) fn db(e: postgres::Error) -> StoreError {
+    StoreError::Database(e.to_string())
+}
+
+/// Connects to `url` (a `postgres://USER@HOST:PORT/DB` URL or a key=value string).
+pub fn connect(url: &str) -> Result<Client, StoreError> {
+    let mut client = Client::connect(url, NoTls)
+        .map_err(|e| StoreError::Database(format!("{}: {e}", redact(url))))?;
+    // "relation already exists, skipping" and the like are not news.
+    client
+        .batch_execute("SET client_min_messages = warning")
+        .map_err(db)?;
+    Ok(client)
+}
+
+/// `url` without a password, for messages.
+pub fn redact(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => {
+            let userinfo = &url[scheme + 3..at];
+            match userinfo.split_once(':') {
+                Some((user, _)) => format!("{}{user}:***{}", &url[..scheme + 3], &url[at..]),
+                None => url.to_owned(),
+            }
+        }
+        _ => url.to_owned(),
+    }
+}
+
+/// Is `s` a PostgreSQL URL (rather than a directory)?
+pub fn is_url(s: &str) -> bool {
+    s.starts_with("postgres://") || s.starts_with("postgresql://")
+}
+
+/// Unix ms as a time PostgreSQL can hold (years 1 to 9999; a reading's clock could say
+/// anything, and one absurd time must not make a commit fail forever).
+pub(crate) fn to_time(ms: i64) -> SystemTime {
+    const MIN: i64 = -62_135_596_800_000; // 0001-01-01
+    const MAX: i64 = 253_402_300_799_999; // 9999-12-31
+    let ms = ms.clamp(MIN, MAX);
+    let d = Duration::from_millis(ms.unsigned_abs());
+    if ms >= 0 {
+        SystemTime::UNIX_EPOCH + d
+    } else {
+        SystemTime::UNIX_EPOCH - d
+    }
+}
+
+pub(crate) fn from_time(t: SystemTime) -> i64 {
+    match t.duration_since(SystemTime::UNIX_EPOCH) {
+        Ok(d) => i64::try_from(d.as_millis()).unwrap_or(i64::MAX),
+        Err(e) => -i64::try_from(e.duration().as_millis()).unwrap_or(i64::MAX),
+    }
+}
+
+/// A batch as received, checked again under lock at commit.
+struct Frame {
+    key: Key,
+    start: u64,
+    first_offset: u64,
+    block: Vec<u8>,
+}
+
+/// Work gathered for one commit.
+#[derive(Default)]
+pub struct PgTxn {
+    frames: Vec<Frame>,
+    /// The origins as the batches would leave them, if the watermarks are as cached.
+    pending: HashMap<Key, OriginState>,
+    aggregates: Vec<(String, String)>,
+}
+
+/// The store in PostgreSQL, for one gateway's writer thread.
+pub struct PgStore {
+    url: String,
+    client: Client,
+    /// Every origin as of this gateway's last look: at start, its own commits, and acks.
+    origins: HashMap<Key, OriginState>,
+    /// Origins whose watermark this gateway's last commit locked: exact as cached.
+    fresh: HashSet<Key>,
+    partitions: Partitions,
+    retention_days: u32,
+    retention_checked: Option<Instant>,
+    /// The writer's backend pid: the relay skips its own notifications.
+    own_pid: Arc<AtomicI32>,
+}
+
+/// A reading or summary row on its way into a table.
+struct Rows {
+    readings: Vec<(usize, u64, fogline_agent::buffer::block::Record)>,
+    summaries: Vec<(usize, u64, u64, fogline_agent::buffer::block::Summaries)>,
+}
+
+impl PgStore {
+    /// Connects, creates the tables if they are missing and loads every origin.
+    pub fn open(url: &str, retention_days: u32) -> Result<PgStore, StoreError> {
+        let mut client = connect(url)?;
+        schema::create(&mut client)?;
+        let own_pid = Arc::new(AtomicI32::new(backend_pid(&mut client)?));
+        let mut store = PgStore {
+            url: url.to_owned(),
+            client,
+            origins: HashMap::new(),
+            fresh: HashSet::new(),
+            partitions: Partitions::default(),
+            retention_days,
+            retention_checked: None,
+            own_pid,
+        };
+        store.origins = store.load_origins()?;
+        let today = schema::day_of(fogline_agent::now_ms());
+        for table in schema::PARTITIONED {
+            store
+                .partitions
+                .ensure(&mut store.client, table, [today, today + 1])?;
+        }
+        store.keep_retention()?;
+        Ok(store)
+    }
+
+    /// The writer connection's backend pid, shared with [`spawn_relay`].
+    pub fn own_pid(&self) -> Arc<AtomicI32> {
+        self.own_pid.clone()
+    }
+
+    fn load_origins(&mut self) -> Result<HashMap<Key, OriginState>, StoreError> {
+        let rows = self
+            .client
+            .query(
+                "SELECT site, origin, next_offset, stored, skipped, downsampled FROM fogline.origins",
+                &[],
+            )
+            .map_err(db)?;
+        Ok(rows
+            .iter()
+            .map(|r| ((r.get(0), r.get(1)), origin_state(r, 2)))
+            .collect())
+    }
+
+    /// After a lost connection (the database restarted): a new one, before the next
+    /// commit. Nothing is lost meanwhile: a failed commit is not acked.
+    fn reconnect_if_closed(&mut self) -> Result<(), StoreError> {
+        if !self.client.is_closed() {
+            return Ok(());
+        }
+        tracing::warn!(store = %redact(&self.url), "the database connection was lost: reconnecting");
+        self.client = connect(&self.url)?;
+        self.own_pid
+            .store(backend_pid(&mut self.client)?, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Drops the partitions older than `store.retention_days`, at start and hourly.
+    fn keep_retention(&mut self) -> Result<(), StoreError> {
+        if self.retention_days == 0
+            || self
+                .retention_checked
+                .is_some_and(|at| at.elapsed() < Duration::from_secs(3600))
+        {
+            return Ok(());
+        }
+        self.retention_checked = Some(Instant::now());
+        let today = schema::day_of(fogline_agent::now_ms());
+        let dropped = self
+            .partitions
+            .drop_before(&mut self.client, today - i64::from(self.retention_days))?;
+        if !dropped.is_empty() {
+            tracing::info!(partitions = ?dropped, retention_days = self.retention_days, "dropped partitions past their retention");
+        }
+        Ok(())
+    }
+
+    /// Decodes every batch once (a malformed one was refused in `apply`).
+    fn decode(txn: &PgTxn) -> Vec<Option<Entry>> {
+        txn.frames
+            .iter()
+            .map(|f| fogline_agent::buffer::block::decode_entry(&f.block).ok())
+            .collect()
+    }
+
+    fn commit_txn(&mut self, txn: PgTxn) -> Result<(), StoreError> {
+        self.reconnect_if_closed()?;
+        let entries = Self::decode(&txn);
+        // Partitions for every day the batches and aggregates touch, first.
+        let mut days: BTreeMap<&'static str, HashSet<i64>> = BTreeMap::new();
+        for entry in entries.iter().flatten() {
+            match entry {
+                Entry::Readings(records) => days
+                    .entry("readings")
+                    .or_default()
+                    .extend(records.iter().map(|r| schema::day_of(r.ts_ms))),
+                Entry::Summaries(s) => days
+                    .entry("summaries")
+                    .or_default()
+                    .extend(s.rows.iter().map(|r| schema::day_of(r.start_ms))),
+            }
+        }
+        let aggregates = Aggregates::of(&txn.aggregates);
+        days.entry("aggregates")
+            .or_default()
+            .extend(aggregates.history.keys().map(|k| schema::day_of(k.4)));
+        for (table, days) in days {
+            self.partitions.ensure(&mut self.client, table, days)?;
+        }
+
+        // Frames per origin, in arrival order; origins in key order (the lock order).
+        let mut by_origin: BTreeMap<&Key, Vec<usize>> = BTreeMap::new();
+        for (i, f) in txn.frames.iter().enumerate() {
+            by_origin.entry(&f.key).or_default().push(i);
+        }
+        let mut tx = self.client.transaction().map_err(db)?;
+        let lock = tx
+            .prepare(
+                "SELECT next_offset, stored, skipped, downsampled FROM fogline.origins \
+                 WHERE site = $1 AND origin = $2 FOR UPDATE",
+            )
+            .map_err(db)?;
+        let create = tx
+            .prepare(
+                "INSERT INTO fogline.origins (site, origin) VALUES ($1, $2) \
+                 ON CONFLICT (site, origin) DO NOTHING",
+            )
+            .map_err(db)?;
+        let update = tx
+            .prepare(
+                "UPDATE fogline.origins SET next_offset = $3, stored = $4, skipped = $5, \
+                 downsampled = $6, updated_at = now() WHERE site = $1 AND origin = $2",
+            )
+            .map_err(db)?;
+        let mut rows = Rows {
+            readings: Vec::new(),
+            summaries: Vec::new(),
+        };
+        let mut entries = entries;
+        let mut states = HashMap::new();
+        for (key, frames) in &by_origin {
+            let (site, origin) = (key.0.as_str(), key.1.as_str());
+            tx.execute(&create, &[&site, &origin]).map_err(db)?;
+            let row = tx.query_one(&lock, &[&site, &origin]).map_err(db)?;
+            let mut state = origin_state(&row, 0);
+            let before = state;
+            for &i in frames {
+                let f = &txn.frames[i];
+                let frame = BatchFrame {
+                    start: f.start,
+                    first_offset: f.first_offset,
+                    block: &f.block,
+                };
+                let mut next = state;
+                let Join::Stored { first, skip, end } = store::join(&mut next, &frame) else {
+                    continue;
+                };
+                let Some(entry) = entries[i].take() else {
+                    continue; // does not decode: refused in apply already
+                };
+                match entry {
+                    Entry::Readings(mut records) => {
+                        let skip = usize::try_from(skip)
+                            .unwrap_or(usize::MAX)
+                            .min(records.len());
+                        for (n, r) in records.drain(..).enumerate().skip(skip) {
+                            rows.readings.push((i, f.first_offset + n as u64, r));
+                        }
+                    }
+                    Entry::Summaries(mut s) => {
+                        s.covers = end - first;
+                        rows.summaries.push((i, first, s.covers, s));
+                    }
+                }
+                state = next;
+            }
+            if state != before {
+                tx.execute(
+                    &update,
+                    &[
+                        &site,
+                        &origin,
+                        &as_i64(state.next),
+                        &as_i64(state.stored),
+                        &as_i64(state.skipped),
+                        &as_i64(state.downsampled),
+                    ],
+                )
+                .map_err(db)?;
+            }
+            states.insert((*key).clone(), state);
+        }
+        copy_readings(&mut tx, &txn, &rows)?;
+        insert_summaries(&mut tx, &txn, &rows)?;
+        count_series(&mut tx, &txn, &rows)?;
+        store_aggregates(&mut tx, &aggregates)?;
+        tx.commit().map_err(db)?;
+
+        self.fresh = states.keys().cloned().collect();
+        self.origins.extend(states);
+        if let Err(e) = self.keep_retention() {
+            tracing::warn!("cannot drop the partitions past their retention: {e}");
+        }
+        Ok(())
+    }
+}
+
+fn as_i64(v: u64) -> i64 {
+    i64::try_from(v).unwrap_or(i64::MAX)
+}
+
+fn origin_state(row: &postgres::Row, at: usize) -> OriginState {
+    let get = |i: usize| u64::try_from(row.get::<_, i64>(at + i)).unwrap_or(0);
+    OriginState {
+        next: get(0),
+        stored: get(1),
+        skipped: get(2),
+        downsampled: get(3),
+    }
+}
+
+fn backend_pid(client: &mut Client) -> Result<i32, StoreError> {
+    Ok(client
+        .query_one("SELECT pg_backend_pid()", &[])
+        .map_err(db)?
+        .get(0))
+}
+
+fn copy_readings(
+    tx: &mut postgres::Transaction<'_>,
+    txn: &PgTxn,
+    rows: &Rows,
+) -> Result<(), StoreError> {
+    if rows.readings.is_empty() {
+        return Ok(());
+    }
+    let sink = tx
+        .copy_in(
+            "COPY fogline.readings (site, origin, \"offset\", device, metric, ts, value, boot, seq) \
+             FROM STDIN BINARY",
+        )
+        .map_err(db)?;
+    let types = [
+        Type::TEXT,
+        Type::TEXT,
+        Type::INT8,
+        Type::TEXT,
+        Type::TEXT,
+        Type::TIMESTAMPTZ,
+        Type::FLOAT8,
+        Type::INT8,
+        Type::INT8,
+    ];
+    let mut w = BinaryCopyInWriter::new(sink, &types);
+    for (i, offset, r) in &rows.readings {
+        let key = &txn.frames[*i].key;
+        let seq = r.seq.map(i64::from);
+        let row: [&(dyn ToSql + Sync); 9] = [
+            &key.0,
+            &key.1,
+            &as_i64(*offset),
+            &&*r.device,
+            &&*r.metric,
+            &to_time(r.ts_ms),
+            &r.value,
+            &i64::from(r.boot),
+            &seq,
+        ];
+        w.write(&row).map_err(db)?;
+    }
+    w.finish().map_err(db)?;
+    Ok(())
+}
+
+fn insert_summaries(
+    tx: &mut postgres::Transaction<'_>,
+    txn: &PgTxn,
+    rows: &Rows,
+) -> Result<(), StoreError> {
+    if rows.summaries.is_empty() {
+        return Ok(());
+    }
+    let insert = tx
+        .prepare(
+            "INSERT INTO fogline.summaries (site, origin, first_offset, covers, row_index, \
+             device, metric, start_ts, window_secs, count, min, max, sum, last, last_ts) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15) \
+             ON CONFLICT DO NOTHING",
+        )
+        .map_err(db)?;
+    for (i, first, covers, s) in &rows.summaries {
+        let key = &txn.frames[*i].key;
+        for (n, row) in s.rows.iter().enumerate() {
+            let m = &row.summary;
+            tx.execute(
+                &insert,
+                &[
+                    &key.0,
+                    &key.1,
+                    &as_i64(*first),
+                    &as_i64(*covers),
+                    &i32::try_from(n).unwrap_or(i32::MAX),
+                    &row.device,
+                    &row.metric,
+                    &to_time(row.start_ms),
+                    &i32::try_from(row.len_secs).unwrap_or(i32::MAX),
+                    &as_i64(m.count),
+                    &m.min,
+                    &m.max,
+                    &m.sum,
+                    &m.last,
+                    &m.last_ts_ms,
+                ],
+            )
+            .map_err(db)?;
+        }
+    }
+    Ok(())
+}
+
+/// Readings per series, for `/api/v1/metrics`; in key order, like the watermark rows.
+fn count_series(
+    tx: &mut postgres::Transaction<'_>,
+    txn: &PgTxn,
+    rows: &Rows,
+) -> Result<(), StoreError> {
+    let mut counts: BTreeMap<(&str, &str, &str), i64> = BTreeMap::new();
+    for (i, _, r) in &rows.readings {
+        *counts
+            .entry((&txn.frames[*i].key.0, &r.device, &r.metric))
+            .or_default() += 1;
+    }
+    if counts.is_empty() {
+        return Ok(());
+    }
+    let (mut sites, mut devices, mut metrics, mut ns) = (vec![], vec![], vec![], vec![]);
+    for ((s, d, m), n) in counts {
+        sites.push(s);
+        devices.push(d);
+        metrics.push(m);
+        ns.push(n);
+    }
+    tx.execute(
+        "INSERT INTO fogline.series (site, device, metric, readings) \
+         SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::int8[]) \
+         ON CONFLICT (site, device, metric) DO UPDATE SET readings = series.readings + EXCLUDED.readings",
+        &[&sites, &devices, &metrics, &ns],
+    )
+    .map_err(db)?;
+    Ok(())
+}
+
+/// A window aggregate's place in the history: (site, device, metric, window secs,
+/// start ms).
+type SeriesKey = (String, String, String, u32, i64);
+
+/// One commit's aggregates: the newest JSON per topic (republished), and per window of
+/// a series (the history).
+#[derive(Default)]
+struct Aggregates {
+    latest: BTreeMap<String, String>,
+    history: BTreeMap<SeriesKey, String>,
+}
+
+impl Aggregates {
+    fn of(all: &[(String, String)]) -> Aggregates {
+        let mut out = Aggregates::default();
+        for (topic, json) in all {
+            if let Some(key) = series_key(topic, json) {
+                out.history.insert(key, json.clone());
+            }
+            out.latest.insert(topic.clone(), json.clone());
+        }
+        out
+    }
+}
+
+/// Where an aggregate on `agg/<site>/<device>/<metric>/<len>s` with a `start_ms` goes.
+fn series_key(topic: &str, json: &str) -> Option<SeriesKey> {
+    let (site, device, metric, len) = parse_agg_topic(topic)?;
+    let start_ms = serde_json::from_str::<serde_json::Value>(json)
+        .ok()?
+        .get("start_ms")?
+        .as_i64()?;
+    Some((site.into(), device.into(), metric.into(), len, start_ms))
+}
+
+fn store_aggregates(
+    tx: &mut postgres::Transaction<'_>,
+    aggregates: &Aggregates,
+) -> Result<(), StoreError> {
+    if aggregates.latest.is_empty() {
+        return Ok(());
+    }
+    let topics: Vec<&str> = aggregates.latest.keys().map(String::as_str).collect();
+    let bodies: Vec<&str> = aggregates.latest.values().map(String::as_str).collect();
+    tx.execute(
+        "INSERT INTO fogline.aggregates_latest (topic, body) \
+         SELECT * FROM unnest($1::text[], $2::text[]) \
+         ON CONFLICT (topic) DO UPDATE SET body = EXCLUDED.body, updated_at = now()",
+        &[&topics, &bodies],
+    )
+    .map_err(db)?;
+    if !aggregates.history.is_empty() {
+        let field = |json: &str, name: &str| -> Option<serde_json::Value> {
+            serde_json::from_str::<serde_json::Value>(json)
+                .ok()
+                .and_then(|v| v.get(name).cloned())
+        };
+        let (mut sites, mut devices, mut metrics, mut windows, mut starts) =
+            (vec![], vec![], vec![], vec![], vec![]);
+        let (mut counts, mut means, mut mins, mut maxs, mut bodies) =
+            (vec![], vec![], vec![], vec![], vec![]);
+        for ((site, device, metric, len, start), json) in &aggregates.history {
+            sites.push(site.as_str());
+            devices.push(device.as_str());
+            metrics.push(metric.as_str());
+            windows.push(i32::try_from(*len).unwrap_or(i32::MAX));
+            starts.push(to_time(*start));
+            counts.push(field(json, "count").and_then(|v| v.as_i64()));
+            means.push(field(json, "mean").and_then(|v| v.as_f64()));
+            mins.push(field(json, "min").and_then(|v| v.as_f64()));
+            maxs.push(field(json, "max").and_then(|v| v.as_f64()));
+            bodies.push(json.as_str());
+        }
+        // A series with aggregates only is listed too (no readings yet).
+        tx.execute(
+            "INSERT INTO fogline.series (site, device, metric) \
+             SELECT * FROM unnest($1::text[], $2::text[], $3::text[]) ON CONFLICT DO NOTHING",
+            &[&sites, &devices, &metrics],
+        )
+        .map_err(db)?;
+        tx.execute(
+            "INSERT INTO fogline.aggregates (site, device, metric, window_secs, start_ts, \
+             count, mean, min, max, body) \
+             SELECT s, d, m, w, t, c, a, lo, hi, b::jsonb FROM unnest($1::text[], $2::text[], \
+             $3::text[], $4::int4[], $5::timestamptz[], $6::int8[], $7::float8[], \
+             $8::float8[], $9::float8[], $10::text[]) AS u(s, d, m, w, t, c, a, lo, hi, b) \
+             ON CONFLICT (site, device, metric, window_secs, start_ts) DO UPDATE SET \
+             count = EXCLUDED.count, mean = EXCLUDED.mean, min = EXCLUDED.min, \
+             max = EXCLUDED.max, body = EXCLUDED.body",
+            &[
+                &sites, &devices, &metrics, &windows, &starts, &counts, &means, &mins, &maxs,
+                &bodies,
+            ],
+        )
+        .map_err(db)?;
+    }
+    // Delivered to the other gateways at commit, not before.
+    tx.execute(
+        "SELECT pg_notify($1, t) FROM unnest($2::text[]) AS t",
+        &[&CHANNEL, &topics],
+    )
+    .map_err(db)?;
+    Ok(())
+}
+
+impl LogStore for PgStore {
+    type Txn = PgTxn;
+
+    fn origins(&self) -> &HashMap<Key, OriginState> {
+        &self.origins
+    }
+
+    /// Keeps the batch for the commit, which checks it against the locked watermark;
+    /// the answer here is as the cached watermark has it (the counters'), except that a
+    /// batch that cannot decode or claims impossible offsets is refused outright.
+    fn apply(&self, txn: &mut PgTxn, site: &str, origin: &str, frame: &BatchFrame<'_>) -> Applied {
+        let key = (site.to_owned(), origin.to_owned());
+        let mut state = txn
+            .pending
+            .get(&key)
+            .or_else(|| self.origins.get(&key))
+            .copied()
+            .unwrap_or_default();
+        let applied = match store::join(&mut state, frame) {
+            Join::Stored { first, end, .. } => {
+                if fogline_agent::buffer::block::decode_entry(frame.block).is_err() {
+                    return Applied::Malformed;
+                }
+                txn.pending.insert(key.clone(), state);
+                Applied::Stored(end - first)
+            }
+            Join::Refused(why @ (Applied::Malformed | Applied::Implausible)) => return why,
+            Join::Refused(why) => why,
+        };
+        txn.frames.push(Frame {
+            key,
+            start: frame.start,
+            first_offset: frame.first_offset,
+            block: frame.block.to_vec(),
+        });
+        applied
+    }
+
+    fn put_aggregate(txn: &mut PgTxn, topic: String, json: String) {
+        txn.aggregates.push((topic, json));
+    }
+
+    fn pending_aggregate<'t>(txn: &'t PgTxn, topic: &str) -> Option<&'t str> {
+        txn.aggregates
+            .iter()
+            .rev()
+            .find(|(t, _)| t == topic)
+            .map(|(_, j)| j.as_str())
+    }
+
+    fn aggregate(&self, topic: &str) -> Result<Option<String>, StoreError> {
+        // The writer's connection needs `&mut`: a short-lived one for this rare read.
+        let mut client = connect(&self.url)?;
+        Ok(client
+            .query_opt(
+                "SELECT body FROM fogline.aggregates_latest WHERE topic = $1",
+                &[&topic],
+            )
+            .map_err(db)?
+            .map(|r| r.get(0)))
+    }
+
+    fn aggregates(&self) -> Result<Vec<(String, String)>, StoreError> {
+        let mut client = connect(&self.url)?;
+        all_aggregates(&mut client)
+    }
+
+    fn commit(&mut self, txn: PgTxn) -> Result<(), StoreError> {
+        if txn.frames.is_empty() && txn.aggregates.is_empty() {
+            return Ok(());
+        }
+        let result = self.commit_txn(txn);
+        if result.is_err() {
+            // What the commit would have changed is unknown: read it again when asked.
+            self.fresh.clear();
+        }
+        result
+    }
+
+    fn watermark(&mut self, site: &str, origin: &str) -> Result<u64, StoreError> {
+        let key = (site.to_owned(), origin.to_owned());
+        if self.fresh.contains(&key) {
+            return Ok(self.origins.get(&key).map_or(0, |s| s.next));
+        }
+        self.reconnect_if_closed()?;
+        let row = self
+            .client
+            .query_opt(
+                "SELECT next_offset, stored, skipped, downsampled FROM fogline.origins \
+                 WHERE site = $1 AND origin = $2",
+                &[&site, &origin],
+            )
+            .map_err(db)?;
+        Ok(match row {
+            Some(row) => {
+                let state = origin_state(&row, 0);
+                self.origins.insert(key, state);
+                state.next
+            }
+            None => 0,
+        })
+    }
+}
+
+fn all_aggregates(client: &mut Client) -> Result<Vec<(String, String)>, StoreError> {
+    Ok(client
+        .query("SELECT topic, body FROM fogline.aggregates_latest", &[])
+        .map_err(db)?
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect())
+}
+
+/// A running relay of other gateways' aggregates.
+pub struct Relay {
+    stop: Arc<AtomicBool>,
+    thread: std::thread::JoinHandle<()>,
+}
+
+impl Relay {
+    pub fn stop(self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if self.thread.join().is_err() {
+            tracing::error!("the aggregate relay thread panicked");
+        }
+    }
+}
+
+/// Listens for the aggregates other gateways commit and republishes them retained here.
+/// On every (re)connection it republishes them all, in case notifications were missed.
+pub fn spawn_relay(
+    url: String,
+    own_pid: Arc<AtomicI32>,
+    mut publisher: Publisher,
+) -> std::io::Result<Relay> {
+    let stop = Arc::new(AtomicBool::new(false));
+    let stopping = stop.clone();
+    let thread = std::thread::Builder::new()
+        .name("pg-relay".into())
+        .spawn(move || {
+            let mut delay = Duration::from_millis(100);
+            while !stopping.load(Ordering::Relaxed) {
+                match relay_session(&url, &own_pid, &mut publisher, &stopping) {
+                    Ok(()) => return,
+                    Err(e) => {
+                        tracing::warn!(
+                            retry_in_ms = delay.as_millis() as u64,
+                            "aggregate relay: {e}"
+                        );
+                        let until = Instant::now() + delay;
+                        while Instant::now() < until && !stopping.load(Ordering::Relaxed) {
+                            std::thread::sleep(Duration::from_millis(50));
+                        }
+                        delay = (delay * 2).min(Duration::from_secs(10));
+                    }
+                }
+            }
+        })?;
+    Ok(Relay { stop, thread })
+}
+
+fn relay_session(
+    url: &str,
+    own_pid: &AtomicI32,
+    publisher: &mut Publisher,
+    stop: &AtomicBool,
+) -> Result<(), StoreError> {
+    // `listen` holds the LISTEN; `client` reads the aggregates it names.
+    let mut listen = connect(url)?;
+    listen
+        .batch_execute(&format!("LISTEN {CHANNEL}"))
+        .map_err(db)?;
+    let mut client = connect(url)?;
+    let all = all_aggregates(&mut client)?;
+    let _ = publisher.retained_all(all);
+    loop {
+        if stop.load(Ordering::Relaxed) {
+            return Ok(());
+        }
+        let mut topics: Vec<String> = Vec::new();
+        {
+            let mut notifications = listen.notifications();
+            let mut iter = notifications.timeout_iter(Duration::from_millis(250));
+            while let Some(n) = iter.next().map_err(db)? {
+                if n.process_id() != own_pid.load(Ordering::Relaxed) {
+                    topics.push(n.payload().to_owned());
+                }
+                if topics.len() >= 1000 {
+                    break;
+                }
+            }
+        }
+        if listen.is_closed() {
+            return Err(StoreError::Database("the LISTEN connection closed".into()));
+        }
+        if topics.is_empty() {
+            continue;
+        }
+        topics.sort();
+        topics.dedup();
+        let rows = client
+            .query(
+                "SELECT topic, body FROM fogline.aggregates_latest WHERE topic = ANY($1)",
+                &[&topics],
+            )
+            .map_err(db)?;
+        let messages: Vec<(String, String)> = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
+        tracing::debug!(
+            aggregates = messages.len(),
+            "republishing other gateways' aggregates"
+        );
+        let _ = publisher.retained_all(messages);
+    }
+}
