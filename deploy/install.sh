@@ -13,7 +13,7 @@
 #   --site ID                  agent: node.site
 #   --node-id ID               agent: node.id (default over ssh: the device's short host
 #                              name while the config still has the shipped "agent-1")
-#   --gateway HOST:PORT        agent: uplink.gateway ("" for none)
+#   --gateway HOST:PORT[,…]    agent: uplink.gateway, failed over in order ("" for none)
 #   --peers ID=HOST:PORT,...   agent: cluster.peers, the other agents of the site (their
 #                              node ids and MQTT addresses; leave out the device itself)
 #   --set SECTION.KEY=VALUE    any other key of the config, VALUE in TOML ('"text"', 42)
@@ -82,8 +82,11 @@ if [ "$site_set" -eq 1 ] && ! [[ "$site" =~ $id_re ]]; then fl_die "--site: 1-32
 if [ "$node_id_set" -eq 1 ] && ! [[ "$node_id" =~ $id_re ]]; then
     fl_die "--node-id: 1-32 of [A-Za-z0-9_.-]"
 fi
-if [ "$gateway_set" -eq 1 ] && [ -n "$gateway" ] && ! [[ "$gateway" =~ $addr_re ]]; then
-    fl_die "--gateway: HOST:PORT"
+if [ "$gateway_set" -eq 1 ] && [ -n "$gateway" ]; then
+    IFS=, read -r -a gateway_list <<<"$gateway"
+    for g in "${gateway_list[@]}"; do
+        [[ "$g" =~ $addr_re ]] || fl_die "--gateway: $g is not HOST:PORT (several: HOST:PORT,HOST:PORT)"
+    done
 fi
 peer_list=()
 if [ "$peers_set" -eq 1 ] && [ -n "$peers" ]; then

@@ -193,7 +193,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
         uplink::spawn(
             uplink::Uplink {
                 config: config.uplink.clone(),
-                destination: config.uplink.gateway.clone(),
+                destinations: config.uplink.gateway.as_slice().to_vec(),
                 scheme: shipping::proto::UPLINK,
                 site: config.node.site.clone(),
                 origin: origin.clone(),

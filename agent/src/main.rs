@@ -108,9 +108,10 @@ struct RunArgs {
     /// The site this agent belongs to (node.site).
     #[arg(long)]
     site: Option<String>,
-    /// The gateway's MQTT address HOST:PORT for the uplink (uplink.gateway).
+    /// The gateway's MQTT address HOST:PORT for the uplink (uplink.gateway); several,
+    /// comma-separated, are tried in order and failed over between.
     #[arg(long)]
-    gateway: Option<String>,
+    gateway: Option<config::Gateways>,
     /// The other agents of the site (cluster.peers): ID=HOST:PORT,… of their MQTT listeners.
     #[arg(long, value_delimiter = ',')]
     peers: Option<Vec<String>>,

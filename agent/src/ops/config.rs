@@ -11,7 +11,7 @@ pub use crate::buffer::config::{buffer_path, BufferConfig};
 pub use crate::ingest::config::IngestConfig;
 pub use crate::mqtt::config::MqttConfig;
 pub use crate::site::config::{AckAfter, ClusterConfig, Peer};
-pub use crate::uplink::config::UplinkConfig;
+pub use crate::uplink::config::{Gateways, UplinkConfig};
 
 use figment::providers::{Env, Format, Toml};
 use figment::Figment;
@@ -102,7 +102,8 @@ pub struct Overrides {
     pub http_listen: Option<SocketAddr>,
     pub node_id: Option<String>,
     pub site: Option<String>,
-    pub gateway: Option<String>,
+    /// `HOST:PORT,…`
+    pub gateway: Option<Gateways>,
     /// `ID=HOST:PORT,…`
     pub peers: Option<Vec<String>>,
 }
@@ -300,11 +301,7 @@ impl Config {
             return bad("aggregate.publish_interval_ms must be at least 1".into());
         }
         let u = &self.uplink;
-        if !u.gateway.is_empty() {
-            if let Err(e) = u.gateway.parse::<crate::addr::HostPort>() {
-                return bad(format!("uplink.gateway: {e}"));
-            }
-        }
+        u.gateway.addresses().map_err(ConfigError::Invalid)?;
         if u.batch_readings == 0 || u.max_inflight_readings < u.batch_readings {
             return bad("need 0 < uplink.batch_readings <= uplink.max_inflight_readings".into());
         }
@@ -382,6 +379,68 @@ mod tests {
             assert_eq!(c.node.site, "from-flag");
             Ok(())
         });
+    }
+
+    #[test]
+    #[allow(clippy::result_large_err)] // figment::Jail fixes the closure's error type
+    fn gateways_come_as_a_string_a_comma_string_or_an_array_from_every_layer() {
+        let list = |c: &Config| c.uplink.gateway.as_slice().to_vec();
+        let two = vec!["gw1:1883".to_owned(), "gw2:1883".to_owned()];
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = dir.path().join("agent.toml");
+        for (toml, want) in [
+            (r#""gw1:1883""#, vec!["gw1:1883".to_owned()]),
+            (r#""gw1:1883,gw2:1883""#, two.clone()),
+            (r#"["gw1:1883", "gw2:1883"]"#, two.clone()),
+            (r#""""#, Vec::new()),
+            ("[]", Vec::new()),
+        ] {
+            std::fs::write(&file, format!("[uplink]\ngateway = {toml}\n")).expect("write");
+            let c = Config::load_with_env(Some(&file), &Overrides::default(), no_env())
+                .unwrap_or_else(|e| panic!("{toml}: {e}"));
+            assert_eq!(list(&c), want, "{toml}");
+        }
+        figment::Jail::expect_with(|jail| {
+            jail.set_env("FOGLINE_UPLINK__GATEWAY", "gw1:1883,gw2:1883");
+            let c = Config::load(None, &Overrides::default()).map_err(|e| e.to_string())?;
+            assert_eq!(list(&c), two);
+            jail.set_env("FOGLINE_UPLINK__GATEWAY", "[gw1:1883, gw2:1883]");
+            let c = Config::load(None, &Overrides::default()).map_err(|e| e.to_string())?;
+            assert_eq!(list(&c), two);
+            let flags = Overrides {
+                gateway: "gw3:1883,gw1:1883".parse().ok(),
+                ..Overrides::default()
+            };
+            let c = Config::load(None, &flags).map_err(|e| e.to_string())?;
+            assert_eq!(list(&c), vec!["gw3:1883", "gw1:1883"]);
+            let flags = Overrides {
+                gateway: "".parse().ok(),
+                ..Overrides::default()
+            };
+            let c = Config::load(None, &flags).map_err(|e| e.to_string())?;
+            assert!(c.uplink.gateway.is_empty(), "--gateway \"\" is no uplink");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn a_bad_or_repeated_gateway_is_refused_by_name() {
+        for (gateway, names) in [
+            ("gw1:1883,gw2", "\"gw2\""),
+            ("gw1:1883,gw2:1883,gw1:1883", "\"gw1:1883\" twice"),
+        ] {
+            let flags = Overrides {
+                gateway: gateway.parse().ok(),
+                ..Overrides::default()
+            };
+            let err = Config::load_with_env(None, &flags, no_env()).expect_err(gateway);
+            assert!(matches!(err, ConfigError::Invalid(_)), "{err}");
+            let msg = err.to_string();
+            assert!(
+                msg.contains("uplink.gateway") && msg.contains(names),
+                "{msg}"
+            );
+        }
     }
 
     #[test]

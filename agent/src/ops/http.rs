@@ -117,6 +117,8 @@ fn backlog(s: &AppState) -> serde_json::Value {
     serde_json::json!({
         "gateway": {
             "address": u.gateway,
+            "addresses": u.gateways,
+            "failovers": u.failovers,
             "link": u.link,
             "acked_offset": u.acked,
             "sent_offset": u.sent,

@@ -228,7 +228,7 @@ pub fn start(parts: SiteParts) -> anyhow::Result<SiteHandle> {
                 }
                 let up = Uplink {
                     config: config.uplink.clone(),
-                    destination: config.uplink.gateway.clone(),
+                    destinations: config.uplink.gateway.as_slice().to_vec(),
                     scheme: proto::UPLINK,
                     site: site.clone(),
                     origin: origin.clone(),
@@ -294,7 +294,7 @@ pub fn start(parts: SiteParts) -> anyhow::Result<SiteHandle> {
         targets_tx.insert(peer.id.clone(), active_tx);
         let up = Uplink {
             config: repl_config.clone(),
-            destination: peer.addr.clone(),
+            destinations: vec![peer.addr.clone()],
             scheme: proto::REPLICATION,
             site: site.clone(),
             origin: origin.clone(),

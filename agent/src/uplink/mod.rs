@@ -7,12 +7,15 @@
 //! blocks ingest: it only reads committed blocks. After an outage the site's aggregates
 //! (the live view dashboards watch) go first, then the backlog drains oldest-first at
 //! `drain_rate` readings/s. The buffer deletes nothing the gateway has not acked, and
-//! keeps acked readings `retention_secs` longer.
+//! keeps acked readings `retention_secs` longer. With several gateways listed it fails
+//! over between them ([`destinations`]).
 //!
-//! Pure cores: [`backoff::Backoff`] (reconnect delays) and [`pace::Pacer`] (drain rate).
+//! Pure cores: [`backoff::Backoff`] (reconnect delays), [`destinations::Destinations`]
+//! (which gateway next) and [`pace::Pacer`] (drain rate).
 
 pub mod backoff;
 pub mod config;
+pub mod destinations;
 pub mod pace;
 mod send;
 mod status;
@@ -25,18 +28,22 @@ use std::time::{Duration, Instant};
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 use tokio::sync::watch;
 
-pub use config::UplinkConfig;
+pub use config::{Gateways, UplinkConfig};
+use destinations::Destinations;
 pub use send::{fill, Link, LinkFull, Outbox, Sent, Source};
 pub use status::{AggRelay, Metrics, Shared, UplinkStatus};
 use window::{AckVerdict, Window, WindowConfig};
 
+use crate::addr::HostPort;
 use crate::shipping::proto;
 
-/// Everything an uplink task needs. One task ships one origin's log to one destination.
+/// Everything an uplink task needs. One task ships one origin's log to one destination at
+/// a time.
 pub struct Uplink {
     pub config: UplinkConfig,
-    /// `HOST:PORT` of the destination broker (the gateway, or a peer agent).
-    pub destination: String,
+    /// `HOST:PORT` of the destination brokers, tried in order: the gateways of
+    /// `uplink.gateway`, or the one peer agent.
+    pub destinations: Vec<String>,
     /// Uplink to the gateway, or replication to a peer.
     pub scheme: proto::Scheme,
     pub site: String,
@@ -81,21 +88,31 @@ enum End {
 impl Uplink {
     /// Runs until `shutdown` fires.
     pub async fn run(mut self, mut shutdown: crate::shutdown::Shutdown) {
-        let (host, port) = match self.destination.parse::<crate::addr::HostPort>() {
-            Ok(hp) => (hp.host, hp.port),
+        let parsed: Result<Vec<HostPort>, _> = self
+            .destinations
+            .iter()
+            .map(|d| d.parse::<HostPort>())
+            .collect();
+        let list = match parsed {
+            Ok(list) => list,
             Err(e) => {
                 tracing::error!("uplink off: {e}");
                 return;
             }
         };
-        self.shared.update(|s| {
-            s.gateway = self.destination.clone();
-            s.link = "connecting";
-        });
-        let mut backoff = backoff::Backoff::new(
+        let backoff = backoff::Backoff::new(
             Duration::from_millis(self.config.backoff_min_ms),
             Duration::from_millis(self.config.backoff_max_ms),
         );
+        let Some(mut dest) = Destinations::new(list, backoff) else {
+            tracing::error!(origin = %self.origin, "uplink off: no destination");
+            return;
+        };
+        self.shared.update(|s| {
+            s.gateway = dest.current().to_string();
+            s.gateways = dest.list().iter().map(HostPort::to_string).collect();
+            s.link = "connecting";
+        });
         loop {
             if shutdown.is_fired() {
                 return;
@@ -108,26 +125,44 @@ impl Uplink {
                 }
             }
             self.shared.update(|s| s.link = "connecting");
-            let result = self.session(&host, port, &mut backoff, &mut shutdown).await;
+            let result = self.session(&mut dest, &mut shutdown).await;
             match result {
                 Ok(End::Shutdown) => return,
                 Ok(End::Inactive) => {
-                    tracing::info!(destination = %self.destination, origin = %self.origin, "no longer the site leader: uplink stopped");
+                    tracing::info!(destination = %dest.current(), origin = %self.origin, "no longer the site leader: uplink stopped");
                 }
                 Err(e) => {
-                    let delay = backoff.next_delay(fastrand::f64());
-                    tracing::warn!(
-                        destination = %self.destination,
-                        origin = %self.origin,
-                        retry_in_ms = delay.as_millis() as u64,
-                        "link down: {e}"
-                    );
+                    let retry = dest.on_error(fastrand::f64());
+                    let from = dest
+                        .get(retry.from)
+                        .map_or_else(String::new, HostPort::to_string);
+                    let to = dest.current().to_string();
+                    let retry_in_ms = u64::try_from(retry.delay.as_millis()).unwrap_or(u64::MAX);
+                    if retry.switched() {
+                        tracing::warn!(
+                            %from,
+                            %to,
+                            origin = %self.origin,
+                            retry_in_ms,
+                            "link down: {e}; failing over to the next destination"
+                        );
+                    } else {
+                        tracing::warn!(
+                            destination = %to,
+                            origin = %self.origin,
+                            retry_in_ms,
+                            "link down: {e}"
+                        );
+                    }
+                    let failovers = dest.failovers();
                     self.shared.update(|s| {
                         s.link = "backoff";
                         s.last_error = Some(e.to_string());
+                        s.gateway = to;
+                        s.failovers = failovers;
                     });
                     tokio::select! {
-                        _ = tokio::time::sleep(delay) => {}
+                        _ = tokio::time::sleep(retry.delay) => {}
                         () = shutdown.fired() => return,
                     }
                 }
@@ -140,11 +175,10 @@ impl Uplink {
     /// rumqttc's events, the time and the log.
     async fn session(
         &mut self,
-        host: &str,
-        port: u16,
-        backoff: &mut backoff::Backoff,
+        dest: &mut Destinations<HostPort>,
         shutdown: &mut crate::shutdown::Shutdown,
     ) -> anyhow::Result<End> {
+        let destination = dest.current().clone();
         // Unique per connection: whichever agent forwards an origin's log after a
         // failover must not take over the old leader's connection (possibly half-open)
         // by its client id — the broker may drop the new one's routes with the old one.
@@ -155,7 +189,7 @@ impl Uplink {
             self.origin,
             fastrand::u32(..)
         );
-        let mut options = MqttOptions::new(client_id, host, port);
+        let mut options = MqttOptions::new(client_id, &destination.host, destination.port);
         options
             .set_keep_alive(Duration::from_secs(self.config.keepalive_secs.max(5)))
             .set_clean_session(true)
@@ -206,9 +240,9 @@ impl Uplink {
                         Event::Incoming(Packet::ConnAck(_)) => {
                             connected = true;
                             window.on_connected(now_ms());
-                            backoff.reset();
+                            dest.on_connected();
                             self.shared.update(|s| { s.link = "connected"; s.connects += 1; s.last_error = None; });
-                            tracing::info!(destination = %self.destination, origin = %self.origin, "{} connected", self.scheme.name());
+                            tracing::info!(%destination, origin = %self.origin, "{} connected", self.scheme.name());
                             client.try_subscribe(topics.ack.clone(), QoS::AtLeastOnce)?;
                             client.try_publish(self.scheme.sync_topic(&self.site, &self.origin), QoS::AtLeastOnce, false, Vec::new())?;
                             // Live view first: every aggregate, before any backlog.
@@ -217,7 +251,7 @@ impl Uplink {
                             }
                         }
                         Event::Incoming(Packet::Publish(p)) if p.topic == topics.ack => {
-                            self.on_ack(&mut window, &p.payload, now_ms());
+                            self.on_ack(&mut window, &destination, &p.payload, now_ms());
                         }
                         _ => {}
                     }
@@ -274,7 +308,7 @@ impl Uplink {
     }
 
     /// The destination's ack: believed only if it is possible.
-    fn on_ack(&self, window: &mut Window, payload: &[u8], now_ms: u64) {
+    fn on_ack(&self, window: &mut Window, destination: &HostPort, payload: &[u8], now_ms: u64) {
         let ack = match proto::UplinkAck::decode(payload) {
             Ok(ack) => ack,
             Err(e) => {
@@ -305,7 +339,7 @@ impl Uplink {
                 self.shared.update(|s| s.acks_backwards += 1);
                 tracing::warn!(
                     origin = %self.origin,
-                    destination = %self.destination,
+                    %destination,
                     acked,
                     got = ack.next,
                     "the {} ack went backwards: ignored (was its store reset?)",
@@ -316,7 +350,7 @@ impl Uplink {
                 self.shared.update(|s| s.acks_refused += 1);
                 tracing::error!(
                     origin = %self.origin,
-                    destination = %self.destination,
+                    %destination,
                     head,
                     got = ack.next,
                     "refused an impossible {} ack beyond everything this log holds: \

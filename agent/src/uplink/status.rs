@@ -80,6 +80,7 @@ pub struct Metrics {
     bytes: Gauge,
     acks_refused: Gauge,
     acks_backwards: Gauge,
+    failovers: Gauge,
 }
 
 impl Metrics {
@@ -135,6 +136,11 @@ impl Metrics {
                 "Gateway acks below an earlier ack since start (ignored)",
                 &self.acks_backwards,
             ),
+            (
+                "uplink_failovers",
+                "Moves to the next gateway of uplink.gateway after a failed session, since start",
+                &self.failovers,
+            ),
         ] {
             r.register(name, help, g.clone());
         }
@@ -153,13 +159,19 @@ impl Metrics {
         self.bytes.set(g(u.bytes_sent));
         self.acks_refused.set(g(u.acks_refused));
         self.acks_backwards.set(g(u.acks_backwards));
+        self.failovers.set(g(u.failovers));
     }
 }
 
 /// The uplink's state, for `/status` and `/metrics`.
 #[derive(Debug, Default, Clone, Serialize)]
 pub struct UplinkStatus {
+    /// The destination connected to or tried next.
     pub gateway: String,
+    /// Every destination, in the order they are tried.
+    pub gateways: Vec<String>,
+    /// Moves to the next destination after a failed session.
+    pub failovers: u64,
     /// "off", "connecting", "connected" or "backoff".
     pub link: &'static str,
     /// The gateway has every reading below this offset.
