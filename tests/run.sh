@@ -25,6 +25,16 @@ if ! command -v curl >/dev/null 2>&1; then
     $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends curl ca-certificates
 fi
 
+# The gateway's PostgreSQL store is tested against a real server (tests/src/postgres.rs
+# runs initdb and postgres from here, in temp dirs, on free ports).
+if [ ! -x /usr/lib/postgresql/15/bin/initdb ] || [ ! -x /usr/lib/postgresql/15/bin/postgres ]; then
+    SUDO=""
+    if [ "$(id -u)" -ne 0 ]; then SUDO="sudo"; fi
+    echo "installing postgresql-15"
+    $SUDO apt-get update
+    $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends postgresql-15
+fi
+
 # The broker conformance suite (tests/conformance) drives the broker with Eclipse Paho.
 PAHO_STATUS="$(dpkg-query -W -f='${Status}' python3-paho-mqtt 2>/dev/null || true)"
 if [ "$PAHO_STATUS" != "install ok installed" ]; then

@@ -1,5 +1,6 @@
-//! The history API on the gateway's HTTP listener, served from the store's series index
-//! (`fogline_agent::shipping::store::history`), never by scanning the log:
+//! The history API on the gateway's HTTP listener, served from the embedded store's
+//! series index (`fogline_agent::shipping::store::history`) or from PostgreSQL's tables
+//! and their time indexes ([`crate::pg::PgHistory`]), never by scanning the log:
 //!
 //! | path | parameters | answer |
 //! |---|---|---|

@@ -6,7 +6,10 @@
 //! |---|---|
 //! | [`config`] | the gateway's configuration (the agent's layering and sections where they mean the same) |
 //! | `front` | the agent's MQTT front end on `mqtt.listen`, over rumqttd's router, with the gateway's access rules (nodes bound to their site by certificate, dashboards read-only, acks and `agg/…` the gateway's own) |
-//! | [`store`] | the agent's `shipping::store`: every (site, origin) log complete, in offset order, in `gateway.redb` |
+//! | [`store`] | the agent's `shipping::store`: every (site, origin) log complete, in offset order, in `gateway.redb` (the default) |
+//! | [`pg`] | the store in PostgreSQL (`store.url`), shared by any number of gateways; the relay of their aggregates |
+//! | [`history`] | the history API (`/api/v1/…`) over either store ([`history::HistorySource`]) |
+//! | [`export`] | `store export\|stats` lines, the same from either store |
 //! | `lib.rs` | [`run`]: the receiver, the writer thread, HTTP (`/healthz`, `/metrics`, `/status`), start and stop |
 //!
 //! The log-shipping protocol and its receiver are the agent's (`fogline_agent::shipping`):
@@ -25,7 +28,8 @@
 //!    `agg/<site>/<device>/<metric>/<len>s` for dashboards and kept in the store, so they
 //!    are served again after a restart.
 //!
-//! Nothing here assumes it is the only gateway: all state is per (site, origin).
+//! Nothing here assumes it is the only gateway: all state is per (site, origin), and on
+//! PostgreSQL any number of gateways share it.
 
 pub mod config;
 pub mod export;

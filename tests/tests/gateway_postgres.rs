@@ -9,7 +9,7 @@ use fogline_tests::mosquitto;
 use fogline_tests::postgres::{self, Postgres};
 use fogline_tests::{
     check_gateway_log, poll_until, run_bounded, Agent, AgentOptions, DeviceSpec, Fleet, Gateway,
-    GatewayReading,
+    GatewayReading, TcpProxy,
 };
 
 /// `mosquitto_sub -C 1 -W 40 -t agg/#` at `port`, started now, read later.
@@ -154,6 +154,125 @@ fn gateways_on_postgres_store_once_and_share_aggregates() -> anyhow::Result<()> 
 
     agent.stop(Duration::from_secs(20))?;
     gw1.stop(Duration::from_secs(20))?;
+    gw2.stop(Duration::from_secs(20))?;
+    Ok(())
+}
+
+/// Two gateways on one PostgreSQL; the agent knows both. The one it drains into is
+/// killed with SIGKILL in the middle of the drain: the agent moves to the other, and
+/// every reading acknowledged at the edge is in PostgreSQL exactly once, in offset order.
+#[test]
+fn a_gateway_killed_mid_drain_loses_nothing() -> anyhow::Result<()> {
+    let Some(pg) = postgres::start_or_skip("gateway_postgres::kill")? else {
+        return Ok(());
+    };
+    let url = pg.create_db("failover")?;
+    let mut gw1 = Gateway::start_on(&[], None, Some(&url))?;
+    let mut gw2 = Gateway::start_on(&[], None, Some(&url))?;
+    // Both links down while the devices publish: a backlog forms at the edge.
+    let (p1, p2) = (
+        TcpProxy::start(gw1.mqtt_addr())?,
+        TcpProxy::start(gw2.mqtt_addr())?,
+    );
+    p1.cut();
+    p2.cut();
+    let (a, b) = (p1.addr().to_string(), p2.addr().to_string());
+    let mut agent = Agent::start(
+        AgentOptions::default()
+            .env("FOGLINE_UPLINK__GATEWAY", format!("{a},{b}"))
+            .env("FOGLINE_UPLINK__BACKOFF_MIN_MS", 100)
+            .env("FOGLINE_UPLINK__BACKOFF_MAX_MS", 1000)
+            // The backlog drains for seconds: gw1 dies in the middle of it.
+            .env("FOGLINE_UPLINK__DRAIN_RATE", 600)
+            .env("FOGLINE_UPLINK__RETENTION_SECS", 0)
+            .env("FOGLINE_NODE__SITE", "farm")
+            .env("FOGLINE_NODE__ID", "pi-1"),
+    )?;
+    let origin = agent.status()?["origin"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    let mut fleet = Fleet::new(agent.mqtt_addr())?;
+    for i in 0..4 {
+        let mut spec = DeviceSpec::json(format!("k-{i}"), "temp", 31 + i);
+        spec.interval = Some(Duration::from_millis(2));
+        spec.window = 100;
+        fleet.add(spec)?;
+    }
+    fleet.wait_connected(Duration::from_secs(10))?;
+    std::thread::sleep(Duration::from_secs(3));
+    fleet.stop_publishing();
+    fleet.wait_all_acked(Duration::from_secs(30))?;
+    let snaps = fleet.snapshots();
+    fleet.shutdown();
+    let head = agent.status()?["buffer"]["next_offset"]
+        .as_u64()
+        .unwrap_or(0);
+    // The drain begins into gw1; gw2 is reachable too from then on.
+    p1.restore();
+    let started = poll_until(Duration::from_secs(30), Duration::from_millis(20), || {
+        (gw1.next_offset("farm", &origin).ok()? > 0).then_some(())
+    });
+    p2.restore();
+    let stopped_at = gw1.next_offset("farm", &origin)?;
+    anyhow::ensure!(started.is_some(), "the drain into gw1 did not start");
+    // In the middle of the drain: some stored, much not yet.
+    let mid = poll_until(Duration::from_secs(60), Duration::from_millis(20), || {
+        let at = gw1.next_offset("farm", &origin).ok()?;
+        (at >= stopped_at + 500).then_some(at)
+    });
+    let mid =
+        mid.ok_or_else(|| {
+            anyhow::anyhow!(
+            "the drain did not go on (gw1 at {stopped_at} when the devices stopped, of {head}): \
+             {}\n{}",
+            agent.status().map(|s| s["backlog"].to_string()).unwrap_or_default(),
+            gw1.log_tail(20)
+        )
+        })?;
+    assert!(
+        mid < head,
+        "the drain was over before the kill ({mid} of {head})"
+    );
+    gw1.kill9()?;
+    let drained = poll_until(Duration::from_secs(90), Duration::from_millis(200), || {
+        (gw2.next_offset("farm", &origin).ok()? >= head).then_some(())
+    });
+    let status = agent.status()?;
+    assert!(
+        drained.is_some(),
+        "the rest did not reach gw2: {}\n{}",
+        status["backlog"]["gateway"],
+        gw2.log_tail(20)
+    );
+    let link = &status["backlog"]["gateway"];
+    assert_eq!(link["address"], b.as_str(), "{link}");
+    assert!(link["failovers"].as_u64().unwrap_or(0) >= 1, "{link}");
+    // The edge deleted only what PostgreSQL acked: its ack is the whole log.
+    let acked = poll_until(Duration::from_secs(20), Duration::from_millis(100), || {
+        let s = agent.status().ok()?;
+        (s["backlog"]["gateway"]["acked_offset"].as_u64()? >= head).then_some(())
+    });
+    assert!(
+        acked.is_some(),
+        "the agent's ack: {}",
+        agent.status()?["backlog"]
+    );
+
+    let stored = gw2.export()?;
+    let sent: Vec<(String, u32, u32)> = snaps
+        .iter()
+        .map(|s| (s.device.clone(), s.boot, s.sent))
+        .collect();
+    let problems = check_gateway_log(&stored, &sent);
+    assert!(problems.is_empty(), "{}", problems.join("\n  "));
+    assert_eq!(
+        in_offset_order(&stored, &origin),
+        Ok(head),
+        "once each, in offset order"
+    );
+    eprintln!("{head} readings; gw1 killed at {mid}; gw2 stored the rest");
+    agent.stop(Duration::from_secs(20))?;
     gw2.stop(Duration::from_secs(20))?;
     Ok(())
 }

@@ -20,26 +20,25 @@
 
 mod migrate;
 mod read;
+mod relay;
 pub mod schema;
+mod write;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
+use std::sync::atomic::{AtomicI32, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use fogline_agent::buffer::block::Entry;
-use fogline_agent::mqtt::Publisher;
 use fogline_agent::shipping::proto::BatchFrame;
-use fogline_agent::shipping::store::history::parse_agg_topic;
 use fogline_agent::shipping::store::{self, Applied, Join, Key, LogStore, OriginState, StoreError};
-use postgres::binary_copy::BinaryCopyInWriter;
-use postgres::fallible_iterator::FallibleIterator;
-use postgres::types::{ToSql, Type};
 use postgres::{Client, NoTls};
 
 pub use migrate::{migrate, Report};
 pub use read::{export, stats, PgHistory};
+pub use relay::{spawn_relay, Relay};
 use schema::Partitions;
+use write::{copy_readings, count_series, insert_summaries, store_aggregates, Aggregates};
 
 /// The channel the gateways' commits notify aggregate topics on.
 const CHANNEL: &str = "fogline_aggregates";
@@ -129,6 +128,8 @@ pub struct PgStore {
     retention_checked: Option<Instant>,
     /// The writer's backend pid: the relay skips its own notifications.
     own_pid: Arc<AtomicI32>,
+    /// A second connection for the reads the receiver makes through `&self`.
+    reader: std::sync::Mutex<Option<Client>>,
 }
 
 /// A reading or summary row on its way into a table.
@@ -152,8 +153,11 @@ impl PgStore {
             retention_days,
             retention_checked: None,
             own_pid,
+            reader: std::sync::Mutex::new(None),
         };
         store.origins = store.load_origins()?;
+        // Just read: exact until another gateway moves them.
+        store.fresh = store.origins.keys().cloned().collect();
         let today = schema::day_of(fogline_agent::now_ms());
         for table in schema::PARTITIONED {
             store
@@ -162,6 +166,24 @@ impl PgStore {
         }
         store.keep_retention()?;
         Ok(store)
+    }
+
+    /// Runs `f` on the reading connection (made when first needed, again after a loss).
+    fn read<T>(
+        &self,
+        f: impl FnOnce(&mut Client) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
+        let mut reader = self
+            .reader
+            .lock()
+            .map_err(|_| StoreError::Database("the reader lock is poisoned".into()))?;
+        if reader.as_ref().is_none_or(Client::is_closed) {
+            *reader = Some(connect(&self.url)?);
+        }
+        match reader.as_mut() {
+            Some(client) => f(client),
+            None => Err(StoreError::Database("no reading connection".into())),
+        }
     }
 
     /// The writer connection's backend pid, shared with [`spawn_relay`].
@@ -367,235 +389,6 @@ fn backend_pid(client: &mut Client) -> Result<i32, StoreError> {
         .get(0))
 }
 
-fn copy_readings(
-    tx: &mut postgres::Transaction<'_>,
-    txn: &PgTxn,
-    rows: &Rows,
-) -> Result<(), StoreError> {
-    if rows.readings.is_empty() {
-        return Ok(());
-    }
-    let sink = tx
-        .copy_in(
-            "COPY fogline.readings (site, origin, \"offset\", device, metric, ts, value, boot, seq) \
-             FROM STDIN BINARY",
-        )
-        .map_err(db)?;
-    let types = [
-        Type::TEXT,
-        Type::TEXT,
-        Type::INT8,
-        Type::TEXT,
-        Type::TEXT,
-        Type::TIMESTAMPTZ,
-        Type::FLOAT8,
-        Type::INT8,
-        Type::INT8,
-    ];
-    let mut w = BinaryCopyInWriter::new(sink, &types);
-    for (i, offset, r) in &rows.readings {
-        let key = &txn.frames[*i].key;
-        let seq = r.seq.map(i64::from);
-        let row: [&(dyn ToSql + Sync); 9] = [
-            &key.0,
-            &key.1,
-            &as_i64(*offset),
-            &&*r.device,
-            &&*r.metric,
-            &to_time(r.ts_ms),
-            &r.value,
-            &i64::from(r.boot),
-            &seq,
-        ];
-        w.write(&row).map_err(db)?;
-    }
-    w.finish().map_err(db)?;
-    Ok(())
-}
-
-fn insert_summaries(
-    tx: &mut postgres::Transaction<'_>,
-    txn: &PgTxn,
-    rows: &Rows,
-) -> Result<(), StoreError> {
-    if rows.summaries.is_empty() {
-        return Ok(());
-    }
-    let insert = tx
-        .prepare(
-            "INSERT INTO fogline.summaries (site, origin, first_offset, covers, row_index, \
-             device, metric, start_ts, window_secs, count, min, max, sum, last, last_ts) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15) \
-             ON CONFLICT DO NOTHING",
-        )
-        .map_err(db)?;
-    for (i, first, covers, s) in &rows.summaries {
-        let key = &txn.frames[*i].key;
-        for (n, row) in s.rows.iter().enumerate() {
-            let m = &row.summary;
-            tx.execute(
-                &insert,
-                &[
-                    &key.0,
-                    &key.1,
-                    &as_i64(*first),
-                    &as_i64(*covers),
-                    &i32::try_from(n).unwrap_or(i32::MAX),
-                    &row.device,
-                    &row.metric,
-                    &to_time(row.start_ms),
-                    &i32::try_from(row.len_secs).unwrap_or(i32::MAX),
-                    &as_i64(m.count),
-                    &m.min,
-                    &m.max,
-                    &m.sum,
-                    &m.last,
-                    &m.last_ts_ms,
-                ],
-            )
-            .map_err(db)?;
-        }
-    }
-    Ok(())
-}
-
-/// Readings per series, for `/api/v1/metrics`; in key order, like the watermark rows.
-fn count_series(
-    tx: &mut postgres::Transaction<'_>,
-    txn: &PgTxn,
-    rows: &Rows,
-) -> Result<(), StoreError> {
-    let mut counts: BTreeMap<(&str, &str, &str), i64> = BTreeMap::new();
-    for (i, _, r) in &rows.readings {
-        *counts
-            .entry((&txn.frames[*i].key.0, &r.device, &r.metric))
-            .or_default() += 1;
-    }
-    if counts.is_empty() {
-        return Ok(());
-    }
-    let (mut sites, mut devices, mut metrics, mut ns) = (vec![], vec![], vec![], vec![]);
-    for ((s, d, m), n) in counts {
-        sites.push(s);
-        devices.push(d);
-        metrics.push(m);
-        ns.push(n);
-    }
-    tx.execute(
-        "INSERT INTO fogline.series (site, device, metric, readings) \
-         SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::int8[]) \
-         ON CONFLICT (site, device, metric) DO UPDATE SET readings = series.readings + EXCLUDED.readings",
-        &[&sites, &devices, &metrics, &ns],
-    )
-    .map_err(db)?;
-    Ok(())
-}
-
-/// A window aggregate's place in the history: (site, device, metric, window secs,
-/// start ms).
-type SeriesKey = (String, String, String, u32, i64);
-
-/// One commit's aggregates: the newest JSON per topic (republished), and per window of
-/// a series (the history).
-#[derive(Default)]
-struct Aggregates {
-    latest: BTreeMap<String, String>,
-    history: BTreeMap<SeriesKey, String>,
-}
-
-impl Aggregates {
-    fn of(all: &[(String, String)]) -> Aggregates {
-        let mut out = Aggregates::default();
-        for (topic, json) in all {
-            if let Some(key) = series_key(topic, json) {
-                out.history.insert(key, json.clone());
-            }
-            out.latest.insert(topic.clone(), json.clone());
-        }
-        out
-    }
-}
-
-/// Where an aggregate on `agg/<site>/<device>/<metric>/<len>s` with a `start_ms` goes.
-fn series_key(topic: &str, json: &str) -> Option<SeriesKey> {
-    let (site, device, metric, len) = parse_agg_topic(topic)?;
-    let start_ms = serde_json::from_str::<serde_json::Value>(json)
-        .ok()?
-        .get("start_ms")?
-        .as_i64()?;
-    Some((site.into(), device.into(), metric.into(), len, start_ms))
-}
-
-fn store_aggregates(
-    tx: &mut postgres::Transaction<'_>,
-    aggregates: &Aggregates,
-) -> Result<(), StoreError> {
-    if aggregates.latest.is_empty() {
-        return Ok(());
-    }
-    let topics: Vec<&str> = aggregates.latest.keys().map(String::as_str).collect();
-    let bodies: Vec<&str> = aggregates.latest.values().map(String::as_str).collect();
-    tx.execute(
-        "INSERT INTO fogline.aggregates_latest (topic, body) \
-         SELECT * FROM unnest($1::text[], $2::text[]) \
-         ON CONFLICT (topic) DO UPDATE SET body = EXCLUDED.body, updated_at = now()",
-        &[&topics, &bodies],
-    )
-    .map_err(db)?;
-    if !aggregates.history.is_empty() {
-        let field = |json: &str, name: &str| -> Option<serde_json::Value> {
-            serde_json::from_str::<serde_json::Value>(json)
-                .ok()
-                .and_then(|v| v.get(name).cloned())
-        };
-        let (mut sites, mut devices, mut metrics, mut windows, mut starts) =
-            (vec![], vec![], vec![], vec![], vec![]);
-        let (mut counts, mut means, mut mins, mut maxs, mut bodies) =
-            (vec![], vec![], vec![], vec![], vec![]);
-        for ((site, device, metric, len, start), json) in &aggregates.history {
-            sites.push(site.as_str());
-            devices.push(device.as_str());
-            metrics.push(metric.as_str());
-            windows.push(i32::try_from(*len).unwrap_or(i32::MAX));
-            starts.push(to_time(*start));
-            counts.push(field(json, "count").and_then(|v| v.as_i64()));
-            means.push(field(json, "mean").and_then(|v| v.as_f64()));
-            mins.push(field(json, "min").and_then(|v| v.as_f64()));
-            maxs.push(field(json, "max").and_then(|v| v.as_f64()));
-            bodies.push(json.as_str());
-        }
-        // A series with aggregates only is listed too (no readings yet).
-        tx.execute(
-            "INSERT INTO fogline.series (site, device, metric) \
-             SELECT * FROM unnest($1::text[], $2::text[], $3::text[]) ON CONFLICT DO NOTHING",
-            &[&sites, &devices, &metrics],
-        )
-        .map_err(db)?;
-        tx.execute(
-            "INSERT INTO fogline.aggregates (site, device, metric, window_secs, start_ts, \
-             count, mean, min, max, body) \
-             SELECT s, d, m, w, t, c, a, lo, hi, b::jsonb FROM unnest($1::text[], $2::text[], \
-             $3::text[], $4::int4[], $5::timestamptz[], $6::int8[], $7::float8[], \
-             $8::float8[], $9::float8[], $10::text[]) AS u(s, d, m, w, t, c, a, lo, hi, b) \
-             ON CONFLICT (site, device, metric, window_secs, start_ts) DO UPDATE SET \
-             count = EXCLUDED.count, mean = EXCLUDED.mean, min = EXCLUDED.min, \
-             max = EXCLUDED.max, body = EXCLUDED.body",
-            &[
-                &sites, &devices, &metrics, &windows, &starts, &counts, &means, &mins, &maxs,
-                &bodies,
-            ],
-        )
-        .map_err(db)?;
-    }
-    // Delivered to the other gateways at commit, not before.
-    tx.execute(
-        "SELECT pg_notify($1, t) FROM unnest($2::text[]) AS t",
-        &[&CHANNEL, &topics],
-    )
-    .map_err(db)?;
-    Ok(())
-}
-
 impl LogStore for PgStore {
     type Txn = PgTxn;
 
@@ -647,20 +440,19 @@ impl LogStore for PgStore {
     }
 
     fn aggregate(&self, topic: &str) -> Result<Option<String>, StoreError> {
-        // The writer's connection needs `&mut`: a short-lived one for this rare read.
-        let mut client = connect(&self.url)?;
-        Ok(client
-            .query_opt(
-                "SELECT body FROM fogline.aggregates_latest WHERE topic = $1",
-                &[&topic],
-            )
-            .map_err(db)?
-            .map(|r| r.get(0)))
+        self.read(|client| {
+            Ok(client
+                .query_opt(
+                    "SELECT body FROM fogline.aggregates_latest WHERE topic = $1",
+                    &[&topic],
+                )
+                .map_err(db)?
+                .map(|r| r.get(0)))
+        })
     }
 
     fn aggregates(&self) -> Result<Vec<(String, String)>, StoreError> {
-        let mut client = connect(&self.url)?;
-        all_aggregates(&mut client)
+        self.read(all_aggregates)
     }
 
     fn commit(&mut self, txn: PgTxn) -> Result<(), StoreError> {
@@ -707,106 +499,4 @@ fn all_aggregates(client: &mut Client) -> Result<Vec<(String, String)>, StoreErr
         .iter()
         .map(|r| (r.get(0), r.get(1)))
         .collect())
-}
-
-/// A running relay of other gateways' aggregates.
-pub struct Relay {
-    stop: Arc<AtomicBool>,
-    thread: std::thread::JoinHandle<()>,
-}
-
-impl Relay {
-    pub fn stop(self) {
-        self.stop.store(true, Ordering::Relaxed);
-        if self.thread.join().is_err() {
-            tracing::error!("the aggregate relay thread panicked");
-        }
-    }
-}
-
-/// Listens for the aggregates other gateways commit and republishes them retained here.
-/// On every (re)connection it republishes them all, in case notifications were missed.
-pub fn spawn_relay(
-    url: String,
-    own_pid: Arc<AtomicI32>,
-    mut publisher: Publisher,
-) -> std::io::Result<Relay> {
-    let stop = Arc::new(AtomicBool::new(false));
-    let stopping = stop.clone();
-    let thread = std::thread::Builder::new()
-        .name("pg-relay".into())
-        .spawn(move || {
-            let mut delay = Duration::from_millis(100);
-            while !stopping.load(Ordering::Relaxed) {
-                match relay_session(&url, &own_pid, &mut publisher, &stopping) {
-                    Ok(()) => return,
-                    Err(e) => {
-                        tracing::warn!(
-                            retry_in_ms = delay.as_millis() as u64,
-                            "aggregate relay: {e}"
-                        );
-                        let until = Instant::now() + delay;
-                        while Instant::now() < until && !stopping.load(Ordering::Relaxed) {
-                            std::thread::sleep(Duration::from_millis(50));
-                        }
-                        delay = (delay * 2).min(Duration::from_secs(10));
-                    }
-                }
-            }
-        })?;
-    Ok(Relay { stop, thread })
-}
-
-fn relay_session(
-    url: &str,
-    own_pid: &AtomicI32,
-    publisher: &mut Publisher,
-    stop: &AtomicBool,
-) -> Result<(), StoreError> {
-    // `listen` holds the LISTEN; `client` reads the aggregates it names.
-    let mut listen = connect(url)?;
-    listen
-        .batch_execute(&format!("LISTEN {CHANNEL}"))
-        .map_err(db)?;
-    let mut client = connect(url)?;
-    let all = all_aggregates(&mut client)?;
-    let _ = publisher.retained_all(all);
-    loop {
-        if stop.load(Ordering::Relaxed) {
-            return Ok(());
-        }
-        let mut topics: Vec<String> = Vec::new();
-        {
-            let mut notifications = listen.notifications();
-            let mut iter = notifications.timeout_iter(Duration::from_millis(250));
-            while let Some(n) = iter.next().map_err(db)? {
-                if n.process_id() != own_pid.load(Ordering::Relaxed) {
-                    topics.push(n.payload().to_owned());
-                }
-                if topics.len() >= 1000 {
-                    break;
-                }
-            }
-        }
-        if listen.is_closed() {
-            return Err(StoreError::Database("the LISTEN connection closed".into()));
-        }
-        if topics.is_empty() {
-            continue;
-        }
-        topics.sort();
-        topics.dedup();
-        let rows = client
-            .query(
-                "SELECT topic, body FROM fogline.aggregates_latest WHERE topic = ANY($1)",
-                &[&topics],
-            )
-            .map_err(db)?;
-        let messages: Vec<(String, String)> = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
-        tracing::debug!(
-            aggregates = messages.len(),
-            "republishing other gateways' aggregates"
-        );
-        let _ = publisher.retained_all(messages);
-    }
 }
