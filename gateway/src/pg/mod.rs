@@ -31,7 +31,9 @@ use std::time::{Duration, Instant, SystemTime};
 
 use fogline_agent::buffer::block::Entry;
 use fogline_agent::shipping::proto::BatchFrame;
-use fogline_agent::shipping::store::{self, Applied, Join, Key, LogStore, OriginState, StoreError};
+use fogline_agent::shipping::store::{
+    self, Applied, Join, Key, LogStore, OriginState, Span, StoreError,
+};
 use postgres::{Client, NoTls};
 
 pub use migrate::{migrate, Report};
@@ -98,12 +100,11 @@ pub(crate) fn from_time(t: SystemTime) -> i64 {
     }
 }
 
-/// A batch as received, checked again under lock at commit.
+/// A batch as received, decoded once, checked again under lock at commit.
 struct Frame {
     key: Key,
-    start: u64,
-    first_offset: u64,
-    block: Vec<u8>,
+    span: Span,
+    entry: Entry,
 }
 
 /// Work gathered for one commit.
@@ -238,21 +239,12 @@ impl PgStore {
         Ok(())
     }
 
-    /// Decodes every batch once (a malformed one was refused in `apply`).
-    fn decode(txn: &PgTxn) -> Vec<Option<Entry>> {
-        txn.frames
-            .iter()
-            .map(|f| fogline_agent::buffer::block::decode_entry(&f.block).ok())
-            .collect()
-    }
-
     fn commit_txn(&mut self, txn: PgTxn) -> Result<(), StoreError> {
         self.reconnect_if_closed()?;
-        let entries = Self::decode(&txn);
         // Partitions for every day the batches and aggregates touch, first.
         let mut days: BTreeMap<&'static str, HashSet<i64>> = BTreeMap::new();
-        for entry in entries.iter().flatten() {
-            match entry {
+        for f in &txn.frames {
+            match &f.entry {
                 Entry::Readings(records) => days
                     .entry("readings")
                     .or_default()
@@ -270,11 +262,16 @@ impl PgStore {
         for (table, days) in days {
             self.partitions.ensure(&mut self.client, table, days)?;
         }
+        let (keys, mut frames): (Vec<Key>, Vec<Option<(Span, Entry)>>) = txn
+            .frames
+            .into_iter()
+            .map(|f| (f.key, Some((f.span, f.entry))))
+            .unzip();
 
         // Frames per origin, in arrival order; origins in key order (the lock order).
         let mut by_origin: BTreeMap<&Key, Vec<usize>> = BTreeMap::new();
-        for (i, f) in txn.frames.iter().enumerate() {
-            by_origin.entry(&f.key).or_default().push(i);
+        for (i, key) in keys.iter().enumerate() {
+            by_origin.entry(key).or_default().push(i);
         }
         let mut tx = self.client.transaction().map_err(db)?;
         let lock = tx
@@ -299,35 +296,25 @@ impl PgStore {
             readings: Vec::new(),
             summaries: Vec::new(),
         };
-        let mut entries = entries;
         let mut states = HashMap::new();
-        for (key, frames) in &by_origin {
+        for (key, indexes) in &by_origin {
             let (site, origin) = (key.0.as_str(), key.1.as_str());
             tx.execute(&create, &[&site, &origin]).map_err(db)?;
             let row = tx.query_one(&lock, &[&site, &origin]).map_err(db)?;
             let mut state = origin_state(&row, 0);
             let before = state;
-            for &i in frames {
-                let f = &txn.frames[i];
-                let frame = BatchFrame {
-                    start: f.start,
-                    first_offset: f.first_offset,
-                    block: &f.block,
-                };
-                let mut next = state;
-                let Join::Stored { first, skip, end } = store::join(&mut next, &frame) else {
+            for &i in indexes {
+                let Some((span, entry)) = frames[i].take() else {
                     continue;
                 };
-                let Some(entry) = entries[i].take() else {
-                    continue; // does not decode: refused in apply already
+                let Join::Stored { first, skip, end } = store::join_span(&mut state, &span) else {
+                    continue;
                 };
                 match entry {
-                    Entry::Readings(mut records) => {
-                        let skip = usize::try_from(skip)
-                            .unwrap_or(usize::MAX)
-                            .min(records.len());
-                        for (n, r) in records.drain(..).enumerate().skip(skip) {
-                            rows.readings.push((i, f.first_offset + n as u64, r));
+                    Entry::Readings(records) => {
+                        let skip = usize::try_from(skip).unwrap_or(usize::MAX);
+                        for (n, r) in records.into_iter().enumerate().skip(skip) {
+                            rows.readings.push((i, span.first_offset + n as u64, r));
                         }
                     }
                     Entry::Summaries(mut s) => {
@@ -335,7 +322,6 @@ impl PgStore {
                         rows.summaries.push((i, first, s.covers, s));
                     }
                 }
-                state = next;
             }
             if state != before {
                 tx.execute(
@@ -353,9 +339,9 @@ impl PgStore {
             }
             states.insert((*key).clone(), state);
         }
-        copy_readings(&mut tx, &txn, &rows)?;
-        insert_summaries(&mut tx, &txn, &rows)?;
-        count_series(&mut tx, &txn, &rows)?;
+        copy_readings(&mut tx, &keys, &rows)?;
+        insert_summaries(&mut tx, &keys, &rows)?;
+        count_series(&mut tx, &keys, &rows)?;
         store_aggregates(&mut tx, &aggregates)?;
         tx.commit().map_err(db)?;
 
@@ -396,10 +382,16 @@ impl LogStore for PgStore {
         &self.origins
     }
 
-    /// Keeps the batch for the commit, which checks it against the locked watermark;
-    /// the answer here is as the cached watermark has it (the counters'), except that a
-    /// batch that cannot decode or claims impossible offsets is refused outright.
+    /// Keeps the batch, decoded, for the commit, which checks it against the locked
+    /// watermark; the answer here is as the cached watermark has it (the counters'). A
+    /// batch that cannot decode or claims impossible offsets is refused outright, and so
+    /// is one below the cached watermark (watermarks only grow: it is below the real one
+    /// too).
     fn apply(&self, txn: &mut PgTxn, site: &str, origin: &str, frame: &BatchFrame<'_>) -> Applied {
+        let span = match Span::of(frame) {
+            Ok(span) => span,
+            Err(why) => return why,
+        };
         let key = (site.to_owned(), origin.to_owned());
         let mut state = txn
             .pending
@@ -407,23 +399,21 @@ impl LogStore for PgStore {
             .or_else(|| self.origins.get(&key))
             .copied()
             .unwrap_or_default();
-        let applied = match store::join(&mut state, frame) {
-            Join::Stored { first, end, .. } => {
-                if fogline_agent::buffer::block::decode_entry(frame.block).is_err() {
-                    return Applied::Malformed;
-                }
-                txn.pending.insert(key.clone(), state);
-                Applied::Stored(end - first)
-            }
-            Join::Refused(why @ (Applied::Malformed | Applied::Implausible)) => return why,
+        let applied = match store::join_span(&mut state, &span) {
+            Join::Stored { first, end, .. } => Applied::Stored(end - first),
+            Join::Refused(
+                why @ (Applied::Malformed | Applied::Implausible | Applied::Duplicate),
+            ) => return why,
+            // Perhaps not a gap at all: another gateway may have stored what is missing.
             Join::Refused(why) => why,
         };
-        txn.frames.push(Frame {
-            key,
-            start: frame.start,
-            first_offset: frame.first_offset,
-            block: frame.block.to_vec(),
-        });
+        let Ok(entry) = fogline_agent::buffer::block::decode_entry(frame.block) else {
+            return Applied::Malformed;
+        };
+        if matches!(applied, Applied::Stored(_)) {
+            txn.pending.insert(key.clone(), state);
+        }
+        txn.frames.push(Frame { key, span, entry });
         applied
     }
 

@@ -9,11 +9,13 @@ use fogline_agent::shipping::store::StoreError;
 use postgres::binary_copy::BinaryCopyInWriter;
 use postgres::types::{ToSql, Type};
 
-use super::{as_i64, db, to_time, PgTxn, Rows, CHANNEL};
+use fogline_agent::shipping::store::Key;
+
+use super::{as_i64, db, to_time, Rows, CHANNEL};
 
 pub(super) fn copy_readings(
     tx: &mut postgres::Transaction<'_>,
-    txn: &PgTxn,
+    keys: &[Key],
     rows: &Rows,
 ) -> Result<(), StoreError> {
     if rows.readings.is_empty() {
@@ -38,7 +40,7 @@ pub(super) fn copy_readings(
     ];
     let mut w = BinaryCopyInWriter::new(sink, &types);
     for (i, offset, r) in &rows.readings {
-        let key = &txn.frames[*i].key;
+        let key = &keys[*i];
         let seq = r.seq.map(i64::from);
         let row: [&(dyn ToSql + Sync); 9] = [
             &key.0,
@@ -59,7 +61,7 @@ pub(super) fn copy_readings(
 
 pub(super) fn insert_summaries(
     tx: &mut postgres::Transaction<'_>,
-    txn: &PgTxn,
+    keys: &[Key],
     rows: &Rows,
 ) -> Result<(), StoreError> {
     if rows.summaries.is_empty() {
@@ -74,7 +76,7 @@ pub(super) fn insert_summaries(
         )
         .map_err(db)?;
     for (i, first, covers, s) in &rows.summaries {
-        let key = &txn.frames[*i].key;
+        let key = &keys[*i];
         for (n, row) in s.rows.iter().enumerate() {
             let m = &row.summary;
             tx.execute(
@@ -106,13 +108,13 @@ pub(super) fn insert_summaries(
 /// Readings per series, for `/api/v1/metrics`; in key order, like the watermark rows.
 pub(super) fn count_series(
     tx: &mut postgres::Transaction<'_>,
-    txn: &PgTxn,
+    keys: &[Key],
     rows: &Rows,
 ) -> Result<(), StoreError> {
     let mut counts: BTreeMap<(&str, &str, &str), i64> = BTreeMap::new();
     for (i, _, r) in &rows.readings {
         *counts
-            .entry((&txn.frames[*i].key.0, &r.device, &r.metric))
+            .entry((&keys[*i].0, &r.device, &r.metric))
             .or_default() += 1;
     }
     if counts.is_empty() {

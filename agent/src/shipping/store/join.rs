@@ -16,34 +16,64 @@ pub enum Join {
     Refused(Applied),
 }
 
+/// What [`join`] needs to know of a batch: where it claims to start and what its block
+/// holds, read from the block's header.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Span {
+    /// The sender vouches that offsets from here to `first_offset` were dropped at the edge.
+    pub start: u64,
+    pub first_offset: u64,
+    /// Offsets in the block.
+    pub count: u64,
+    /// A block of summaries (readings downsampled at the edge), not readings.
+    pub summaries: bool,
+}
+
+impl Span {
+    /// The span of a received batch; `Err(Malformed)` if its block has no header.
+    pub fn of(frame: &BatchFrame<'_>) -> Result<Span, Applied> {
+        Ok(Span {
+            start: frame.start,
+            first_offset: frame.first_offset,
+            count: block::count(frame.block).map_err(|_| Applied::Malformed)?,
+            summaries: block::is_summaries(frame.block),
+        })
+    }
+}
+
 /// The rule every store keeps: a batch is taken only if it joins the origin's log at
 /// `state` without a hole — it starts at or below the watermark, or the sender vouches
 /// (with `start`) that the offsets in between were dropped at the edge — and only its
 /// offsets above the watermark are new. On [`Join::Stored`] `state` is advanced.
 pub fn join(state: &mut OriginState, frame: &BatchFrame<'_>) -> Join {
-    let Ok(n) = block::count(frame.block) else {
-        return Join::Refused(Applied::Malformed);
-    };
-    let Some(end) = frame.first_offset.checked_add(n) else {
+    match Span::of(frame) {
+        Ok(span) => join_span(state, &span),
+        Err(why) => Join::Refused(why),
+    }
+}
+
+/// [`join`] for a batch whose header was read already.
+pub fn join_span(state: &mut OriginState, span: &Span) -> Join {
+    let Some(end) = span.first_offset.checked_add(span.count) else {
         return Join::Refused(Applied::Implausible);
     };
     if end > MAX_OFFSET {
         return Join::Refused(Applied::Implausible);
     }
-    if frame.start.min(frame.first_offset) > state.next {
+    if span.start.min(span.first_offset) > state.next {
         return Join::Refused(Applied::Gap);
     }
     if end <= state.next {
         return Join::Refused(Applied::Duplicate);
     }
-    let (first, skip) = if frame.first_offset < state.next {
-        (state.next, state.next - frame.first_offset)
+    let (first, skip) = if span.first_offset < state.next {
+        (state.next, state.next - span.first_offset)
     } else {
-        state.skipped += frame.first_offset - state.next;
-        (frame.first_offset, 0)
+        state.skipped += span.first_offset - state.next;
+        (span.first_offset, 0)
     };
     let stored = end - first;
-    if block::is_summaries(frame.block) {
+    if span.summaries {
         state.downsampled += stored;
     } else {
         state.stored += stored;

@@ -11,7 +11,7 @@ pub mod history;
 mod join;
 
 pub use budget::Trimmed;
-pub use join::{join, tail, Join, LogStore};
+pub use join::{join, join_span, tail, Join, LogStore, Span};
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
