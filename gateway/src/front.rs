@@ -32,6 +32,8 @@ pub struct Mqtt {
     pub publisher: Publisher,
     /// Aggregates other gateways stored (PostgreSQL), from a thread of their own.
     pub relay_publisher: Publisher,
+    /// MQTT over WebSocket on the HTTP listener, into the same front end.
+    pub ws: crate::ws::WsDoor,
     pub sessions: Sessions,
 }
 
@@ -108,7 +110,14 @@ pub async fn start(
     }
     let (stop, stop_rx) = fogline_agent::shutdown::channel();
     let persist = tokio::spawn(mqtt::persist_loop(server.clone(), stop_rx));
+    let ws = crate::ws::WsDoor {
+        server: server.clone(),
+        login: door.login.clone(),
+        max_connections: m.max_connections,
+        max_packet: m.max_packet_bytes,
+    };
     Ok(Mqtt {
+        ws,
         uplinks: (in_tx, in_rx),
         publisher: Publisher::behind(out_tx, server.clone()),
         relay_publisher: Publisher::behind(relay_tx, server),

@@ -10,6 +10,7 @@
 //! | [`pg`] | the store in PostgreSQL (`store.url`), shared by any number of gateways; the relay of their aggregates |
 //! | [`history`] | the history API (`/api/v1/…`) over either store ([`history::HistorySource`]) |
 //! | [`export`] | `store export\|stats` lines, the same from either store |
+//! | `ws` | MQTT over WebSocket on the HTTP listener (`/mqtt`), for dashboards in a browser |
 //! | `lib.rs` | [`run`]: the receiver, the writer thread, HTTP (`/healthz`, `/metrics`, `/status`), start and stop |
 //!
 //! The log-shipping protocol and its receiver are the agent's (`fogline_agent::shipping`):
@@ -36,6 +37,7 @@ pub mod export;
 mod front;
 pub mod history;
 pub mod pg;
+mod ws;
 pub use fogline_agent::shipping::store;
 
 use std::future::Future;
@@ -146,6 +148,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
         uplinks,
         publisher,
         relay_publisher,
+        ws,
         sessions,
     } = front::start(&config, metrics.mqtt.clone(), &filter)
         .await
@@ -191,6 +194,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
         )
         .route("/status", get(status))
         .with_state(state);
+    let app = app.merge(ws::routes(Arc::new(ws)));
     let app = match source {
         Some(reader) => app.merge(history::routes(Arc::new(history::History {
             reader,
@@ -200,9 +204,12 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
     };
     let (stop, mut stopping) = fogline_agent::shutdown::channel();
     let http = tokio::spawn(async move {
-        axum::serve(http_listener, app)
-            .with_graceful_shutdown(async move { stopping.fired().await })
-            .await
+        axum::serve(
+            http_listener,
+            app.into_make_service_with_connect_info::<std::net::SocketAddr>(),
+        )
+        .with_graceful_shutdown(async move { stopping.fired().await })
+        .await
     });
 
     // Stopped from the edges inwards, as the agent's: HTTP, then the link reader (no

@@ -112,13 +112,13 @@ impl Conn<'_> {
                         // PUBLISH and its properties, the ingest queue's send) for a
                         // moment; inline, every idle connection would carry its room.
                         if let Some(end) = Box::pin(self.carry_out(step)).await {
-                            let _ = writer.write_all(self.proto.output()).await;
+                            let _ = write_out(writer, self.proto.output()).await;
                             return end;
                         }
                     }
                     Ok(None) => break,
                     Err(e) => {
-                        let _ = writer.write_all(self.proto.output()).await;
+                        let _ = write_out(writer, self.proto.output()).await;
                         self.refuse(&e.0);
                         return End::Abnormal;
                     }
@@ -127,7 +127,7 @@ impl Conn<'_> {
             if self.session.lock().conn != self.generation {
                 self.proto
                     .disconnect(DisconnectReasonCode::SessionTakenOver);
-                let _ = writer.write_all(self.proto.output()).await;
+                let _ = write_out(writer, self.proto.output()).await;
                 return End::TakenOver;
             }
             if self.commits.failed() {
@@ -135,7 +135,7 @@ impl Conn<'_> {
                 return End::Abnormal;
             }
             if let Some(end) = self.flush_acks() {
-                let _ = writer.write_all(self.proto.output()).await;
+                let _ = write_out(writer, self.proto.output()).await;
                 return end;
             }
             {
@@ -148,7 +148,7 @@ impl Conn<'_> {
             }
             let out = self.proto.output();
             if !out.is_empty() {
-                if writer.write_all(out).await.is_err() {
+                if write_out(writer, out).await.is_err() {
                     return End::Abnormal;
                 }
                 out.clear();
@@ -364,6 +364,16 @@ impl Conn<'_> {
             self.server.remove(&client).await;
         }
     }
+}
+
+/// Writes `bytes` and flushes: a stream that frames what it is given (a WebSocket, TLS)
+/// sends it only then; on plain TCP the flush costs nothing.
+pub(super) async fn write_out<W>(writer: &mut W, bytes: &[u8]) -> std::io::Result<()>
+where
+    W: AsyncWrite + Unpin + ?Sized,
+{
+    writer.write_all(bytes).await?;
+    writer.flush().await
 }
 
 #[cfg(test)]

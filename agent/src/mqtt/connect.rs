@@ -124,7 +124,7 @@ where
                 _ => ConnectReturnCode::NotAuthorized,
             };
             refuse(code, &mut wbuf);
-            let _ = writer.write_all(&wbuf).await;
+            let _ = super::conn::write_out(writer, &wbuf).await;
             let _ = writer.shutdown().await;
             server.front.refuse(
                 refusal.as_str(),
@@ -145,7 +145,7 @@ where
     if client_id.is_empty() {
         if !connect.clean_session && !v5 {
             refuse(ConnectReturnCode::ClientIdentifierNotValid, &mut wbuf);
-            let _ = writer.write_all(&wbuf).await;
+            let _ = super::conn::write_out(writer, &wbuf).await;
             return None;
         }
         client_id = format!("auto-{:016x}", fastrand::u64(..));
@@ -188,7 +188,7 @@ where
         if max_keep_alive > 0 && (connect.keep_alive == 0 || connect.keep_alive > max_keep_alive) {
             if !v5 {
                 refuse(ConnectReturnCode::ClientIdentifierNotValid, &mut wbuf);
-                let _ = writer.write_all(&wbuf).await;
+                let _ = super::conn::write_out(writer, &wbuf).await;
                 server.front.refuse(
                     "keep_alive",
                     peer,

@@ -97,21 +97,11 @@ impl Server {
                         continue;
                     }
                 };
-                if server.open.load(Ordering::SeqCst) >= max_connections {
-                    server.front.refuse(
-                        "max_connections",
-                        peer,
-                        &format!("{max_connections} connections open (mqtt.max_connections)"),
-                    );
+                if !server.admit(peer, max_connections) {
                     drop(stream);
                     continue;
                 }
                 let _ = stream.set_nodelay(true);
-                server.open.fetch_add(1, Ordering::SeqCst);
-                server
-                    .metrics
-                    .connections
-                    .set(i64::try_from(server.open.load(Ordering::SeqCst)).unwrap_or(0));
                 let server = server.clone();
                 let guard = guard.clone();
                 tokio::spawn(async move {
@@ -139,14 +129,55 @@ impl Server {
                             Box::pin(server.gateway_serve(&door, stream, peer)).await;
                         }
                     }
-                    server.open.fetch_sub(1, Ordering::SeqCst);
-                    server
-                        .metrics
-                        .connections
-                        .set(i64::try_from(server.open.load(Ordering::SeqCst)).unwrap_or(0));
+                    server.left();
                 });
             }
         }))
+    }
+
+    /// Serves one connection that came in some other way than a listener of its own (MQTT
+    /// over a WebSocket on the gateway's HTTP listener), counted and limited as theirs.
+    pub async fn serve_stream<S>(
+        self: &Arc<Self>,
+        stream: S,
+        peer: SocketAddr,
+        rights: Rights,
+        max_connections: usize,
+    ) where
+        S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send,
+    {
+        if !self.admit(peer, max_connections) {
+            return;
+        }
+        conn::serve(self, stream, peer, rights).await;
+        self.left();
+    }
+
+    /// Counts a connection in, unless `max_connections` are open (then refused).
+    fn admit(&self, peer: SocketAddr, max_connections: usize) -> bool {
+        if self.open.load(Ordering::SeqCst) >= max_connections {
+            self.front.refuse(
+                "max_connections",
+                peer,
+                &format!("{max_connections} connections open (mqtt.max_connections)"),
+            );
+            return false;
+        }
+        self.open.fetch_add(1, Ordering::SeqCst);
+        self.count_open();
+        true
+    }
+
+    /// Counts a connection out.
+    fn left(&self) {
+        self.open.fetch_sub(1, Ordering::SeqCst);
+        self.count_open();
+    }
+
+    fn count_open(&self) {
+        self.metrics
+            .connections
+            .set(i64::try_from(self.open.load(Ordering::SeqCst)).unwrap_or(0));
     }
 
     async fn gateway_serve(
