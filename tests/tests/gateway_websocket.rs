@@ -24,6 +24,9 @@ c.ws_set_options(path="/mqtt")
 c.username_pw_set("grafana", password)
 got = []
 c.on_message = lambda client, userdata, m: got.append((m.topic, m.payload.decode()))
+# paho reconnects by itself (and sends the refused publish again): record the ends.
+ended = []
+c.on_disconnect = lambda client, userdata, *rest: ended.append(time.time())
 c.connect(host, port, 30)
 c.loop_start()
 time.sleep(0.5)
@@ -35,9 +38,9 @@ print("GOT", got[0][0] if got else "-", got[0][1] if got else "-")
 sys.stdout.flush()
 c.publish("agg/farm/ws-1/temp/60s", b"forged", qos=1)
 deadline = time.time() + 10
-while c.is_connected() and time.time() < deadline:
+while not ended and time.time() < deadline:
     time.sleep(0.1)
-print("CONNECTED", c.is_connected())
+print("ENDED", bool(ended))
 c.loop_stop()
 "#;
 
@@ -98,7 +101,7 @@ fn a_paho_websocket_client_reads_aggregates_and_cannot_publish() -> anyhow::Resu
     );
     assert!(got.contains("\"count\""), "an aggregate's JSON: {got}");
     assert!(
-        out.stdout.contains("CONNECTED False"),
+        out.stdout.contains("ENDED True"),
         "the publish ended its connection: {}",
         out.stdout
     );
