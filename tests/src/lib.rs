@@ -35,7 +35,10 @@ pub use agent::{agent_bin, find_bin, Agent, AgentOptions, ExportedReading};
 pub use fleet::{AckSource, Device, DeviceSnapshot, DeviceSpec, Fleet, PayloadFn, RawPublisher};
 pub use gateway::{Gateway, GatewayReading};
 pub use http::{http_get, metric};
-pub use proc::{cpu_secs, rss_kib, run_bounded, BoundedOutput};
+pub use proc::{
+    cpu_secs, cpu_secs_with_reaped, process_tree, rss_kib, run_bounded, thread_cpu_secs,
+    BoundedOutput,
+};
 pub use proxy::TcpProxy;
 pub use site::{Site, SiteOptions};
 

@@ -161,6 +161,12 @@ impl Postgres {
             .with_context(|| format!("connecting to {}", self.url(db)))
     }
 
+    /// The pid of the process started (the server, or `runuser` above it when this runs
+    /// as root): the root of the server's process tree, backends included.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
     pub fn data_dir(&self) -> &Path {
         &self.data
     }
@@ -169,15 +175,22 @@ impl Postgres {
         crate::proc::tail(&self.log, lines)
     }
 
-    /// Fast shutdown (SIGINT), by pid; SIGKILL if it has not stopped in 10 s.
+    /// Fast shutdown (SIGINT to the server, by pid); SIGKILL if it has not stopped in 10 s.
+    /// As root the process started is `runuser`, which does not pass SIGINT on (and
+    /// killing it would leave the server running, orphaned): the server's pid is read
+    /// from its `postmaster.pid`.
     pub fn stop(&mut self) {
         let Some(mut child) = self.child.take() else {
             return;
         };
-        let _ = run_bounded(
-            Command::new("kill").arg("-INT").arg(child.id().to_string()),
-            Duration::from_secs(5),
-        );
+        let server = self.server_pid().unwrap_or(child.id());
+        let signal = |sig: &str| {
+            let _ = run_bounded(
+                Command::new("kill").arg(sig).arg(server.to_string()),
+                Duration::from_secs(5),
+            );
+        };
+        signal("-INT");
         let deadline = Instant::now() + Duration::from_secs(10);
         while Instant::now() < deadline {
             if let Ok(Some(_)) = child.try_wait() {
@@ -185,8 +198,20 @@ impl Postgres {
             }
             std::thread::sleep(Duration::from_millis(50));
         }
+        signal("-KILL");
         let _ = child.kill();
         let _ = child.wait();
+    }
+
+    /// The postmaster's pid: the first line of `postmaster.pid` in the data directory.
+    fn server_pid(&self) -> Option<u32> {
+        std::fs::read_to_string(self.data.join("postmaster.pid"))
+            .ok()?
+            .lines()
+            .next()?
+            .trim()
+            .parse()
+            .ok()
     }
 }
 

@@ -82,23 +82,98 @@ pub fn rss_kib(pid: u32) -> anyhow::Result<(u64, u64)> {
 /// CPU time (user + system) process `pid` has used so far, in seconds, from
 /// `/proc/<pid>/stat` (clock ticks of `getconf CLK_TCK`, 100 on Linux).
 pub fn cpu_secs(pid: u32) -> anyhow::Result<f64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .with_context(|| format!("reading /proc/{pid}/stat"))?;
+    let t = stat_times(&format!("/proc/{pid}/stat"))?;
+    Ok(t[0] + t[1])
+}
+
+/// [`cpu_secs`] plus what its children used that it has reaped (cutime + cstime): summed
+/// over a process tree, the total does not shrink when a child exits and is reaped
+/// (PostgreSQL's postmaster reaps the backends and workers it forks).
+pub fn cpu_secs_with_reaped(pid: u32) -> anyhow::Result<f64> {
+    let t = stat_times(&format!("/proc/{pid}/stat"))?;
+    Ok(t.iter().sum())
+}
+
+/// CPU time (user + system) of the threads of process `pid` named `name` (`comm`, as
+/// `std::thread::Builder::name` sets it, cut to 15 bytes); 0 when none is.
+pub fn thread_cpu_secs(pid: u32, name: &str) -> anyhow::Result<f64> {
+    let mut total = 0.0;
+    let dir = format!("/proc/{pid}/task");
+    for task in std::fs::read_dir(&dir).with_context(|| format!("reading {dir}"))? {
+        let path = task?.path();
+        let comm = std::fs::read_to_string(path.join("comm")).unwrap_or_default();
+        if comm.trim_end() == name {
+            if let Ok(t) = stat_times(&path.join("stat").to_string_lossy()) {
+                total += t[0] + t[1];
+            }
+        }
+    }
+    Ok(total)
+}
+
+/// `pid` and every process below it (children, their children, …), from the parent
+/// pids in `/proc/*/stat`; `pid` first.
+pub fn process_tree(pid: u32) -> Vec<u32> {
+    let mut parents: Vec<(u32, u32)> = Vec::new();
+    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Some(child) = entry
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        let stat = std::fs::read_to_string(entry.path().join("stat")).unwrap_or_default();
+        // After the name: state, then the parent pid.
+        let ppid = stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().nth(1))
+            .and_then(|p| p.parse::<u32>().ok());
+        if let Some(ppid) = ppid {
+            parents.push((child, ppid));
+        }
+    }
+    let mut tree = vec![pid];
+    let mut i = 0;
+    while i < tree.len() {
+        let parent = tree[i];
+        tree.extend(
+            parents
+                .iter()
+                .filter(|(c, p)| *p == parent && !tree.contains(c))
+                .map(|(c, _)| *c)
+                .collect::<Vec<_>>(),
+        );
+        i += 1;
+    }
+    tree
+}
+
+/// utime, stime, cutime, cstime of a `stat` file, in seconds.
+fn stat_times(path: &str) -> anyhow::Result<[f64; 4]> {
+    let stat = std::fs::read_to_string(path).with_context(|| format!("reading {path}"))?;
     // The command name may contain spaces; the fields after it are plain numbers.
     let rest = stat
         .rsplit_once(')')
         .map(|(_, rest)| rest)
-        .context("no ')' in /proc/<pid>/stat")?;
+        .with_context(|| format!("no ')' in {path}"))?;
     let fields: Vec<&str> = rest.split_whitespace().collect();
-    // utime and stime are fields 14 and 15 of the whole line: 11 and 12 after the name.
+    // utime, stime, cutime and cstime are fields 14 to 17 of the whole line: 11 to 14
+    // after the name.
     let ticks = |i: usize| -> anyhow::Result<f64> {
         fields
             .get(i)
-            .context("short /proc/<pid>/stat")?
+            .with_context(|| format!("short {path}"))?
             .parse::<f64>()
-            .context("bad tick count in /proc/<pid>/stat")
+            .with_context(|| format!("bad tick count in {path}"))
     };
-    Ok((ticks(11)? + ticks(12)?) / clock_ticks_per_sec())
+    let hz = clock_ticks_per_sec();
+    Ok([
+        ticks(11)? / hz,
+        ticks(12)? / hz,
+        ticks(13)? / hz,
+        ticks(14)? / hz,
+    ])
 }
 
 fn clock_ticks_per_sec() -> f64 {
