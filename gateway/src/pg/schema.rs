@@ -10,6 +10,10 @@
 //! | `aggregates_latest` | aggregate topic: the newest, republished retained | topic | — |
 //! | `series` | (site, device, metric) with history | (site, device, metric) | — |
 //!
+//! Names are compared byte by byte (`COLLATE "C"`): nobody sorts sensor ids by a
+//! language's rules, and the indexes on them are most of what an insert costs (a
+//! locale's comparisons cost about a fifth of the throughput, BENCHMARKS.md).
+//!
 //! PostgreSQL wants a partitioned table's keys to hold its partition column, so the key
 //! of `readings` holds `ts` after (site, origin, offset): a reading sent twice carries
 //! the same time, lands in the same partition and collides there. The first line of
@@ -30,8 +34,8 @@ const TABLES: &str = r#"
 CREATE SCHEMA IF NOT EXISTS fogline;
 CREATE TABLE IF NOT EXISTS fogline.meta (key text PRIMARY KEY, value text NOT NULL);
 CREATE TABLE IF NOT EXISTS fogline.origins (
-    site text NOT NULL,
-    origin text NOT NULL,
+    site text COLLATE "C" NOT NULL,
+    origin text COLLATE "C" NOT NULL,
     next_offset bigint NOT NULL DEFAULT 0,
     stored bigint NOT NULL DEFAULT 0,
     skipped bigint NOT NULL DEFAULT 0,
@@ -40,11 +44,11 @@ CREATE TABLE IF NOT EXISTS fogline.origins (
     PRIMARY KEY (site, origin)
 );
 CREATE TABLE IF NOT EXISTS fogline.readings (
-    site text NOT NULL,
-    origin text NOT NULL,
+    site text COLLATE "C" NOT NULL,
+    origin text COLLATE "C" NOT NULL,
     "offset" bigint NOT NULL,
-    device text NOT NULL,
-    metric text NOT NULL,
+    device text COLLATE "C" NOT NULL,
+    metric text COLLATE "C" NOT NULL,
     ts timestamptz NOT NULL,
     value double precision NOT NULL,
     boot bigint NOT NULL,
@@ -53,13 +57,13 @@ CREATE TABLE IF NOT EXISTS fogline.readings (
 ) PARTITION BY RANGE (ts);
 CREATE INDEX IF NOT EXISTS readings_series ON fogline.readings (site, device, metric, ts);
 CREATE TABLE IF NOT EXISTS fogline.summaries (
-    site text NOT NULL,
-    origin text NOT NULL,
+    site text COLLATE "C" NOT NULL,
+    origin text COLLATE "C" NOT NULL,
     first_offset bigint NOT NULL,
     covers bigint NOT NULL,
     row_index integer NOT NULL,
-    device text NOT NULL,
-    metric text NOT NULL,
+    device text COLLATE "C" NOT NULL,
+    metric text COLLATE "C" NOT NULL,
     start_ts timestamptz NOT NULL,
     window_secs integer NOT NULL,
     count bigint NOT NULL,
@@ -72,9 +76,9 @@ CREATE TABLE IF NOT EXISTS fogline.summaries (
 ) PARTITION BY RANGE (start_ts);
 CREATE INDEX IF NOT EXISTS summaries_series ON fogline.summaries (site, device, metric, start_ts);
 CREATE TABLE IF NOT EXISTS fogline.aggregates (
-    site text NOT NULL,
-    device text NOT NULL,
-    metric text NOT NULL,
+    site text COLLATE "C" NOT NULL,
+    device text COLLATE "C" NOT NULL,
+    metric text COLLATE "C" NOT NULL,
     window_secs integer NOT NULL,
     start_ts timestamptz NOT NULL,
     count bigint,
@@ -85,14 +89,14 @@ CREATE TABLE IF NOT EXISTS fogline.aggregates (
     PRIMARY KEY (site, device, metric, window_secs, start_ts)
 ) PARTITION BY RANGE (start_ts);
 CREATE TABLE IF NOT EXISTS fogline.aggregates_latest (
-    topic text PRIMARY KEY,
+    topic text COLLATE "C" PRIMARY KEY,
     body text NOT NULL,
     updated_at timestamptz NOT NULL DEFAULT now()
 );
 CREATE TABLE IF NOT EXISTS fogline.series (
-    site text NOT NULL,
-    device text NOT NULL,
-    metric text NOT NULL,
+    site text COLLATE "C" NOT NULL,
+    device text COLLATE "C" NOT NULL,
+    metric text COLLATE "C" NOT NULL,
     readings bigint NOT NULL DEFAULT 0,
     PRIMARY KEY (site, device, metric)
 );
